@@ -1,0 +1,245 @@
+"""Recipes: code defaults < YAML recipe < command-line options < --set key=value.
+
+A recipe is plain nested YAML with the sections below. The fully resolved recipe is saved as
+`config.yaml` in every run folder, so a run can be repeated from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError, did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: Optional[str] = None  # folder holding the data set's files (cifar-10-batches-py/, ...)
+    train_subset: Optional[int] = None  # fixed, seeded, class-balanced subset of the training set
+    subset_seed: int = 0
+    augment: bool = True
+    num_workers: int = 2  # image-file data sets only
+    image_size: Optional[int] = None  # image-file data sets: resize/crop size
+    val_fraction: float = 0.2  # image folders without a val/ split
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet8"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 5.0  # lr rises linearly per step over these epochs
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [100, 150])  # epochs counted after warm-up
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    detect_anomaly: bool = False
+    sync_bn: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also checkpoint every N steps inside an epoch (0: only at epoch ends)
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # method: {"name": ..., **the method's own parameters}; checked against the method's Params
+    method: dict = field(default_factory=lambda: {"name": "ipasd"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- typed construction from plain dicts
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Errors name the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where} must be a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    return value
+
+
+def build_dataclass(cls, values: Any, where: str = ""):
+    """cls(**values) with every key and type checked; unknown keys suggest the closest known one."""
+    if values is None:
+        values = {}
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise UserError(f"{where or 'recipe'} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise UserError(
+                f"unknown recipe key '{full}'{did_you_mean(key, names)}; "
+                f"known keys{' of ' + where if where else ''}: {', '.join(names)}"
+            )
+        kwargs[key] = coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- loading, overriding, saving
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A path, or the name of a file in recipes/ (with or without .yaml)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise UserError(
+        f"recipe '{recipe}' not found: not a file, nor a name in {RECIPES_DIR}"
+        f"{did_you_mean(Path(recipe).stem, known)}; known recipes: {', '.join(known)}"
+    )
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"recipe {path} is not valid YAML{line}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (data:, model:, method:, ...)")
+    return data
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """['train.epochs=3', 'method.con_grad=false'] -> nested dict, values parsed as YAML scalars."""
+    nested: dict = {}
+    for item in assignments or []:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value (e.g. train.epochs=3), got '{item}'")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise UserError(f"--set key '{key}' is not a dotted recipe key (e.g. optim.lr)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{part}' is set both as a value and as a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(recipe: Optional[str] = None, overrides: Optional[dict] = None) -> Recipe:
+    """Defaults < recipe file < overrides (already nested). Validates every key and type."""
+    raw: dict = {}
+    if recipe:
+        raw = read_yaml(resolve_recipe_path(recipe))
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    method = raw.get("method", {"name": "ipasd"})
+    if isinstance(method, str):
+        raw["method"] = {"name": method}
+    elif isinstance(method, dict) and "name" not in method:
+        raw["method"] = {"name": "ipasd", **method}
+    return build_dataclass(Recipe, raw)
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    return build_dataclass(Recipe, values)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,215 @@
+"""Small-image data sets held as one uint8 tensor, batched and augmented on the training device.
+
+Every batch carries the dataset indices of its samples (per-sample memories need them). The order of an
+epoch and the augmentation of every step are functions of (seed, epoch, step) alone, so a run resumed at any
+step sees exactly the batches the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+@dataclass
+class ImageData:
+    """A labelled image-classification data set, train and test split, as uint8 N x C x H x W tensors."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+    mean: Sequence[float]
+    std: Sequence[float]
+    pad: int = 4  # random-crop padding (0: no crop)
+    hflip: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.numel())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, size: int, seed: int = 0) -> "ImageData":
+        """A fixed, seeded, class-balanced subset of the training set (its indices become 0..size-1)."""
+        indices = balanced_subset(self.train_labels, size, self.num_classes, seed)
+        return ImageData(
+            name=self.name,
+            train_images=self.train_images[indices].contiguous(),
+            train_labels=self.train_labels[indices].contiguous(),
+            test_images=self.test_images,
+            test_labels=self.test_labels,
+            class_names=self.class_names,
+            mean=self.mean,
+            std=self.std,
+            pad=self.pad,
+            hflip=self.hflip,
+        )
+
+
+def balanced_subset(labels: torch.Tensor, size: int, num_classes: int, seed: int) -> torch.Tensor:
+    """`size` indices, as equal a share per class as the classes allow, chosen by a seeded permutation."""
+    if size <= 0:
+        raise UserError(f"data.train_subset must be positive, got {size}")
+    if size > labels.numel():
+        raise UserError(f"data.train_subset={size} is larger than the training set ({labels.numel()} images)")
+    generator = torch.Generator().manual_seed(seed)
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    per_class = [idx[torch.randperm(idx.numel(), generator=generator)] for idx in per_class]
+    quota = [size // num_classes + (1 if c < size % num_classes else 0) for c in range(num_classes)]
+    # classes with too few samples give their shortfall to the others, in class order
+    short = sum(max(0, q - idx.numel()) for q, idx in zip(quota, per_class))
+    quota = [min(q, idx.numel()) for q, idx in zip(quota, per_class)]
+    for c in range(num_classes):
+        extra = min(short, per_class[c].numel() - quota[c])
+        quota[c] += extra
+        short -= extra
+    chosen = torch.cat([idx[:q] for q, idx in zip(quota, per_class)])
+    return chosen.sort().values
+
+
+def step_seed(seed: int, epoch: int, step: int, stream: int) -> int:
+    """A distinct 63-bit seed per (run seed, epoch, step, stream), stable across processes and resumes."""
+    value = (seed * 1_000_003 + epoch) * 1_000_033 + step
+    value = value * 31 + stream
+    return (value * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+class Augment:
+    """Random crop with zero padding, horizontal flip and normalisation, as batched tensor ops."""
+
+    def __init__(self, mean, std, pad: int, hflip: bool, device: torch.device):
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        # x/255 - mean) / std  ==  x * scale + shift
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -mean_t / std_t
+        self.pad = pad
+        self.hflip = hflip
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().mul_(self.scale).add_(self.shift)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        device = images.device
+        if self.pad > 0:
+            padded = F.pad(images, (self.pad,) * 4)
+            dy = torch.randint(0, 2 * self.pad + 1, (batch,), device=device, generator=generator)
+            dx = torch.randint(0, 2 * self.pad + 1, (batch,), device=device, generator=generator)
+            rows = (dy[:, None] + torch.arange(height, device=device)).view(batch, 1, height, 1)
+            cols = (dx[:, None] + torch.arange(width, device=device)).view(batch, 1, 1, width)
+            images = padded.gather(2, rows.expand(-1, padded.shape[1], -1, padded.shape[3]))
+            images = images.gather(3, cols.expand(-1, images.shape[1], height, -1))
+        if self.hflip:
+            flip = torch.rand(batch, device=device, generator=generator) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+        return self.normalize(images)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # augmented, normalised, float
+    labels: torch.Tensor
+    indices: torch.Tensor  # dataset indices
+    raw: torch.Tensor  # the same images before augmentation (uint8), for methods that need other views
+    epoch: int
+    step: int
+    view: Callable[[torch.Tensor, int], torch.Tensor] = field(repr=False, default=None)  # (raw, stream) -> new view
+
+
+class RandomBatches:
+    """The default order: a seeded permutation per epoch, split into batches (the last one may be short)."""
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, seed: int, drop_last: bool = False):
+        self.num = int(labels.numel())
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+
+    def __call__(self, epoch: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(step_seed(self.seed, epoch, 0, 0))
+        order = torch.randperm(self.num, generator=generator)
+        batches = list(order.split(self.batch_size))
+        if self.drop_last and batches and batches[-1].numel() < self.batch_size:
+            batches.pop()
+        return batches
+
+
+class TensorLoader:
+    """Yields Batch objects for an epoch from device-resident uint8 tensors.
+
+    `batches(epoch)` gives the list of index tensors of that epoch (the default is a random permutation; a
+    method may bring a sampler of its own, e.g. class pairs). Everything random is seeded per step.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        augment: Optional[Augment],
+        batches: Callable[[int], list[torch.Tensor]],
+        seed: int,
+        device: torch.device,
+        channels_last: bool = False,
+    ):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.augment = augment
+        self.batches = batches
+        self.seed = seed
+        self.device = device
+        self.channels_last = channels_last
+        self.generator = torch.Generator(device=device)
+
+    def steps(self, epoch: int) -> int:
+        return len(self.batches(epoch))
+
+    def _view(self, raw: torch.Tensor, epoch: int, step: int, stream: int) -> torch.Tensor:
+        if self.augment is None:
+            raise RuntimeError("no augmentation configured")
+        self.generator.manual_seed(step_seed(self.seed, epoch, step, stream))
+        out = self.augment(raw, self.generator)
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        plan = self.batches(epoch)
+        for step in range(start_step, len(plan)):
+            indices = plan[step].to(self.device, non_blocking=True)
+            raw = self.images.index_select(0, indices)
+            labels = self.labels.index_select(0, indices)
+            images = self._view(raw, epoch, step, 1)
+            yield Batch(
+                images=images,
+                labels=labels,
+                indices=indices,
+                raw=raw,
+                epoch=epoch,
+                step=step,
+                view=lambda r, stream, _e=epoch, _s=step: self._view(r, _e, _s, 2 + stream),
+            )
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, augment: Augment, batch_size: int,
+                 device: torch.device, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Test-time batches: no augmentation, normalised, in order."""
+    for start in range(0, labels.numel(), batch_size):
+        x = augment.normalize(images[start:start + batch_size].to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, labels[start:start + batch_size].to(device, non_blocking=True)

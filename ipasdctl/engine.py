@@ -1,0 +1,612 @@
+"""The training loop: device, precision, schedule, metrics, checkpoints and resume. Knows no method by name.
+
+A run folder holds config.yaml, metrics.csv, summary.json and checkpoints/{last,best}.pt. Everything random
+is a function of the seed, the epoch and the step, and the checkpoint carries the optimizer, the method's
+state, the epoch's running sums and every RNG, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import runtime
+from .config import Recipe, dump_recipe, recipe_from_dict
+from .data import Augment, ImageData, RandomBatches, TensorLoader, build_data, eval_batches
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .methods import Method, MethodContext, TrainingNet, build_method, resolved_method_config
+from .models import build_model
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written. `code` is the exit status (130 / 143)."""
+
+    def __init__(self, code: int, run_dir: Path):
+        super().__init__(code)
+        self.code = code
+        self.run_dir = run_dir
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+def lr_at(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
+    """Linear warm-up per step, then multi-step decay (milestones counted after warm-up) or cosine."""
+    optim, epochs = recipe.optim, recipe.train.epochs
+    warmup_steps = int(round(optim.warmup_epochs * steps_per_epoch))
+    if step < warmup_steps:
+        return optim.lr * (step + 1) / warmup_steps
+    after = (step - warmup_steps) / steps_per_epoch  # epochs since warm-up ended
+    if optim.schedule == "multistep":
+        return optim.lr * optim.gamma ** sum(after >= m for m in optim.milestones)
+    if optim.schedule == "cosine":
+        total = max(epochs - optim.warmup_epochs, 1e-9)
+        return optim.lr * 0.5 * (1.0 + math.cos(math.pi * min(after / total, 1.0)))
+    return optim.lr
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Value checks the types cannot express; also fills in the method's default parameters."""
+    recipe.method = resolved_method_config(recipe.method)
+    t, o = recipe.train, recipe.optim
+    if t.epochs <= 0:
+        raise UserError(f"epochs must be a positive integer, got {t.epochs}")
+    if t.batch_size <= 0:
+        raise UserError(f"batch size must be a positive integer, got {t.batch_size}")
+    if t.eval_batch_size <= 0:
+        raise UserError(f"train.eval_batch_size must be positive, got {t.eval_batch_size}")
+    if not o.lr > 0:
+        raise UserError(f"learning rate must be positive, got {o.lr}")
+    if o.schedule not in ("multistep", "cosine", "constant"):
+        raise UserError(f"optim.schedule must be multistep, cosine or constant, got '{o.schedule}'")
+    if o.warmup_epochs < 0 or o.weight_decay < 0 or o.momentum < 0:
+        raise UserError("optim.warmup_epochs, weight_decay and momentum must not be negative")
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def count_macs(model: nn.Module, image_shape, device) -> int:
+    """Multiply-accumulates of one forward at batch 1 (FLOPs / 2, torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, *image_shape, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops() // 2)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, augment: Augment, device, dtype, batch_size: int,
+             channels_last: bool = False) -> dict:
+    """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end."""
+    model.eval()
+    k = min(5, data.num_classes)
+    loss_sum = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device)
+    topk = torch.zeros((), device=device)
+    for x, y in eval_batches(data.test_images, data.test_labels, augment, batch_size, device, channels_last):
+        with runtime.autocast(device, dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        pred = logits.topk(k, dim=1).indices
+        top1 += (pred[:, 0] == y).sum()
+        topk += (pred == y[:, None]).any(1).sum()
+    n = data.test_labels.numel()
+    model.train()
+    return {"test_loss": (loss_sum / n).item(), "test_top1": (100.0 * top1 / n).item(),
+            "test_top5": (100.0 * topk / n).item()}
+
+
+class EpochMeter:
+    """Running sums of the epoch's loss terms and accuracy, kept on the device (read at refresh and epoch end)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), device=device)
+        self.count = torch.zeros((), device=device)
+        self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, result: dict, labels: torch.Tensor, step: int) -> None:
+        n = labels.numel()
+        for key, value in result.items():
+            if key == "logits" or key == "labels":
+                continue
+            value = value.detach().float()
+            if key not in self.sums:
+                self.sums[key] = torch.zeros((), device=self.device)
+            self.sums[key] += value * n
+        logits = result["logits"].detach()
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.count += n
+        bad = ~torch.isfinite(result["loss"].detach())
+        self.first_nonfinite_step = torch.where(bad & (self.first_nonfinite_step < 0),
+                                                torch.full_like(self.first_nonfinite_step, step),
+                                                self.first_nonfinite_step)
+
+    def read(self) -> dict:
+        count = max(self.count.item(), 1.0)
+        values = {("train_loss" if k == "loss" else k): (v / count).item() for k, v in self.sums.items()}
+        values["train_top1"] = 100.0 * self.correct.item() / count
+        return values
+
+    def nonfinite_step(self) -> int:
+        return int(self.first_nonfinite_step.item())
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "correct": self.correct, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        self.correct = state["correct"].to(self.device)
+        self.count = state["count"].to(self.device)
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+
+
+def default_run_name(recipe: Recipe) -> str:
+    return f"{recipe.data.name}-{recipe.model.arch}-{recipe.method['name']}-s{recipe.train.seed}"
+
+
+def unique_dir(out: Path, name: str) -> Path:
+    candidate, n = out / name, 2
+    while candidate.exists():
+        candidate, n = out / f"{name}-{n}", n + 1
+    return candidate
+
+
+class RunLock:
+    """run_dir/.lock holding the owner's pid; a lock whose process is gone is stale and taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise UserError(f"run folder {self.path.parent} is in use by process {pid}; wait for it to "
+                                    "finish or stop it first") from None
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            self.held = True
+            return
+        raise UserError(f"could not lock run folder {self.path.parent}")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class Progress:
+    """How the trainer reports: a tqdm bar on a terminal, one line per epoch elsewhere."""
+
+    enabled: bool = True
+    refresh_steps: int = 20
+    stream: object = field(default_factory=lambda: sys.stderr)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: Optional[Path] = None, progress: Optional[Progress] = None):
+        check_recipe(recipe)
+        self.recipe = recipe
+        self.progress = progress or Progress()
+        t = recipe.train
+        self.device = runtime.resolve_device(t.device)
+        self.dtype = runtime.resolve_precision(t.precision, self.device)
+        self.channels_last = t.channels_last and self.device.type == "cuda"
+        runtime.seed_everything(t.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.data = build_data(recipe.data)
+        if t.batch_size > self.data.num_train:
+            raise UserError(f"batch size {t.batch_size} is larger than the training set ({self.data.num_train} images); "
+                            "lower --batch-size or use more data")
+        self.model = build_model(recipe.model.arch, self.data.num_classes).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ctx = MethodContext(
+            num_classes=self.data.num_classes, num_train=self.data.num_train,
+            train_labels=self.data.train_labels.to(self.device), embed_dim=self.model.embed_dim,
+            stage_channels=list(self.model.stage_channels), epochs=t.epochs, batch_size=t.batch_size,
+            seed=t.seed, device=self.device, run_dir=str(run_dir) if run_dir else None,
+        )
+        self.method: Method = build_method(recipe.method, self.ctx)
+        extra = self.method.extra_module()
+        if extra is not None:
+            extra = extra.to(self.device)
+        self.net = TrainingNet(self.model, extra)
+        self.augment = Augment(self.data.mean, self.data.std, self.data.pad if recipe.data.augment else 0,
+                               self.data.hflip and recipe.data.augment, self.device)
+        plan = self.method.batch_plan(self.data.train_labels, t.batch_size, t.seed) or \
+            RandomBatches(self.data.train_labels, t.batch_size, t.seed)
+        self.loader = TensorLoader(self.data.train_images, self.data.train_labels, self.augment, plan, t.seed,
+                                   self.device, self.channels_last)
+        self.steps_per_epoch = self.loader.steps(0)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
+                                         nesterov=recipe.optim.nesterov and recipe.optim.momentum > 0,
+                                         weight_decay=recipe.optim.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.train_step_fn = self.net
+        if t.compile:
+            self.train_step_fn = torch.compile(self.net)
+        self.params = count_params(self.model)
+        self.macs = count_macs(self.model, self.data.image_shape, self.device)
+
+        # progress of the run (restored on resume)
+        self.epoch = 0  # the epoch in progress (or next to start)
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.rows: list[dict] = []
+        self.best_top1 = -1.0
+        self.best_epoch = -1
+        self.best_top5 = 0.0
+        self.train_seconds = 0.0
+        self.meter = EpochMeter(self.device)
+        self.run_dir = run_dir
+        self._signal: Optional[int] = None
+
+    # -------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "format": "ipasdctl-checkpoint-1",
+            "config": self.recipe.to_dict(),
+            "model": self.model.state_dict(),
+            "extra": self.net.extra.state_dict() if self.net.extra is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "meter": self.meter.state_dict(),
+            "rows": self.rows,
+            "best": {"top1": self.best_top1, "epoch": self.best_epoch, "top5": self.best_top5},
+            "train_seconds": self.train_seconds,
+            "rng": runtime.rng_state(),
+            "num_classes": self.data.num_classes,
+            "class_names": list(self.data.class_names),
+            "arch": self.recipe.model.arch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_classes") != self.data.num_classes:
+            raise UserError(f"the checkpoint has {state.get('num_classes')} classes but data set "
+                            f"'{self.recipe.data.name}' has {self.data.num_classes}; use the checkpoint's data set")
+        self.model.load_state_dict(state["model"])
+        if self.net.extra is not None:
+            self.net.extra.load_state_dict(state["extra"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.meter.load_state_dict(state["meter"])
+        self.rows = list(state["rows"])
+        self.best_top1 = float(state["best"]["top1"])
+        self.best_epoch = int(state["best"]["epoch"])
+        self.best_top5 = float(state["best"]["top5"])
+        self.train_seconds = float(state["train_seconds"])
+        runtime.set_rng_state(state["rng"])
+
+    def save(self, best: bool = False) -> None:
+        state = self.state_dict()
+        save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+        if best:
+            save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
+
+    # -------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum, _frame) -> None:
+        self._signal = signum
+
+    def run(self) -> dict:
+        """Train to the last epoch (from wherever the state says), writing the run folder as it goes."""
+        assert self.run_dir is not None
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        started = time.time()
+        try:
+            while self.epoch < self.recipe.train.epochs:
+                self._train_epoch()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        return self._write_summary(time.time() - started)
+
+    def _train_epoch(self) -> None:
+        epoch, recipe = self.epoch, self.recipe
+        if self.step_in_epoch == 0:
+            self.meter = EpochMeter(self.device)
+            self.method.on_epoch_start(epoch)
+        self.net.train()
+        bar = self._bar(epoch)
+        started = time.perf_counter()
+        anomaly = torch.autograd.set_detect_anomaly(True) if recipe.train.detect_anomaly else None
+        every = recipe.checkpoint.every_steps
+        for batch in self.loader.epoch(epoch, self.step_in_epoch):
+            lr = lr_at(self.global_step, self.steps_per_epoch, recipe)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with runtime.autocast(self.device, self.dtype):
+                result = self.method.loss(self.train_step_fn, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(result["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.meter.update(result, result.get("labels", batch.labels), batch.step)
+            self.step_in_epoch = batch.step + 1
+            self.global_step += 1
+            if bar is not None and (self.step_in_epoch % self.progress.refresh_steps == 0):
+                self._refresh(bar, self.step_in_epoch)
+            if self._signal is not None or (every and self.global_step % every == 0):
+                self._check_finite(epoch)
+                self.train_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                self.save()
+                if self._signal is not None:
+                    self._stop_for_signal(bar)
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        if anomaly is not None:
+            torch.autograd.set_detect_anomaly(False)
+        self._check_finite(epoch)
+        self.method.on_epoch_end(epoch)
+        train_stats = self.meter.read()
+        test_stats = evaluate(self.model, self.data, self.augment, self.device, self.dtype,
+                              recipe.train.eval_batch_size, self.channels_last)
+        images = self.meter.count.item()
+        row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
+        row.update({"train_loss": train_stats.pop("train_loss")})
+        row.update({k: v for k, v in train_stats.items() if k != "train_top1"})
+        row["train_top1"] = train_stats["train_top1"]
+        row.update(test_stats)
+        row["epoch_seconds"] = seconds
+        row["images_per_second"] = images / seconds if seconds > 0 else float("nan")
+        self.rows.append(row)
+        is_best = test_stats["test_top1"] > self.best_top1
+        if is_best:
+            self.best_top1, self.best_epoch, self.best_top5 = test_stats["test_top1"], epoch + 1, test_stats["test_top5"]
+        self.epoch += 1
+        self.step_in_epoch = 0
+        write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
+        self.save(best=is_best)
+        self._epoch_line(bar, row)
+        if self._signal is not None:
+            self._stop_for_signal(None)
+
+    def _check_finite(self, epoch: int) -> None:
+        bad_step = self.meter.nonfinite_step()
+        if bad_step >= 0:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in self.meter.read().items())
+            raise UserError(f"non-finite loss at epoch {epoch + 1}, step {bad_step + 1} ({terms}); "
+                            f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}; lower the lr "
+                            "or set train.detect_anomaly=true to find the operation")
+
+    def _stop_for_signal(self, bar) -> None:
+        if bar is not None:
+            bar.close()
+        code = 130 if self._signal == signal.SIGINT else 143
+        raise Interrupted(code, self.run_dir)
+
+    # -------------------------------------------------------------------------------- progress
+    def _bar(self, epoch: int):
+        if not self.progress.enabled:
+            return None
+        stream = self.progress.stream
+        if not (hasattr(stream, "isatty") and stream.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, file=stream, leave=False,
+                    desc=f"epoch {epoch + 1}/{self.recipe.train.epochs}", dynamic_ncols=True, mininterval=0.5)
+
+    def _refresh(self, bar, step: int) -> None:
+        stats = self.meter.read()
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in stats.items()
+                         if k.startswith("loss") or k == "train_loss"} | {"acc": f"{stats['train_top1']:.1f}"},
+                        refresh=False)
+        bar.n = step
+        bar.refresh()
+
+    def _epoch_line(self, bar, row: dict) -> None:
+        if bar is not None:
+            bar.close()
+        if not self.progress.enabled:
+            return
+        terms = " ".join(f"{k.replace('loss_', '')}={row[k]:.3f}" for k in row if k.startswith("loss_"))
+        print(f"epoch {row['epoch']}/{self.recipe.train.epochs}  loss={row['train_loss']:.3f} {terms}  "
+              f"train={row['train_top1']:.1f}%  test={row['test_top1']:.2f}%  "
+              f"{row['images_per_second']:.0f} img/s", file=self.progress.stream, flush=True)
+
+    # -------------------------------------------------------------------------------- summary
+    def _write_summary(self, wall_seconds: float) -> dict:
+        last = self.rows[-1]
+        previous = {}
+        summary_path = self.run_dir / "summary.json"
+        if summary_path.is_file():
+            import json
+
+            try:
+                previous = json.loads(summary_path.read_text())
+            except ValueError:
+                previous = {}
+        summary = {
+            "name": self.run_dir.name,
+            "method": self.recipe.method["name"],
+            "arch": self.recipe.model.arch,
+            "dataset": self.recipe.data.name,
+            "num_classes": self.data.num_classes,
+            "train_images": self.data.num_train,
+            "epochs": self.recipe.train.epochs,
+            "seed": self.recipe.train.seed,
+            "best_top1": self.best_top1,
+            "best_top5": self.best_top5,
+            "best_epoch": self.best_epoch,
+            "last_top1": last["test_top1"],
+            "last_top5": last["test_top5"],
+            "params": self.params,
+            "macs": self.macs,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": wall_seconds + float(previous.get("wall_seconds", 0.0) if previous else 0.0),
+            "images_per_second": sum(r["images_per_second"] for r in self.rows) / len(self.rows),
+            "device": runtime.device_description(self.device),
+            "precision": str(self.dtype).replace("torch.", ""),
+            "torch": torch.__version__,
+            "git_commit": runtime.git_commit(),
+            "finished": True,
+        }
+        atomic_write_json(summary_path, summary)
+        return summary
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optional[Progress] = None) -> Path:
+    """A new run: validate and build everything first, then create the run folder and train."""
+    out = Path(out)
+    trainer = Trainer(recipe, None, progress)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out}: {exc.strerror}; choose a writable --out") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output folder {out} is not writable; choose another --out")
+    run_dir = unique_dir(out, name or default_run_name(recipe))
+    run_dir.mkdir(parents=True)
+    return _run(trainer, run_dir, fresh=True)
+
+
+def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Progress] = None) -> Path:
+    """Continue `run_dir` from checkpoints/last.pt; the recipe must be the run's own."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    saved = recipe_from_dict(state["config"])
+    if recipe is not None:
+        check_recipe(recipe)
+    if recipe is not None and recipe.to_dict() != saved.to_dict():
+        diff = sorted(_diff_keys(saved.to_dict(), recipe.to_dict()))
+        raise UserError(f"--resume {run_dir}: the given recipe differs from the run's ({', '.join(diff)}); "
+                        "resume without recipe options, or start a new run")
+    trainer = Trainer(saved, run_dir, progress)
+    trainer.load_state_dict(state)
+    return _run(trainer, run_dir, fresh=False)
+
+
+def _run(trainer: Trainer, run_dir: Path, fresh: bool) -> Path:
+    trainer.run_dir = run_dir
+    trainer.ctx.run_dir = str(run_dir)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        if fresh:
+            atomic_write_text(run_dir / "config.yaml", dump_recipe(trainer.recipe))
+        trainer.run()
+    finally:
+        lock.release()
+    return run_dir
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in set(a) | set(b):
+        full = f"{prefix}{key}"
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _diff_keys(a[key], b[key], full + ".")
+        elif a.get(key) != b.get(key):
+            keys.append(full)
+    return keys
+
+
+def load_run_model(run_dir: Path, checkpoint: str = "best", device: str = "cpu"):
+    """(model in eval mode, checkpoint state, recipe) of a run folder, weights loaded weights-only."""
+    run_dir = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"--checkpoint must be best or last, got '{checkpoint}'")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no checkpoints/{checkpoint}.pt; is it a run folder of a finished "
+                        "`ipasdctl train`?")
+    state = load_checkpoint(path)
+    recipe = recipe_from_dict(state["config"])
+    model = build_model(state.get("arch", recipe.model.arch), int(state["num_classes"]))
+    model.load_state_dict(state["model"])
+    model.to(runtime.resolve_device(device)).eval()
+    return model, state, recipe

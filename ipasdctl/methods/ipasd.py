@@ -1,0 +1,167 @@
+"""IPASD: intra-class progressive and adaptive self-distillation.
+
+Gou, Lin, Li, Ou, Yu, Yi, Neural Networks 188 (2025) 107404, doi:10.1016/j.neunet.2025.107404.
+
+With memories S[i] (last prototype prediction), L[i] (last softmax) and prototypes P of the previous epoch:
+    w_S = a_S / (a_S + a_L)  (a_X: samples of the batch whose argmax X[i] is y_i; 0/0 -> 1/2)
+    q_i = (1 - alpha_e) onehot(y_i) + alpha_e (w_S S[i] + w_L L[i]),  alpha_e = w_div min((e+1)/E, 0.8)
+    loss = -mean_i sum_c q_ic log softmax(z_i)_c  +  w_con CE(cos(g_i, P) / tau, y_i)   (second term from epoch 1)
+Fixes over the authors' release: the compactness term has its gradient (con_grad=false restores the
+release's detached, inert term for comparison), the 0/0 blend guard, detached prototype accumulation,
+memories and prototypes as device tensors in the training state (and the checkpoint), no per-sample loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import METHODS
+from .base import Method, MethodContext
+from .memory import SampleMemory
+
+
+@dataclass
+class IPASDParams:
+    w_div: float = 0.8
+    w_con: float = 0.01
+    tau: float = 0.3
+    con_grad: bool = True  # false: the release's detached contrastive term (no gradient), for ablation
+    memory_dtype: str = "float16"  # float32 | float16 | bfloat16 | uint8
+
+
+def progressive_alpha(epoch: int, epochs: int, w_div: float) -> float:
+    """alpha_e = w_div (e+1)/E while e < 0.8 E, then w_div * 0.8."""
+    if epoch < 0.8 * epochs:
+        return w_div * (epoch + 1) / epochs
+    return w_div * 0.8
+
+
+def blend_weights(labels: torch.Tensor, s_rows: torch.Tensor, l_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_S, w_L) from how many of the batch each memory classifies correctly; 1/2 each when both miss all."""
+    correct_s = (s_rows.argmax(1) == labels).sum().float()
+    correct_l = (l_rows.argmax(1) == labels).sum().float()
+    total = correct_s + correct_l
+    safe_total = total.clamp_min(1.0)
+    w_s = torch.where(total > 0, correct_s / safe_total, torch.full_like(total, 0.5))
+    return w_s, 1.0 - w_s
+
+
+def prototype_logits(embedding: torch.Tensor, prototypes: torch.Tensor, tau: float) -> torch.Tensor:
+    """cos(g_i, P_c) / tau for every class c (prototypes are not assumed normalised)."""
+    g = F.normalize(embedding.float(), dim=1)
+    return g @ F.normalize(prototypes, dim=1).t() / tau
+
+
+def ipasd_loss(logits: torch.Tensor, embedding: torch.Tensor, labels: torch.Tensor,
+               s_rows: torch.Tensor, l_rows: torch.Tensor, prototypes: Optional[torch.Tensor],
+               alpha: float, w_con: float, tau: float, con_grad: bool = True) -> dict:
+    """The loss of one batch; `prototypes` is None in epoch 0. Returns loss, terms, and the new memory rows."""
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    w_s, w_l = blend_weights(labels, s_rows, l_rows)
+    teacher = w_s * s_rows + w_l * l_rows
+    target = (1.0 - alpha) * F.one_hot(labels, num_classes).float() + alpha * teacher
+    loss_soft = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    out = {"loss_soft": loss_soft, "w_s": w_s, "alpha": torch.tensor(alpha, device=logits.device)}
+    new_s = None
+    if prototypes is not None:
+        features = embedding if con_grad else embedding.detach()
+        proto_logits = prototype_logits(features, prototypes, tau)
+        loss_con = F.cross_entropy(proto_logits, labels)
+        new_s = F.softmax(proto_logits.detach(), dim=1)
+    else:
+        loss_con = torch.zeros((), device=logits.device)
+    out["loss_con"] = loss_con
+    out["loss"] = loss_soft + w_con * loss_con
+    out["new_l"] = F.softmax(logits.detach(), dim=1)
+    out["new_s"] = new_s
+    return out
+
+
+class Prototypes:
+    """Class means of the normalised embeddings seen in an epoch (accumulated detached, on the device)."""
+
+    def __init__(self, num_classes: int, dim: int, device):
+        self.sums = torch.zeros(num_classes, dim, device=device)
+        self.counts = torch.zeros(num_classes, device=device)
+        self.current = torch.zeros(num_classes, dim, device=device)  # P(e-1), in use this epoch
+        self.ready = False  # no prototypes during epoch 0
+        self.all_reduce = None  # set by the distributed engine: sums and counts summed over ranks
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+    def accumulate(self, embedding: torch.Tensor, labels: torch.Tensor) -> None:
+        g = F.normalize(embedding.detach().float(), dim=1)
+        self.sums.index_add_(0, labels, g)
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
+
+    def finish_epoch(self) -> None:
+        if self.all_reduce is not None:
+            self.all_reduce(self.sums, self.counts)
+        self.current = self.sums / self.counts.clamp_min(1.0).unsqueeze(1)
+        self.ready = True
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts, "current": self.current, "ready": self.ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.sums.device
+        self.sums = state["sums"].to(device)
+        self.counts = state["counts"].to(device)
+        self.current = state["current"].to(device)
+        self.ready = bool(state["ready"])
+
+
+@METHODS.register("ipasd")
+class IPASD(Method):
+    name = "ipasd"
+    Params = IPASDParams
+
+    def __init__(self, params: IPASDParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        onehot = F.one_hot(ctx.train_labels, ctx.num_classes).float()
+        # epoch 0: both memories hold one-hot labels, so epoch 0 trains with plain cross-entropy
+        self.last_softmax = SampleMemory(ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot)
+        self.last_proto = SampleMemory(ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot)
+        self.prototypes = Prototypes(ctx.num_classes, ctx.embed_dim, ctx.device)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.prototypes.reset()
+
+    def loss(self, net, batch) -> dict:
+        out = net(batch.images)
+        idx, labels = batch.indices, batch.labels
+        p = self.params
+        result = ipasd_loss(
+            out["logits"], out["embedding"], labels,
+            self.last_proto.read(idx), self.last_softmax.read(idx),
+            self.prototypes.current if self.prototypes.ready else None,
+            progressive_alpha(batch.epoch, self.ctx.epochs, p.w_div), p.w_con, p.tau, p.con_grad,
+        )
+        self.last_softmax.write(idx, result.pop("new_l"))
+        new_s = result.pop("new_s")
+        if new_s is not None:
+            self.last_proto.write(idx, new_s)
+        self.prototypes.accumulate(out["embedding"], labels)
+        result["logits"] = out["logits"]
+        result["loss_soft"] = result["loss_soft"].detach()
+        result["loss_con"] = result["loss_con"].detach()
+        return result
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.prototypes.finish_epoch()
+
+    def state_dict(self) -> dict:
+        return {"last_softmax": self.last_softmax.state_dict(), "last_proto": self.last_proto.state_dict(),
+                "prototypes": self.prototypes.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_softmax.load_state_dict(state["last_softmax"])
+        self.last_proto.load_state_dict(state["last_proto"])
+        self.prototypes.load_state_dict(state["prototypes"])

@@ -1,0 +1,55 @@
+"""Per-sample memories: one row of K class probabilities per training sample, indexed by dataset index.
+
+Shared by every method that remembers past predictions (IPASD, PS-KD). Rows are read and written with
+one index op on the training device. Storage is float16 by default (2 bytes per sample and class, a
+quarter of the float32 tables of the authors' release); `uint8` stores probabilities quantised to 1/255
+(1 byte) and renormalises rows on read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
+
+
+class SampleMemory:
+    def __init__(self, num_samples: int, num_classes: int, dtype: str, device, init: torch.Tensor | None = None):
+        if dtype not in DTYPES:
+            raise UserError(f"memory dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        self.dtype_name = dtype
+        self.table = torch.zeros(num_samples, num_classes, dtype=DTYPES[dtype], device=device)
+        self.gather_rows = None  # set by the distributed engine: (indices, rows) -> all ranks' (indices, rows)
+        if init is not None:
+            self.write(torch.arange(num_samples, device=device), init)
+
+    @property
+    def bytes_per_entry(self) -> int:
+        return self.table.element_size()
+
+    def read(self, indices: torch.Tensor) -> torch.Tensor:
+        rows = self.table.index_select(0, indices)
+        if self.table.dtype == torch.uint8:
+            rows = rows.float()
+            return rows / rows.sum(1, keepdim=True).clamp_min(1.0)
+        return rows.float()
+
+    def write(self, indices: torch.Tensor, rows: torch.Tensor) -> None:
+        rows = rows.detach()
+        if self.gather_rows is not None:
+            indices, rows = self.gather_rows(indices, rows)
+        if self.table.dtype == torch.uint8:
+            rows = (rows.float() * 255.0).round_().clamp_(0, 255)
+        self.table.index_copy_(0, indices, rows.to(self.table.dtype))
+
+    def state_dict(self) -> dict:
+        return {"table": self.table, "dtype": self.dtype_name}
+
+    def load_state_dict(self, state: dict) -> None:
+        table = state["table"]
+        if table.shape != self.table.shape:
+            raise UserError(f"checkpoint memory has shape {tuple(table.shape)}, this run needs {tuple(self.table.shape)}: "
+                            "the data set or subset differs from the checkpoint's")
+        self.table.copy_(table.to(self.table.device, self.table.dtype))

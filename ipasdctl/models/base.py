@@ -1,0 +1,40 @@
+"""The model contract every registered architecture follows.
+
+`model(x)` returns logits (what evaluation and ONNX export use). `model(x, with_features=True)` returns
+`(logits, embedding, stages)`: the embedding is the globally pooled penultimate feature (the input of the
+final linear layer) and `stages` the feature maps after each stage (auxiliary heads attach there).
+Attributes: `embed_dim`, `stage_channels`, `num_classes`, and `classifier` (the final nn.Linear).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClassifierBase(nn.Module):
+    embed_dim: int
+    stage_channels: list[int]
+    num_classes: int
+    classifier: nn.Linear
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(last feature map, ready to pool; the list of stage outputs)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        last, stages = self.features(x)
+        embedding = torch.flatten(nn.functional.adaptive_avg_pool2d(last, 1), 1)
+        logits = self.classifier(embedding)
+        if with_features:
+            return logits, embedding, stages
+        return logits
+
+
+def init_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,117 @@
+"""CIFAR ResNets: the classic 16-32-64 family (He et al. 2016) and the PreAct ResNet-18 of the paper.
+
+Classic: resnet8/20/32/56/110 = 6n+2 layers, BasicBlocks, 1x1-conv shortcuts where the shape changes;
+`resnet8x4` is resnet8 with 4x the widths (64-128-256), a common KD student that can overfit CIFAR subsets.
+PreAct ResNet-18 (He et al. 2016b): 3x3 stem, no max-pool, pre-activation blocks, widths 64-128-256-512.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..registry import MODELS
+from .base import ClassifierBase, init_weights
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(ClassifierBase):
+    def __init__(self, depth: int, num_classes: int, widths=(16, 32, 64), in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError("depth must be 6n+2")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, in_planes = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(in_planes, width, 2 if (i > 0 and j == 0) else 1))
+                in_planes = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.embed_dim = widths[-1]
+        self.stage_channels = list(widths)
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(widths[-1], num_classes)
+        init_weights(self)
+
+    def features(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        stages = []
+        for stage in self.stages:
+            out = stage(out)
+            stages.append(out)
+        return out, stages
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(ClassifierBase):
+    def __init__(self, num_blocks, num_classes: int, widths=(64, 128, 256, 512), in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        stages, in_planes = [], widths[0]
+        for i, (width, n) in enumerate(zip(widths, num_blocks)):
+            blocks = []
+            for j in range(n):
+                blocks.append(PreActBlock(in_planes, width, 2 if (i > 0 and j == 0) else 1))
+                in_planes = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.bn = nn.BatchNorm2d(widths[-1])  # the final pre-activation before pooling
+        self.embed_dim = widths[-1]
+        self.stage_channels = list(widths)
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(widths[-1], num_classes)
+        init_weights(self)
+
+    def features(self, x):
+        out = self.conv1(x)
+        stages = []
+        for stage in self.stages:
+            out = stage(out)
+            stages.append(out)
+        return F.relu(self.bn(out)), stages
+
+
+for _depth in (8, 20, 32, 56, 110):
+    MODELS.register(f"resnet{_depth}")(lambda num_classes, _d=_depth: CifarResNet(_d, num_classes))
+
+MODELS.register("resnet8x4")(lambda num_classes: CifarResNet(8, num_classes, widths=(64, 128, 256)))
+MODELS.register("preact_resnet18")(lambda num_classes: PreActResNet((2, 2, 2, 2), num_classes))

@@ -1,0 +1,107 @@
+"""Device, precision, seeding and environment facts (knows nothing of methods or data sets)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu or auto")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    name = (name or "auto").lower()
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise UserError(f"precision must be auto, fp32, bf16 or fp16, got '{name}'")
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    return table[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG, in a form that loads with weights_only=True."""
+    state = {
+        "python": random.getstate(),
+        "numpy": {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
+                  for k, v in zip(("kind", "keys", "pos", "has_gauss", "cached"), np.random.get_state())},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy(), int(n["pos"]), int(n["has_gauss"]), float(n["cached"])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("IPASDCTL_DEBUG", "") not in ("", "0")
