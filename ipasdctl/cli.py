@@ -126,6 +126,15 @@ def list_(
             typer.echo(f"{group}: {', '.join(names)}")
 
 
+def _register_commands() -> None:
+    from .commands import register_all
+
+    register_all(app)
+
+
+_register_commands()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: one-line errors, exit 2."""
     from .runtime import debug_enabled

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import runtime
 from .config import Recipe, dump_recipe, recipe_from_dict
-from .data import Augment, ImageData, RandomBatches, TensorLoader, build_data, eval_batches
+from .data import RandomBatches, build_data
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .methods import Method, MethodContext, TrainingNet, build_method, resolved_method_config
@@ -97,15 +97,14 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, augment: Augment, device, dtype, batch_size: int,
-             channels_last: bool = False) -> dict:
+def evaluate(model: nn.Module, data, device, dtype, batch_size: int, channels_last: bool = False) -> dict:
     """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end."""
     model.eval()
     k = min(5, data.num_classes)
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device)
     topk = torch.zeros((), device=device)
-    for x, y in eval_batches(data.test_images, data.test_labels, augment, batch_size, device, channels_last):
+    for x, y in data.test_batches(batch_size, device, channels_last):
         with runtime.autocast(device, dtype):
             logits = model(x)
         logits = logits.float()
@@ -113,7 +112,7 @@ def evaluate(model: nn.Module, data: ImageData, augment: Augment, device, dtype,
         pred = logits.topk(k, dim=1).indices
         top1 += (pred[:, 0] == y).sum()
         topk += (pred == y[:, None]).any(1).sum()
-    n = data.test_labels.numel()
+    n = data.num_test
     model.train()
     return {"test_loss": (loss_sum / n).item(), "test_top1": (100.0 * top1 / n).item(),
             "test_top5": (100.0 * topk / n).item()}
@@ -286,12 +285,9 @@ class Trainer:
         if extra is not None:
             extra = extra.to(self.device)
         self.net = TrainingNet(self.model, extra)
-        self.augment = Augment(self.data.mean, self.data.std, self.data.pad if recipe.data.augment else 0,
-                               self.data.hflip and recipe.data.augment, self.device)
         plan = self.method.batch_plan(self.data.train_labels, t.batch_size, t.seed) or \
             RandomBatches(self.data.train_labels, t.batch_size, t.seed)
-        self.loader = TensorLoader(self.data.train_images, self.data.train_labels, self.augment, plan, t.seed,
-                                   self.device, self.channels_last)
+        self.loader = self.data.train_loader(plan, t.seed, self.device, self.channels_last, recipe.data.augment)
         self.steps_per_epoch = self.loader.steps(0)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
                                          nesterov=recipe.optim.nesterov and recipe.optim.momentum > 0,
@@ -427,8 +423,8 @@ class Trainer:
         self._check_finite(epoch)
         self.method.on_epoch_end(epoch)
         train_stats = self.meter.read()
-        test_stats = evaluate(self.model, self.data, self.augment, self.device, self.dtype,
-                              recipe.train.eval_batch_size, self.channels_last)
+        test_stats = evaluate(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
+                              self.channels_last)
         images = self.meter.count.item()
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
         row.update({"train_loss": train_stats.pop("train_loss")})
@@ -549,6 +545,19 @@ def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optio
         raise UserError(f"output folder {out} is not writable; choose another --out")
     run_dir = unique_dir(out, name or default_run_name(recipe))
     run_dir.mkdir(parents=True)
+    return _run(trainer, run_dir, fresh=True)
+
+
+def train_into(recipe: Recipe, run_dir: Path, progress: Optional[Progress] = None) -> Path:
+    """A new run in exactly `run_dir` (which must not hold a run yet); used by `compare`."""
+    run_dir = Path(run_dir)
+    trainer = Trainer(recipe, None, progress)
+    if (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir} already holds a run; resume it with --resume or choose another folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run folder {run_dir}: {exc.strerror}; choose a writable --out") from None
     return _run(trainer, run_dir, fresh=True)
 
 

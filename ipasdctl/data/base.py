@@ -43,6 +43,20 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def num_test(self) -> int:
+        return int(self.test_labels.numel())
+
+    # The protocol the engine uses; image-file data sets implement the same three members.
+    def train_loader(self, batches, seed: int, device, channels_last: bool, augment: bool) -> "TensorLoader":
+        aug = Augment(self.mean, self.std, self.pad if augment else 0, self.hflip and augment, device)
+        return TensorLoader(self.train_images, self.train_labels, aug, batches, seed, device, channels_last)
+
+    def test_batches(self, batch_size: int, device, channels_last: bool = False):
+        """Test-time batches (x normalised, y), no augmentation, in order."""
+        aug = Augment(self.mean, self.std, 0, False, device)
+        return eval_batches(self.test_images, self.test_labels, aug, batch_size, device, channels_last)
+
     def subset(self, size: int, seed: int = 0) -> "ImageData":
         """A fixed, seeded, class-balanced subset of the training set (its indices become 0..size-1)."""
         indices = balanced_subset(self.train_labels, size, self.num_classes, seed)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..registry import METHODS
-from . import ce, ipasd  # noqa: F401  (registration)
 from .base import Method, MethodContext, TrainingNet
+
+# every module in this package registers its method(s) on import: adding a file adds a method
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in ("base",):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 
 def method_class(name: str) -> type[Method]:

@@ -2,7 +2,8 @@
 
 `model(x)` returns logits (what evaluation and ONNX export use). `model(x, with_features=True)` returns
 `(logits, embedding, stages)`: the embedding is the globally pooled penultimate feature (the input of the
-final linear layer) and `stages` the feature maps after each stage (auxiliary heads attach there).
+final linear layer) and `stages` the feature maps after each stage (auxiliary heads attach there);
+`stages[-1]` is exactly the map that is pooled into the embedding (dense per-location logits use it).
 Attributes: `embed_dim`, `stage_channels`, `num_classes`, and `classifier` (the final nn.Linear).
 """
 

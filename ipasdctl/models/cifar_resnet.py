@@ -107,7 +107,8 @@ class PreActResNet(ClassifierBase):
         for stage in self.stages:
             out = stage(out)
             stages.append(out)
-        return F.relu(self.bn(out)), stages
+        stages[-1] = F.relu(self.bn(out))  # the contract: the last stage output is the map that is pooled
+        return stages[-1], stages
 
 
 for _depth in (8, 20, 32, 56, 110):
