@@ -29,6 +29,7 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle (str -> bytes, nothing else)
 }
 
 _WHERE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -87,6 +88,10 @@ def _require(folder: Path, names: list[str]) -> None:
         raise UserError(f"{folder} lacks {', '.join(missing)}; expected the full 'python version' layout from {_WHERE}")
 
 
+def _names(values) -> list[str]:
+    return [v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values]
+
+
 def load_cifar10(root: str | None) -> ImageData:
     folder = find_folder(root, "cifar-10-batches-py", "cifar10")
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -95,7 +100,7 @@ def load_cifar10(root: str | None) -> ImageData:
     test_images, test_labels = _images_labels(folder / "test_batch", "labels")
     names = [f"class_{i}" for i in range(10)]
     if (folder / "batches.meta").is_file():
-        names = [str(n) for n in read_pickle(folder / "batches.meta").get("label_names", names)]
+        names = _names(read_pickle(folder / "batches.meta").get("label_names", names))
     return ImageData("cifar10", torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                      test_images, test_labels, names, CIFAR10_MEAN, CIFAR10_STD, pad=4, hflip=True)
 
@@ -107,7 +112,7 @@ def load_cifar100(root: str | None) -> ImageData:
     test_images, test_labels = _images_labels(folder / "test", "fine_labels")
     names = [f"class_{i}" for i in range(100)]
     if (folder / "meta").is_file():
-        names = [str(n) for n in read_pickle(folder / "meta").get("fine_label_names", names)]
+        names = _names(read_pickle(folder / "meta").get("fine_label_names", names))
     return ImageData("cifar100", train_images, train_labels, test_images, test_labels, names,
                      CIFAR100_MEAN, CIFAR100_STD, pad=4, hflip=True)
 
