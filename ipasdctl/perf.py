@@ -1,0 +1,189 @@
+"""Measurements behind the performance claims: method overhead per training step, the data pipeline against
+the common torchvision+PIL DataLoader, and the size of per-sample memories. Used by benchmarks/ (run on
+demand with pytest-benchmark) and benchmarks/gpu_check.py; none of it runs in the test suite's hot path.
+
+Timings synchronise the device around each timed call and alternate the compared variants repetition by
+repetition, so slow drifts of the machine (other load, clocks) hit both sides alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .config import Recipe, load_recipe
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quick_recipe(method: str, arch: str = "resnet8", dataset: str = "synthetic", batch_size: int = 128,
+                 device: str = "cpu", train_subset: Optional[int] = 4096, root: Optional[str] = None,
+                 precision: str = "auto", extra: Optional[dict] = None) -> Recipe:
+    overrides = {
+        "method": {"name": method, **((extra or {}).get("method", {}))},
+        "model": {"arch": arch},
+        "data": {"name": dataset, "train_subset": train_subset, "root": root},
+        "train": {"batch_size": batch_size, "device": device, "epochs": 10, "precision": precision},
+        "optim": {"warmup_epochs": 0},
+    }
+    return load_recipe("demo", overrides)
+
+
+class StepRunner:
+    """One method's training steps on real batches of its own sampler, outside the engine's bookkeeping."""
+
+    def __init__(self, recipe: Recipe):
+        from .engine import Trainer, Progress
+
+        self.trainer = Trainer(recipe, None, Progress(enabled=False))
+        self.device = self.trainer.device
+        self.trainer.method.on_epoch_start(1 if recipe.train.epochs > 1 else 0)
+        self._batches = self._batch_iter()
+
+    def _batch_iter(self):
+        epoch = 1  # past epoch 0, so that memories and prototypes are in use
+        while True:
+            yield from self.trainer.loader.epoch(epoch)
+            epoch += 1
+
+    def prepare_epoch_one(self) -> None:
+        """Give methods with epoch-0 special cases (IPASD, PS-KD) their later-epoch state."""
+        t = self.trainer
+        t.method.on_epoch_start(0)
+        for i, batch in enumerate(t.loader.epoch(0)):
+            if i >= 2:
+                break
+            self.step(batch)
+        t.method.on_epoch_end(0)
+        t.method.on_epoch_start(1)
+
+    def step(self, batch=None) -> None:
+        t = self.trainer
+        batch = batch if batch is not None else next(self._batches)
+        from . import runtime
+
+        with runtime.autocast(t.device, t.dtype):
+            result = t.method.loss(t.train_step_fn, batch)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(result["loss"]).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.meter.update(result, result.get("labels", batch.labels), batch.step)
+
+    def timed_step(self) -> float:
+        batch = next(self._batches)
+        sync(self.device)
+        start = time.perf_counter()
+        self.step(batch)
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def overhead_ratios(methods: list[str], reference: str = "ce", reps: int = 30, warmup: int = 3,
+                    recipe_factory: Callable[[str], Recipe] = quick_recipe) -> dict[str, dict]:
+    """Median step time of each method / the reference's, alternating reference and method every repetition."""
+    torch.manual_seed(0)
+    runners = {name: StepRunner(recipe_factory(name)) for name in dict.fromkeys([reference, *methods])}
+    for runner in runners.values():
+        runner.prepare_epoch_one()
+        for _ in range(warmup):
+            runner.step()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, runner in runners.items():
+            times[name].append(runner.timed_step())
+    base = statistics.median(times[reference])
+    return {name: {"median_s": statistics.median(values), "ratio": statistics.median(values) / base,
+                   "images_per_second": runners[name].trainer.recipe.train.batch_size / statistics.median(values)}
+            for name, values in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------- data pipeline
+
+
+class PILCifar(torch.utils.data.Dataset):
+    """The common reference: what torchvision.datasets.CIFAR10 does per item (uint8 HWC array -> PIL image ->
+    transforms), fed by DataLoader workers. (torchvision's class itself refuses re-exported CIFAR copies.)"""
+
+    def __init__(self, images_nchw: torch.Tensor, labels: torch.Tensor, transform):
+        self.data = images_nchw.permute(0, 2, 3, 1).contiguous().numpy()
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def reference_loader(data, batch_size: int, workers: int = 2):
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(data.mean, data.std)])
+    dataset = PILCifar(data.train_images, data.train_labels, transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=False, persistent_workers=workers > 0)
+
+
+def pipeline_epoch_rates(recipe: Recipe, workers: int = 2, epochs: int = 1) -> dict:
+    """Images per second of full training epochs (ce on the same model), ipasdctl's pipeline vs the reference."""
+    import torch.nn.functional as F
+
+    recipe = copy.deepcopy(recipe)
+    recipe.method = {"name": "ce"}
+    runner = StepRunner(recipe)
+    t = runner.trainer
+    ref = reference_loader(t.data, recipe.train.batch_size, workers)
+
+    def reference_epoch() -> float:
+        count, start = 0, time.perf_counter()
+        for x, y in ref:
+            x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+            logits = t.model(x)
+            loss = F.cross_entropy(logits, y)
+            t.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t.optimizer.step()
+            count += y.numel()
+        sync(t.device)
+        return count / (time.perf_counter() - start)
+
+    def ours_epoch(epoch: int) -> float:
+        count, start = 0, time.perf_counter()
+        for batch in t.loader.epoch(epoch):
+            runner.step(batch)
+            count += batch.labels.numel()
+        sync(t.device)
+        return count / (time.perf_counter() - start)
+
+    ours, reference = [], []
+    for epoch in range(epochs):  # alternate whole epochs
+        ours.append(ours_epoch(epoch))
+        reference.append(reference_epoch())
+    return {"ipasdctl_images_per_second": statistics.median(ours),
+            "reference_images_per_second": statistics.median(reference),
+            "ratio": statistics.median(ours) / statistics.median(reference),
+            "images": t.data.num_train, "workers": workers}
+
+
+# ----------------------------------------------------------------------------------------------- memories
+
+
+def memory_table_bytes(num_samples: int, num_classes: int, dtype: str, tables: int = 2) -> dict:
+    from .methods.memory import DTYPES
+
+    per_entry = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return {"dtype": dtype, "bytes_per_sample_and_class_per_table": per_entry,
+            "bytes_per_sample_and_class": per_entry * tables,
+            "total_bytes": num_samples * num_classes * per_entry * tables}
