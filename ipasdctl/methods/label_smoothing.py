@@ -1,0 +1,53 @@
+"""Label smoothing (Szegedy et al., "Rethinking the Inception Architecture", CVPR 2016).
+
+    q_c = 1 - eps if c = y, eps / (K - 1) otherwise;   loss = -mean_i sum_c q_ic log softmax(z_i)_c
+The smoothing mass goes to the K - 1 wrong classes only (as Self-KD-Lib and the Tf-KD release compute it),
+not eps / K to every class as torch's `label_smoothing=` does. Default eps = 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..registry import METHODS
+from .base import Method, MethodContext
+
+
+@dataclass
+class LabelSmoothingParams:
+    eps: float = 0.1
+
+
+def smoothed_targets(labels: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
+    """(1 - eps) on the label, eps / (K - 1) on every other class."""
+    off = eps / (num_classes - 1)
+    onehot = F.one_hot(labels, num_classes).float()
+    return onehot * (1.0 - eps) + (1.0 - onehot) * off
+
+
+def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+    logits = logits.float()
+    target = smoothed_targets(labels, logits.shape[1], eps)
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+@METHODS.register("ls")
+class LabelSmoothing(Method):
+    name = "ls"
+    Params = LabelSmoothingParams
+
+    def __init__(self, params: LabelSmoothingParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        if not 0.0 <= params.eps < 1.0:
+            raise UserError(f"method.eps must be in [0, 1), got {params.eps}")
+        if ctx.num_classes < 2:
+            raise UserError("label smoothing needs at least 2 classes")
+
+    def loss(self, net, batch) -> dict:
+        logits = net(batch.images)["logits"]
+        loss = label_smoothing_loss(logits, batch.labels, self.params.eps)
+        return {"loss": loss, "logits": logits, "loss_ls": loss.detach()}
