@@ -1,0 +1,69 @@
+"""CS-KD: class-wise self-knowledge distillation.
+
+Yun, Park, Lee, Shin, "Regularizing Class-wise Predictions via Self-knowledge Distillation", CVPR 2020
+(alinlab/cs-kd). With x' another sample of x's class, forwarded without gradient:
+    loss = CE(z(x), y) + lambda T^2 KL( softmax(z(x') / T) || softmax(z(x) / T) ),   T 4, lambda 1
+the KL averaged over the anchors (the authors' sum / batch size).
+
+Machinery: `ClassPairBatches` (data/samplers.py) makes each batch [B anchors, B partners]; every sample is an
+anchor once per epoch, the partner is a different random sample of the anchor's class (the anchor itself
+only when its class has a single sample). Readings chosen:
+- Two forwards in training mode, as the authors: the anchors with gradient, then the partners under
+  no_grad. BatchNorm normalises each half with its own batch statistics and its running statistics are
+  updated by both forwards (Self-KD-Lib does the same).
+- The authors' sampler may pair an anchor with itself; ours excludes it whenever the class allows.
+- The loss, the logits and the labels returned are the anchors' (accuracy is counted on anchors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data.samplers import ClassPairBatches
+from ..errors import UserError
+from ..registry import METHODS
+from .aux_heads import distill_kl
+from .base import Method, MethodContext
+
+
+@dataclass
+class CSKDParams:
+    T: float = 4.0
+    kd_weight: float = 1.0  # lambda; the authors use 3 on fine-grained data sets
+
+
+def class_wise_loss(anchor_logits: torch.Tensor, partner_logits: torch.Tensor, labels: torch.Tensor,
+                    temperature: float, kd_weight: float) -> dict:
+    """CE on the anchors + kd_weight * T^2 KL(p_T(partner) || p_T(anchor)); the partner side is constant."""
+    anchor_logits = anchor_logits.float()
+    loss_ce = F.cross_entropy(anchor_logits, labels)
+    loss_kd = distill_kl(anchor_logits, partner_logits, temperature)
+    return {"loss": loss_ce + kd_weight * loss_kd, "loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach()}
+
+
+@METHODS.register("cs-kd")
+class ClassWiseKD(Method):
+    name = "cs-kd"
+    Params = CSKDParams
+
+    def __init__(self, params: CSKDParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        if params.T <= 0:
+            raise UserError(f"method.T must be positive, got {params.T}")
+
+    def batch_plan(self, labels: torch.Tensor, batch_size: int, seed: int):
+        return ClassPairBatches(labels, batch_size, seed)
+
+    def loss(self, net, batch) -> dict:
+        half = batch.labels.shape[0] // 2
+        labels = batch.labels[:half]
+        anchor_logits = net(batch.images[:half])["logits"]
+        with torch.no_grad():
+            partner_logits = net(batch.images[half:])["logits"]
+        result = class_wise_loss(anchor_logits, partner_logits, labels, self.params.T, self.params.kd_weight)
+        result["logits"] = anchor_logits
+        result["labels"] = labels
+        return result

@@ -1,0 +1,109 @@
+"""DLB: self-distillation from the last mini-batch.
+
+Shen, Xu, Wang, Xu, Meng, Wang, Zhao, Zhang, Li, "Self-Distillation from the Last Mini-Batch for Consistency
+Regularization", CVPR 2022 (Meta-knowledge-Lab/DLB). Batch t = [R, N_t]: R = N_{t-1}, the previous
+iteration's new samples (now under a fresh augmentation), N_t = B new samples. With s the logits of R stored
+(detached) at iteration t-1:
+    loss = CE(z([R, N_t]), y) + a T^2 KL( softmax(s / T) || softmax(z(R) / T) ),   T 3, a 1
+CE is the mean over all 2B rows of the batch (the authors' CE of the concatenation), KL the mean over R.
+
+Machinery: `OverlapBatches` (data/samplers.py) gives [previous new half, new half], so consecutive batches
+overlap by half; the logits of each step's new half are kept as method state (and in the checkpoint), so a
+run resumed mid-epoch continues exactly. Readings chosen, from the authors' dlb.py:
+- The batch size is the number of *new* samples per step (their `batch_size`); a step forwards up to 2B.
+- The repeated half is re-augmented: its augmentation at step t is drawn independently of step t-1's.
+- The last new half of an epoch is repeated by the first batch of the next epoch (their `pre_data` is
+  carried across epochs); the very first step of training has no repeated half and is plain CE.
+- Two forwards in training mode, as the authors: the new half, then the repeated half (BatchNorm sees
+  each half's own statistics). `joint_forward=true` forwards the whole batch at once (one BatchNorm batch).
+- The logits and labels returned (train accuracy) are the new half's, as the authors' accuracy.
+Several processes (with `OverlapBatches.sharded`): each rank's repeated share is the new share it trained on
+one step before, so its stored logits stay local; but a checkpoint written by rank 0 holds only rank 0's
+stored logits, and two forwards before one backward need DistributedDataParallel's static graph, so under
+DDP use joint_forward=true and gather the stored logits into the checkpoint (not wired yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..data.samplers import OverlapBatches
+from ..errors import UserError
+from ..registry import METHODS
+from .aux_heads import distill_kl
+from .base import Method, MethodContext
+
+
+@dataclass
+class DLBParams:
+    T: float = 3.0
+    kd_weight: float = 1.0  # a
+    joint_forward: bool = False  # true: one forward of [repeated, new] (shared BatchNorm statistics)
+
+
+def dlb_loss(new_logits: torch.Tensor, new_labels: torch.Tensor, repeated_logits: Optional[torch.Tensor],
+             repeated_labels: Optional[torch.Tensor], stored_logits: Optional[torch.Tensor],
+             temperature: float, kd_weight: float) -> dict:
+    """CE over [repeated, new] + kd_weight * T^2 KL(p_T(stored) || p_T(repeated now)); no repeated half: CE."""
+    new_logits = new_logits.float()
+    if repeated_logits is None or repeated_logits.shape[0] == 0:
+        loss_ce = F.cross_entropy(new_logits, new_labels)
+        loss_kd = torch.zeros((), device=new_logits.device)
+    else:
+        repeated_logits = repeated_logits.float()
+        loss_ce = F.cross_entropy(torch.cat([repeated_logits, new_logits]), torch.cat([repeated_labels, new_labels]))
+        loss_kd = distill_kl(repeated_logits, stored_logits, temperature)
+    return {"loss": loss_ce + kd_weight * loss_kd, "loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach()}
+
+
+@METHODS.register("dlb")
+class LastMiniBatch(Method):
+    name = "dlb"
+    Params = DLBParams
+
+    def __init__(self, params: DLBParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        if params.T <= 0:
+            raise UserError(f"method.T must be positive, got {params.T}")
+        # the logits (and dataset indices) of the last step's new half: the next step's repeated half
+        self.stored_logits = torch.zeros(0, ctx.num_classes, device=ctx.device)
+        self.stored_indices = torch.zeros(0, dtype=torch.long, device=ctx.device)
+
+    def batch_plan(self, labels: torch.Tensor, batch_size: int, seed: int):
+        return OverlapBatches(labels, batch_size, seed)
+
+    def loss(self, net, batch) -> dict:
+        repeated = self.stored_logits.shape[0]  # the plan puts exactly that many repeated samples first
+        if repeated >= batch.labels.shape[0]:
+            raise RuntimeError(f"dlb: batch of {batch.labels.shape[0]} cannot hold {repeated} repeated samples "
+                               "and new ones; the batch plan and the method state disagree")
+        new_labels, repeated_labels = batch.labels[repeated:], batch.labels[:repeated]
+        repeated_logits = None
+        if repeated == 0:
+            new_logits = net(batch.images)["logits"]
+        elif self.params.joint_forward:
+            logits = net(batch.images)["logits"]
+            repeated_logits, new_logits = logits[:repeated], logits[repeated:]
+        else:
+            new_logits = net(batch.images[repeated:])["logits"]
+            repeated_logits = net(batch.images[:repeated])["logits"]
+        result = dlb_loss(new_logits, new_labels, repeated_logits, repeated_labels, self.stored_logits,
+                          self.params.T, self.params.kd_weight)
+        self.stored_logits = new_logits.detach().float()
+        self.stored_indices = batch.indices[repeated:]
+        result["logits"] = new_logits
+        result["labels"] = new_labels
+        return result
+
+    def state_dict(self) -> dict:
+        return {"stored_logits": self.stored_logits, "stored_indices": self.stored_indices}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"stored_logits", "stored_indices"}:
+            raise UserError("checkpoint holds state for a method other than 'dlb'")
+        self.stored_logits = state["stored_logits"].to(self.ctx.device, torch.float32)
+        self.stored_indices = state["stored_indices"].to(self.ctx.device, torch.long)
