@@ -1,0 +1,266 @@
+"""Inference latency of an exported model: onnxruntime (CPU provider; CUDA too when present) and PyTorch eager.
+
+For every backend and batch size: `warmup` untimed calls, then `runs` calls each timed on its own
+(`time.perf_counter_ns` around one call; CUDA synchronised inside the call), summarised as p50 / p90 / p99 /
+mean latency in milliseconds and throughput = batch size / mean latency (images per second). A call goes from
+host memory to host memory on every backend (numpy in, numpy out for onnxruntime; a CPU tensor in and out
+for PyTorch, with the copies included on CUDA), so the backends are timed alike. The thread count (the same
+for both backends), the CPU model and the library versions go into every row of `latency.csv`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+LATENCY_CSV = "latency.csv"
+PERCENTILES = (50, 90, 99)
+COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
+           "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
+           "torch", "created", "model_path"]
+
+
+def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
+    """'1,8,64' -> [1, 8, 64]; every size a positive integer."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            sizes = [int(p) for p in parts]
+        except ValueError:
+            raise UserError(f"--batch-sizes must be comma-separated integers (e.g. 1,8,64), got '{text}'") from None
+    else:
+        sizes = [int(s) for s in text]
+    if not sizes or min(sizes) <= 0:
+        raise UserError(f"--batch-sizes must be positive integers (e.g. 1,8,64), got '{text}'")
+    return list(dict.fromkeys(sizes))
+
+
+def time_calls(call: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
+    """Latency of each of `runs` calls in milliseconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = np.empty(runs, dtype=np.float64)
+    for i in range(runs):
+        start = time.perf_counter_ns()
+        call()
+        times[i] = (time.perf_counter_ns() - start) / 1e6
+    return times
+
+
+def summarize(times_ms: np.ndarray, batch_size: int) -> dict:
+    """p50 / p90 / p99 (linear interpolation between order statistics), mean, min, images per second."""
+    p50, p90, p99 = np.percentile(times_ms, PERCENTILES)
+    mean = float(times_ms.mean())
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": mean,
+            "min_ms": float(times_ms.min()), "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else float("nan")}
+
+
+def _input_shape(model_path: Path, meta: dict, proto) -> list[int]:
+    if meta.get("input_size"):
+        return [int(v) for v in meta["input_size"]]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_value for d in dims[1:]]
+    if not shape or any(v <= 0 for v in shape):
+        raise UserError(f"{model_path} has no fixed image size in its input or metadata; export it with "
+                        "`ipasdctl export --onnx`")
+    return shape
+
+
+def _export_record(model_path: Path) -> dict:
+    import json
+
+    path = model_path.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _ort_session(model_path: Path, providers: list[str], threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"onnxruntime cannot load {model_path}: {first[:200]}") from None
+
+
+def _torch_model(torch_run: Path, checkpoint: str):
+    from .engine import load_run_model
+
+    model, _state, _recipe = load_run_model(torch_run, checkpoint, device="cpu")
+    return model
+
+
+def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Optional[int] = None,
+          runs: int = 200, warmup: Optional[int] = None, torch_run: Optional[Path] = None,
+          out: Optional[Path] = None, with_torch: bool = True, log: Optional[Callable[[str], None]] = None):
+    """Time `model_path` (and its PyTorch source) at each batch size; merge the rows into latency.csv.
+
+    `torch_run` is the run folder whose checkpoint PyTorch eager times; without it the run recorded in the
+    export's json is used when it still exists (`with_torch=False` skips PyTorch). Rows already in the csv for
+    the same model are replaced. Returns (DataFrame of the new rows, path of latency.csv).
+    """
+    import pandas as pd
+    import torch
+
+    from . import runtime
+    from .export import check_onnx_file, decode_metadata
+    from .io import atomic_write_text
+
+    model_path = Path(model_path)
+    proto = check_onnx_file(model_path)
+    meta = decode_metadata({p.key: p.value for p in proto.metadata_props})
+    sizes = parse_batch_sizes(batch_sizes)
+    if runs <= 0:
+        raise UserError(f"--runs must be positive, got {runs}")
+    threads = int(threads) if threads is not None else torch.get_num_threads()
+    if threads <= 0:
+        raise UserError(f"--threads must be positive, got {threads}")
+    warmup = max(5, runs // 10) if warmup is None else int(warmup)
+    if warmup < 0:
+        raise UserError(f"--warmup must not be negative, got {warmup}")
+    csv_path = _csv_path(model_path, out)
+    shape = _input_shape(model_path, meta, proto)
+    record = _export_record(model_path)
+    checkpoint = record.get("checkpoint") or meta.get("checkpoint") or "best"
+    if torch_run is None and with_torch:
+        recorded = record.get("run_dir") or meta.get("source_run")
+        if recorded and (Path(recorded) / "checkpoints" / f"{checkpoint}.pt").is_file():
+            torch_run = Path(recorded)
+        elif log:
+            log("no PyTorch run folder (--torch) and none recorded beside the model: timing onnxruntime only")
+    torch_model = _torch_model(torch_run, checkpoint) if (torch_run is not None and with_torch) else None
+
+    import onnxruntime as ort
+
+    backends: list[tuple[str, str, Callable]] = []
+    available = ort.get_available_providers()
+    input_name = proto.graph.input[0].name
+    provider_sets = [["CPUExecutionProvider"]]
+    if "CUDAExecutionProvider" in available:
+        provider_sets.append(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal((b, *shape), dtype=np.float32) for b in sizes}
+
+    def ort_backend(providers):
+        session = _ort_session(model_path, providers, threads)
+        used = session.get_providers()[0]
+        if used != providers[0]:
+            return None
+        return ("onnxruntime", used, lambda x: session.run(None, {input_name: x}))
+
+    for providers in provider_sets:
+        entry = ort_backend(providers)
+        if entry is not None:
+            backends.append(entry)
+    if torch_model is not None:
+        def torch_call(model, device):
+            def call(x):
+                with torch.inference_mode():
+                    out = model(torch.from_numpy(x).to(device, non_blocking=False))
+                    return out.cpu() if device.type == "cuda" else out
+            return call
+
+        backends.append(("pytorch", "cpu", torch_call(torch_model, torch.device("cpu"))))
+        if torch.cuda.is_available():
+            cuda = torch.device("cuda")
+            import copy
+
+            backends.append(("pytorch", "cuda", torch_call(copy.deepcopy(torch_model).to(cuda), cuda)))
+
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    cpu = runtime.cpu_model()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for backend, provider, run_one in backends:
+            for b in sizes:
+                x = inputs[b]
+                times = time_calls(lambda: run_one(x), runs, warmup)
+                row = {"model": model_path.name, "precision": meta.get("precision", record.get("precision", "")),
+                       "backend": backend, "provider": provider, "batch_size": b, "threads": threads,
+                       "runs": runs, "warmup": warmup, **summarize(times, b), "cpu_model": cpu,
+                       "accelerator": accelerator if provider in ("cuda", "CUDAExecutionProvider") else "",
+                       "onnxruntime": ort.__version__, "torch": torch.__version__,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(model_path.resolve())}
+                if backend == "pytorch":
+                    row["precision"] = "fp32"
+                rows.append(row)
+                if log:
+                    log(f"{backend:<11} {provider:<20} batch {b:>4}: p50 {row['p50_ms']:.3f} ms  "
+                        f"p99 {row['p99_ms']:.3f} ms  {row['throughput_ips']:.0f} img/s")
+    finally:
+        torch.set_num_threads(previous_threads)
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    merged = _merge(csv_path, new)
+    atomic_write_text(csv_path, merged.to_csv(index=False, float_format="%.6g"))
+    return new, csv_path
+
+
+def _csv_path(model_path: Path, out: Optional[Path]) -> Path:
+    """latency.csv beside the model, in the folder --out, or --out itself when it names a .csv file."""
+    import os
+
+    if out is None:
+        target = model_path.parent / LATENCY_CSV
+    else:
+        out = Path(out)
+        target = out if out.suffix == ".csv" else out / LATENCY_CSV
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {target.parent}: {exc.strerror or exc}; choose a writable --out") from None
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{target.parent} is not writable; choose another --out")
+    return target
+
+
+def read_latency_csv(path: Path):
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path)
+    except Exception as exc:  # pandas raises ParserError, EmptyDataError, UnicodeDecodeError...
+        raise UserError(f"{path} is not a latency table written by `ipasdctl bench` ({type(exc).__name__}); "
+                        "move it away or choose another --out") from None
+    missing = {"model", "backend", "provider", "batch_size", "p50_ms"} - set(table.columns)
+    if missing:
+        raise UserError(f"{path} lacks the columns {', '.join(sorted(missing))}; it was not written by "
+                        "`ipasdctl bench`: move it away or choose another --out")
+    return table
+
+
+def _merge(csv_path: Path, new):
+    """The existing table without this model's rows, then the new rows."""
+    import pandas as pd
+
+    if not csv_path.exists():
+        return new
+    old = read_latency_csv(csv_path)
+    if "model_path" in old.columns:
+        old = old[~old["model_path"].astype(str).isin(new["model_path"].astype(str))]
+    columns = list(COLUMNS) + [c for c in old.columns if c not in COLUMNS]
+    return pd.concat([old, new], ignore_index=True).reindex(columns=columns)
+
+
+def format_table(rows) -> str:
+    """The printed table: one line per backend and batch size."""
+    shown = rows[["backend", "provider", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips"]]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}" if v < 1e4 else f"{v:.0f}")

@@ -1,0 +1,75 @@
+"""`ipasdctl export` (ONNX, validated against PyTorch, optional static INT8) and `ipasdctl bench` (latency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
+    app.command("bench")(bench)
+
+
+def export(
+    run_folder: Annotated[Path, typer.Argument(help="Run folder of a finished `ipasdctl train`.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the one format so far).")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for <name>.onnx and <name>.json.")] = Path("exports"),
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write <name>-int8.onnx: static QDQ quantization, per-channel weights.")] = False,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Training images used to calibrate INT8 ranges.")] = 512,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
+) -> None:
+    """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch; prints the .onnx path last."""
+    from ..export import export_onnx
+    from ..registry import load_all
+
+    if not onnx:
+        raise UserError("choose an export format: ipasdctl export RUN_FOLDER --onnx")
+    load_all()
+    record = export_onnx(run_folder, out, opset=opset, int8=int8, calib_samples=calib_samples,
+                         checkpoint=checkpoint, data_root=str(data) if data is not None else None, name=name)
+    worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
+    sizes = ",".join(str(b["batch_size"]) for b in record["validation"]["batches"])
+    typer.echo(f"exporter: {record['exporter']} (opset {record['opset']})"
+               + (f"; fallback because {record['fallback_reason']}" if record["fallback_reason"] else ""))
+    typer.echo(f"validated against PyTorch at batch {sizes}: max |diff| {worst:.2e} "
+               f"(atol {record['validation']['atol']:g}, rtol {record['validation']['rtol']:g})")
+    typer.echo(f"size: {record['file_size_bytes'] / 1e6:.2f} MB")
+    if "int8" in record:
+        typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): fp32 {record['onnx_test']['top1']:.2f}%  "
+                   f"int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)")
+        typer.echo(record["int8"]["onnx_path"])
+    typer.echo(record["onnx_path"])
+
+
+def bench(
+    model: Annotated[Path, typer.Argument(help="An exported .onnx model.")],
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64",
+    threads: Annotated[Optional[int], typer.Option(help="Threads for both backends (default: PyTorch's count).")] = None,
+    runs: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 200,
+    warmup: Annotated[Optional[int], typer.Option(help="Untimed calls first (default: max(5, runs/10)).")] = None,
+    torch_run: Annotated[Optional[Path], typer.Option("--torch", help="Run folder to time in PyTorch eager (default: the run recorded in the export's json).")] = None,
+    no_torch: Annotated[bool, typer.Option("--no-torch", help="Time onnxruntime only.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder (or .csv path) for latency.csv (default: beside the model).")] = None,
+) -> None:
+    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput per batch size."""
+    import sys
+
+    from ..bench import bench as run_bench
+    from ..bench import format_table
+    from ..registry import load_all
+    from ..runtime import cpu_model
+
+    load_all()
+    rows, csv_path = run_bench(model, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
+                               log=lambda line: print(line, file=sys.stderr))
+    typer.echo(f"{model.name}: {cpu_model()}, {int(rows['threads'].iloc[0])} threads, {runs} runs per size")
+    typer.echo(format_table(rows))
+    typer.echo(str(csv_path))

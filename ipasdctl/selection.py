@@ -1,0 +1,260 @@
+"""Model selection: accuracy (mean over seeds) against size, compute and measured latency, with the Pareto set.
+
+`selection_table` joins each comparison's `results.csv` (one row per trained run) with the exports of those
+runs (`<name>.json` written by `ipasdctl export`, matched to runs by the `run_dir` recorded in the json) and
+their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, epochs,
+precision): fp32 rows carry the PyTorch test top-1 of the runs (`best_top1` mean and std over seeds); int8 rows
+carry the INT8 models' own top-1 measured with onnxruntime (mean over the exported seeds). Latency is the
+`latency_stat` (p50 by default) of onnxruntime's CPU provider at `latency_batch_size` (1), averaged over the
+group's exported models.
+
+Pareto optimality is judged within each data set, on (top-1 up, latency down): a row is Pareto-optimal when
+no other row has top-1 >= its top-1 and latency <= its latency with at least one of the two strict. Rows
+without a measured latency are not judged (pareto_optimal is False).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+
+GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
+REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
+COLUMNS = ["dataset", "method", "arch", "epochs", "precision", "seeds", "top1", "top1_std", "top5", "last_top1",
+           "accuracy_source", "params", "macs", "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms",
+           "throughput_ips", "latency_batch_size", "threads", "cpu_model", "exports", "comparisons",
+           "pareto_optimal"]
+
+
+def _key(path: Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _run_key(run_dir: str, comparison_dir: Path) -> str:
+    """A run_dir from results.csv as an absolute path: as written when absolute, else relative to the
+    comparison folder, the working folder or the comparison's parent (the first that exists)."""
+    path = Path(str(run_dir)).expanduser()
+    if path.is_absolute():
+        return _key(path)
+    for base in (comparison_dir, Path.cwd(), comparison_dir.parent):
+        if (base / path).exists():
+            return _key(base / path)
+    return _key(comparison_dir / path)
+
+
+def load_results(comparison_dirs: Sequence[Path]) -> pd.DataFrame:
+    """All comparisons' results.csv rows, with `comparison` and the resolved `run_key` added."""
+    frames = []
+    for folder in comparison_dirs:
+        folder = Path(folder)
+        csv_path = folder / "results.csv"
+        if not csv_path.is_file():
+            raise UserError(f"{folder} has no results.csv; give folders written by `ipasdctl compare`")
+        try:
+            table = pd.read_csv(csv_path)
+        except Exception as exc:  # ParserError, EmptyDataError, UnicodeDecodeError
+            raise UserError(f"{csv_path} is not a readable CSV table ({type(exc).__name__}); rerun the comparison") from None
+        missing = REQUIRED_RESULT_COLUMNS - set(table.columns)
+        if missing:
+            raise UserError(f"{csv_path} lacks the columns {', '.join(sorted(missing))}; rerun the comparison")
+        table = table.copy()
+        if "epochs" not in table.columns:
+            table["epochs"] = np.nan
+        table["comparison"] = folder.name
+        table["run_key"] = [_run_key(r, folder) for r in table["run_dir"]]
+        frames.append(table)
+    if not frames:
+        raise UserError("no comparison folders given; name at least one folder written by `ipasdctl compare`")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _visible(paths, root: Path) -> list[Path]:
+    """Leave out hidden files and folders (an export in progress stages its files in a hidden folder)."""
+    return [p for p in sorted(paths) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def load_exports(exports_dir: Path) -> pd.DataFrame:
+    """One row per export json under `exports_dir` (recursively): run_key, precision, file, size, top-1."""
+    exports_dir = Path(exports_dir)
+    if not exports_dir.is_dir():
+        raise UserError(f"exports folder {exports_dir} does not exist; export models with `ipasdctl export` first")
+    rows = []
+    for json_path in _visible(exports_dir.rglob("*.json"), exports_dir):
+        try:
+            record = json.loads(json_path.read_text())
+        except (OSError, ValueError):
+            continue  # not ours
+        if not isinstance(record, dict) or not record.get("run_dir") or not record.get("onnx_file"):
+            continue
+        onnx_path = json_path.parent / record["onnx_file"]
+        rows.append({
+            "run_key": _key(Path(record["run_dir"])),
+            "precision": record.get("precision", "fp32"),
+            "export": record["onnx_file"],
+            "model_key": _key(onnx_path),
+            "file_size_bytes": record.get("file_size_bytes", onnx_path.stat().st_size if onnx_path.exists() else np.nan),
+            "export_top1": (record.get("onnx_test") or {}).get("top1", record.get("test_top1")),
+            "export_top5": (record.get("onnx_test") or {}).get("top5"),
+        })
+    return pd.DataFrame(rows, columns=["run_key", "precision", "export", "model_key", "file_size_bytes",
+                                       "export_top1", "export_top5"])
+
+
+def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str = "onnxruntime",
+                   provider: str = "CPUExecutionProvider", latency_stat: str = "p50_ms") -> pd.DataFrame:
+    """The latency of each benchmarked model (model_key) at one batch size, backend and provider."""
+    from .bench import read_latency_csv
+
+    frames = []
+    for csv_path in _visible(Path(exports_dir).rglob("latency.csv"), Path(exports_dir)):
+        table = read_latency_csv(csv_path)
+        if latency_stat not in table.columns:
+            raise UserError(f"{csv_path} has no column '{latency_stat}'")
+        table = table[(table["backend"] == backend) & (table["provider"] == provider)
+                      & (table["batch_size"] == latency_batch_size)].copy()
+        beside = [csv_path.parent / str(m) for m in table["model"]]
+        recorded = table["model_path"] if "model_path" in table.columns else [None] * len(table)
+        table["model_key"] = [_key(b) if b.exists() or r is None or (isinstance(r, float) and math.isnan(r))
+                              else _key(Path(r)) for b, r in zip(beside, recorded)]
+        frames.append(table)
+    columns = ["model_key", "latency_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "threads", "cpu_model"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(frames, ignore_index=True)
+    if "created" in table.columns:
+        table = table.sort_values("created", kind="stable")
+    table = table.drop_duplicates("model_key", keep="last")  # the newest measurement of each model
+    table = table.rename(columns={latency_stat: "latency_ms", "p90_ms": "latency_p90_ms", "p99_ms": "latency_p99_ms"})
+    for column in columns:
+        if column not in table.columns:
+            table[column] = np.nan
+    return table[columns]
+
+
+def pareto_mask(accuracy: Sequence[float], latency: Sequence[float]) -> np.ndarray:
+    """True where no other point is at least as accurate and at least as fast with one of the two strict.
+
+    Points with a missing (NaN) accuracy or latency are never optimal and dominate nothing.
+    """
+    acc = np.asarray(accuracy, dtype=np.float64)
+    lat = np.asarray(latency, dtype=np.float64)
+    valid = np.isfinite(acc) & np.isfinite(lat)
+    mask = np.zeros(acc.shape[0], dtype=bool)
+    for i in np.flatnonzero(valid):
+        others = valid.copy()
+        others[i] = False
+        dominated = others & (acc >= acc[i]) & (lat <= lat[i]) & ((acc > acc[i]) | (lat < lat[i]))
+        mask[i] = not dominated.any()
+    return mask
+
+
+def _join_unique(values) -> str:
+    seen = [str(v) for v in dict.fromkeys(v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v)))]
+    return ";".join(seen)
+
+
+def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_latency_ms: float | None, *,
+                    latency_batch_size: int = 1, backend: str = "onnxruntime", provider: str = "CPUExecutionProvider",
+                    latency_stat: str = "p50_ms") -> pd.DataFrame:
+    """Accuracy vs params, MACs, file size and latency per (dataset, method, arch, epochs, precision), with
+    `pareto_optimal` (per data set) and, when a budget is given, `within_budget` (latency <= max_latency_ms)."""
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise UserError(f"the latency budget must be a positive number of milliseconds, got {max_latency_ms}")
+    results = load_results(comparison_dirs)
+    if exports_dir is not None:
+        exports = load_exports(exports_dir)
+        latencies = load_latencies(exports_dir, latency_batch_size, backend, provider, latency_stat)
+        exports = exports.merge(latencies, on="model_key", how="left")
+    else:
+        exports = pd.DataFrame(columns=["run_key", "precision", "export", "file_size_bytes", "export_top1",
+                                        "export_top5", "latency_ms"])
+
+    rows = []
+    for key, group in results.groupby(GROUP_KEYS, dropna=False, sort=True):
+        base = dict(zip(GROUP_KEYS, key))
+        runs = set(group["run_key"])
+        matched = exports[exports["run_key"].isin(runs)]
+        shared = {
+            "params": group["params"].mean() if "params" in group else np.nan,
+            "macs": group["macs"].mean() if "macs" in group else np.nan,
+            "comparisons": _join_unique(group["comparison"]),
+        }
+        seeds = group["seed"].nunique()
+        fp32 = {
+            "seeds": seeds,
+            "top1": group["best_top1"].mean(),
+            "top1_std": group["best_top1"].std(ddof=1) if seeds > 1 else np.nan,
+            "top5": group["best_top5"].mean() if "best_top5" in group else np.nan,
+            "last_top1": group["last_top1"].mean() if "last_top1" in group else np.nan,
+            "accuracy_source": "pytorch best_top1, mean over seeds",
+        }
+        precisions = list(dict.fromkeys(matched["precision"])) or ["fp32"]
+        for precision in sorted(precisions, key=lambda p: (p != "fp32", p)):
+            mine = matched[matched["precision"] == precision]
+            row = {**base, "precision": precision, **shared}
+            if precision == "fp32":
+                row.update(fp32)
+            else:
+                top1 = pd.to_numeric(mine["export_top1"], errors="coerce")
+                row.update({"seeds": int(top1.notna().sum()), "top1": top1.mean(),
+                            "top1_std": top1.std(ddof=1) if top1.notna().sum() > 1 else np.nan,
+                            "top5": pd.to_numeric(mine["export_top5"], errors="coerce").mean(),
+                            "last_top1": np.nan, "accuracy_source": f"{precision} onnxruntime, mean over exports"})
+            has = not mine.empty
+            row.update({
+                "file_size_mb": pd.to_numeric(mine["file_size_bytes"], errors="coerce").mean() / 1e6 if has else np.nan,
+                "latency_ms": pd.to_numeric(mine["latency_ms"], errors="coerce").mean() if has else np.nan,
+                "latency_p90_ms": pd.to_numeric(mine.get("latency_p90_ms"), errors="coerce").mean() if has else np.nan,
+                "latency_p99_ms": pd.to_numeric(mine.get("latency_p99_ms"), errors="coerce").mean() if has else np.nan,
+                "throughput_ips": pd.to_numeric(mine.get("throughput_ips"), errors="coerce").mean() if has else np.nan,
+                "latency_batch_size": latency_batch_size if has and mine["latency_ms"].notna().any() else np.nan,
+                "threads": _join_unique(mine["threads"]) if has else "",
+                "cpu_model": _join_unique(mine["cpu_model"]) if has else "",
+                "exports": _join_unique(mine["export"]) if has else "",
+            })
+            rows.append(row)
+
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "pareto_optimal"])
+    table["pareto_optimal"] = False
+    for _dataset, index in table.groupby("dataset", dropna=False).groups.items():
+        part = table.loc[index]
+        table.loc[index, "pareto_optimal"] = pareto_mask(part["top1"], part["latency_ms"])
+    if max_latency_ms is not None:
+        table["within_budget"] = pd.to_numeric(table["latency_ms"], errors="coerce") <= max_latency_ms
+    table = table.sort_values(["dataset", "top1", "latency_ms"], ascending=[True, False, True], kind="stable")
+    return table.reset_index(drop=True)
+
+
+def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
+    """Per data set, the most accurate row whose latency is at most `max_latency_ms` (ties: the faster one).
+
+    Rows without a measured latency never qualify. An empty frame when nothing fits the budget.
+    """
+    if max_latency_ms is None or not max_latency_ms > 0:
+        raise UserError(f"the latency budget must be a positive number of milliseconds, got {max_latency_ms}")
+    missing = {"dataset", "top1", "latency_ms"} - set(df.columns)
+    if missing:
+        raise UserError(f"the selection table lacks {', '.join(sorted(missing))}; build it with selection_table")
+    latency = pd.to_numeric(df["latency_ms"], errors="coerce")
+    fits = df[(latency <= max_latency_ms) & df["top1"].notna()]
+    if fits.empty:
+        return fits.reset_index(drop=True)
+    ranked = fits.assign(_lat=latency[fits.index]).sort_values(["dataset", "top1", "_lat"],
+                                                                ascending=[True, False, True], kind="stable")
+    return ranked.groupby("dataset", dropna=False, sort=True).head(1).drop(columns="_lat").reset_index(drop=True)
+
+
+def write_selection(df: pd.DataFrame, path: Path) -> Path:
+    """selection.csv, written atomically."""
+    from .io import atomic_write_text
+
+    path = Path(path)
+    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+    return path

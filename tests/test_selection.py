@@ -1,0 +1,212 @@
+"""Model selection on hand-made results.csv, export jsons and latency.csv: means over seeds, the join of
+exports to runs by run_dir, the Pareto set (accuracy up, latency down, per data set) and the best model under
+a latency budget."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ipasdctl.errors import UserError
+from ipasdctl.selection import best_under_budget, pareto_mask, selection_table, write_selection
+
+RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
+                  "params", "macs", "train_seconds", "images_per_second", "run_dir"]
+
+# (method, arch, dataset, seed, best_top1, params, macs)
+RUNS = [
+    ("ce", "resnet8", "cifar10", 0, 70.0, 78_000, 12_000_000),
+    ("ce", "resnet8", "cifar10", 1, 72.0, 78_000, 12_000_000),
+    ("ipasd", "resnet8", "cifar10", 0, 75.0, 78_000, 12_000_000),
+    ("ipasd", "resnet8", "cifar10", 1, 77.0, 78_000, 12_000_000),
+    ("ipasd", "resnet20", "cifar10", 0, 80.0, 270_000, 41_000_000),
+    ("ipasd", "resnet56", "cifar10", 0, 79.0, 850_000, 125_000_000),
+    ("cs_kd", "resnet20", "cifar10", 0, 80.0, 270_000, 41_000_000),
+    ("ps_kd", "resnet32", "cifar10", 0, 90.0, 460_000, 69_000_000),  # never exported: no latency
+    ("ipasd", "resnet110", "cifar100", 0, 50.0, 1_700_000, 250_000_000),
+]
+
+# export name -> (run name, precision, p50 latency at batch 1, file size, own top-1 for int8)
+EXPORTS = {
+    "ce-r8-s0": ("ce-resnet8-s0", "fp32", 1.0, 300_000, None),
+    "ce-r8-s1": ("ce-resnet8-s1", "fp32", 1.0, 300_000, None),
+    "ipasd-r8-s0": ("ipasd-resnet8-s0", "fp32", 0.9, 300_000, None),
+    "ipasd-r8-s1": ("ipasd-resnet8-s1", "fp32", 1.1, 300_000, None),
+    "ipasd-r8-s0-int8": ("ipasd-resnet8-s0", "int8", 0.5, 90_000, 75.5),
+    "ipasd-r20-s0": ("ipasd-resnet20-s0", "fp32", 3.0, 1_000_000, None),
+    "ipasd-r56-s0": ("ipasd-resnet56-s0", "fp32", 5.0, 3_300_000, None),
+    "cs_kd-r20-s0": ("cs_kd-resnet20-s0", "fp32", 3.0, 1_000_000, None),
+    "ipasd-r110-s0": ("ipasd-resnet110-s0", "fp32", 10.0, 6_800_000, None),
+}
+
+
+def run_name(method, arch, seed):
+    return f"{method}-{arch}-s{seed}"
+
+
+@pytest.fixture
+def workspace(tmp_path) -> dict:
+    comparisons = [tmp_path / "cmp-cifar10", tmp_path / "cmp-cifar100"]
+    for folder in comparisons:
+        folder.mkdir()
+    rows = {c: [] for c in comparisons}
+    for method, arch, dataset, seed, top1, params, macs in RUNS:
+        folder = comparisons[0] if dataset == "cifar10" else comparisons[1]
+        name = run_name(method, arch, seed)
+        (folder / name).mkdir()
+        # run_dir relative to the comparison folder in one table, absolute in the other
+        run_dir = name if dataset == "cifar10" else str(folder / name)
+        rows[folder].append({"method": method, "seed": seed, "arch": arch, "dataset": dataset, "epochs": 200,
+                             "best_top1": top1, "last_top1": top1 - 1, "best_epoch": 190, "best_top5": top1 + 15,
+                             "params": params, "macs": macs, "train_seconds": 100.0, "images_per_second": 500.0,
+                             "run_dir": run_dir})
+    for folder, table in rows.items():
+        pd.DataFrame(table, columns=RESULT_COLUMNS).to_csv(folder / "results.csv", index=False)
+
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    latency = []
+    for name, (run, precision, p50, size, own_top1) in EXPORTS.items():
+        dataset_folder = comparisons[1] if "r110" in name else comparisons[0]
+        record = {"format": "ipasdctl-export-1", "name": name, "onnx_file": f"{name}.onnx", "precision": precision,
+                  "run_dir": str(dataset_folder / run), "file_size_bytes": size}
+        if own_top1 is not None:
+            record["test_top1"] = own_top1
+            record["onnx_test"] = {"top1": own_top1, "top5": 95.0, "n": 10000}
+        (exports / f"{name}.json").write_text(json.dumps(record))
+        (exports / f"{name}.onnx").write_bytes(b"\0" * 8)
+        for backend, provider, batch, value in (("onnxruntime", "CPUExecutionProvider", 1, p50),
+                                                ("onnxruntime", "CPUExecutionProvider", 8, 8 * p50),
+                                                ("pytorch", "cpu", 1, 0.01)):  # decoys: must not be used
+            latency.append({"model": f"{name}.onnx", "precision": precision, "backend": backend, "provider": provider,
+                            "batch_size": batch, "threads": 4, "p50_ms": value, "p90_ms": value * 1.2,
+                            "p99_ms": value * 1.5, "mean_ms": value, "throughput_ips": batch * 1000 / value,
+                            "cpu_model": "Test CPU", "model_path": str(exports / f"{name}.onnx")})
+    pd.DataFrame(latency).to_csv(exports / "latency.csv", index=False)
+    (exports / "unrelated.json").write_text(json.dumps({"something": "else"}))
+    # an export in progress stages its files in a hidden folder: not counted until renamed into place
+    staging = exports / ".ce-r8-s0.abc123.tmp"
+    staging.mkdir()
+    (staging / "ce-r8-s0.json").write_text(json.dumps({"onnx_file": "ce-r8-s0.onnx", "precision": "int8",
+                                                       "run_dir": str(comparisons[0] / "ce-resnet8-s0")}))
+    return {"comparisons": comparisons, "exports": exports}
+
+
+def row(table, method, arch, precision="fp32"):
+    found = table[(table["method"] == method) & (table["arch"] == arch) & (table["precision"] == precision)]
+    assert len(found) == 1, (method, arch, precision, len(found))
+    return found.iloc[0]
+
+
+def test_accuracy_is_the_mean_over_seeds_and_exports_join_by_run_dir(workspace):
+    table = selection_table(workspace["comparisons"], workspace["exports"], None)
+    ce = row(table, "ce", "resnet8")
+    assert ce["top1"] == pytest.approx(71.0) and ce["seeds"] == 2
+    assert ce["top1_std"] == pytest.approx(math.sqrt(((70 - 71) ** 2 + (72 - 71) ** 2) / 1))
+    assert ce["top5"] == pytest.approx(86.0) and ce["last_top1"] == pytest.approx(70.0)
+    assert ce["params"] == 78_000 and ce["macs"] == 12_000_000
+    ipasd8 = row(table, "ipasd", "resnet8")
+    assert ipasd8["latency_ms"] == pytest.approx((0.9 + 1.1) / 2)  # mean over the seeds' exports, batch 1, ORT CPU
+    assert ipasd8["latency_p99_ms"] == pytest.approx(1.5)
+    assert ipasd8["file_size_mb"] == pytest.approx(0.3)
+    assert set(ipasd8["exports"].split(";")) == {"ipasd-r8-s0.onnx", "ipasd-r8-s1.onnx"}
+    int8 = row(table, "ipasd", "resnet8", "int8")
+    assert int8["top1"] == pytest.approx(75.5) and int8["latency_ms"] == pytest.approx(0.5) and int8["seeds"] == 1
+    assert int8["file_size_mb"] == pytest.approx(0.09)
+    never_exported = row(table, "ps_kd", "resnet32")
+    assert math.isnan(never_exported["latency_ms"]) and never_exported["exports"] == ""
+    assert len(table) == 8  # 7 (dataset, method, arch, epochs) groups + one int8 variant
+
+
+def test_pareto_set_per_dataset(workspace):
+    table = selection_table(workspace["comparisons"], workspace["exports"], None)
+    optimal = {(r.method, r.arch, r.precision) for r in table.itertuples() if r.pareto_optimal}
+    assert optimal == {
+        ("ipasd", "resnet8", "fp32"),   # 76 % at 1.0 ms: nothing as accurate is as fast
+        ("ipasd", "resnet8", "int8"),   # 75.5 % at 0.5 ms: the fastest
+        ("ipasd", "resnet20", "fp32"),  # 80 % at 3.0 ms, tied exactly with cs_kd/resnet20: neither dominates
+        ("cs_kd", "resnet20", "fp32"),
+        ("ipasd", "resnet110", "fp32"),  # the only cifar100 row; cifar10 rows do not compete with it
+    }
+    # ce/resnet8 (71 % at 1.0 ms) is dominated by ipasd/resnet8 (76 % at 1.0 ms): equal speed, more accurate;
+    # resnet56 (79 % at 5 ms) by resnet20 (80 % at 3 ms); ps_kd/resnet32 has no latency and is not judged
+
+
+def test_pareto_mask_against_brute_force_definition():
+    accuracy = [1.0, 2.0, 2.0, 3.0, 3.0, float("nan"), 0.5]
+    latency = [1.0, 1.0, 2.0, 3.0, 3.0, 0.1, 0.5]
+    mask = pareto_mask(accuracy, latency)
+    expected = []
+    for i in range(len(accuracy)):
+        if math.isnan(accuracy[i]) or math.isnan(latency[i]):
+            expected.append(False)
+            continue
+        dominated = any(j != i and not math.isnan(accuracy[j]) and accuracy[j] >= accuracy[i] and latency[j] <= latency[i]
+                        and (accuracy[j] > accuracy[i] or latency[j] < latency[i]) for j in range(len(accuracy)))
+        expected.append(not dominated)
+    assert list(mask) == expected == [False, True, False, True, True, False, True]
+
+
+@pytest.mark.parametrize("budget,expected", [
+    (0.7, ("ipasd", "resnet8", "int8")),
+    (2.0, ("ipasd", "resnet8", "fp32")),  # 76 % beats int8's 75.5 % once 1.0 ms is allowed
+    (4.0, ("resnet20", 80.0)),           # the two tied resnet20 rows: 80 % at 3 ms
+    (100.0, ("resnet20", 80.0)),         # ps_kd/resnet32's 90 % has no latency: it never qualifies
+])
+def test_best_under_budget(workspace, budget, expected):
+    table = selection_table(workspace["comparisons"], workspace["exports"], budget)
+    best = best_under_budget(table, budget)
+    cifar10 = best[best["dataset"] == "cifar10"]
+    assert len(cifar10) == 1
+    pick = cifar10.iloc[0]
+    if len(expected) == 3:
+        assert (pick["method"], pick["arch"], pick["precision"]) == expected
+    else:
+        assert pick["arch"] == expected[0] and pick["top1"] == pytest.approx(expected[1])
+        assert pick["latency_ms"] == pytest.approx(3.0)
+    assert pick["latency_ms"] <= budget
+    assert table.loc[table["within_budget"], "latency_ms"].max() <= budget
+    assert (~table["within_budget"] | table["latency_ms"].notna()).all()
+    has_cifar100 = "cifar100" in set(best["dataset"])
+    assert has_cifar100 == (budget >= 10.0)
+
+
+def test_nothing_under_a_tiny_budget(workspace):
+    table = selection_table(workspace["comparisons"], workspace["exports"], None)
+    assert best_under_budget(table, 0.1).empty
+    with pytest.raises(UserError):
+        best_under_budget(table, 0)
+
+
+def test_without_exports_no_latency_and_no_pareto(workspace):
+    table = selection_table(workspace["comparisons"], None, None)
+    assert len(table) == 7 and set(table["precision"]) == {"fp32"}
+    assert table["latency_ms"].isna().all() and not table["pareto_optimal"].any()
+    assert row(table, "ipasd", "resnet8")["top1"] == pytest.approx(76.0)
+
+
+def test_write_selection_round_trips(workspace, tmp_path):
+    table = selection_table(workspace["comparisons"], workspace["exports"], 2.0)
+    path = write_selection(table, tmp_path / "report" / "selection.csv")
+    back = pd.read_csv(path)
+    assert list(back.columns) == list(table.columns)
+    assert list(back["pareto_optimal"]) == list(table["pareto_optimal"])
+    assert back["top1"].tolist() == pytest.approx(table["top1"].tolist())
+
+
+def test_bad_inputs(workspace, tmp_path):
+    with pytest.raises(UserError, match="no results.csv"):
+        selection_table([tmp_path / "nowhere"], None, None)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.csv").write_text("method,seed\nce,0\n")
+    with pytest.raises(UserError, match="lacks the columns"):
+        selection_table([broken], None, None)
+    with pytest.raises(UserError, match="exports folder"):
+        selection_table(workspace["comparisons"], tmp_path / "no-exports", None)
+    with pytest.raises(UserError, match="budget"):
+        selection_table(workspace["comparisons"], None, -1.0)
