@@ -1,0 +1,225 @@
+"""`ipasdctl eval` and `ipasdctl report` end to end on tiny trained runs (digits, resnet8, 2 epochs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ipasdctl.cli import main
+from ipasdctl.config import load_recipe
+from ipasdctl.engine import Progress, train, train_into
+from ipasdctl.evaluation import EVAL_FILES, load_eval
+from ipasdctl.reports import Run, group_runs
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TSNE_POINTS = "60"  # keeps t-SNE cheap on the shared CPUs
+RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch",
+                  "best_top5", "params", "macs", "train_seconds", "images_per_second"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert len(data) > 5000 and data[:8] == PNG_SIGNATURE, path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    recipe = load_recipe("demo", {"train": {"epochs": 2}, "data": {"train_subset": 64}})
+    return train(recipe, tmp_path_factory.mktemp("runs"), progress=Progress(enabled=False))
+
+
+@pytest.fixture(scope="module")
+def comparison(trained_run, tmp_path_factory) -> Path:
+    """A comparison folder as `compare` writes it: ipasd seeds 0 and 1, ce seed 0, results.csv with one row each.
+
+    ipasd-s0 is a copy of `trained_run` without its eval files, so the report has to evaluate it."""
+    folder = tmp_path_factory.mktemp("comparison")
+    shutil.copytree(trained_run, folder / "ipasd-s0", ignore=shutil.ignore_patterns(*EVAL_FILES, ".lock"))
+    for method, seed in (("ipasd", 1), ("ce", 0)):
+        recipe = load_recipe("demo", {"method": {"name": method},
+                                      "train": {"epochs": 2, "seed": seed}, "data": {"train_subset": 64}})
+        train_into(recipe, folder / f"{method}-s{seed}", Progress(enabled=False))
+    rows = []
+    for run_dir in sorted(folder.iterdir()):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows.append({**{c: summary[c] for c in RESULT_COLUMNS}, "run_dir": run_dir.name})  # relative, as allowed
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def test_eval_of_a_run_folder_writes_every_file(trained_run, capsys):
+    code, out, err = run_cli(["eval", str(trained_run), "--tsne-points", TSNE_POINTS], capsys)
+    assert code == 0, err
+    for name in EVAL_FILES:
+        path = trained_run / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert_png(trained_run / "reliability.png")
+    assert_png(trained_run / "embedding_tsne.png")
+    assert out.strip().splitlines()[-1] == str(trained_run / "eval.json")
+
+    result = json.loads((trained_run / "eval.json").read_text())
+    summary = json.loads((trained_run / "summary.json").read_text())
+    # the best checkpoint on the same test set: the engine's own test top-1 of the best epoch
+    assert result["checkpoint"] == "best" and result["epoch"] == summary["best_epoch"]
+    assert result["top1"] == pytest.approx(summary["best_top1"], abs=1e-3)
+    assert result["top5"] == pytest.approx(summary["best_top5"], abs=1e-3)
+    assert result["num_test"] == 359 and result["num_classes"] == 10
+    assert sum(result["reliability"]["count"]) == 359 and result["ece_bins"] == 15
+    assert 0.0 <= result["ece"] <= 1.0 and result["nll"] > 0
+    compact = result["compactness"]
+    assert -1.0 <= compact["mean_cosine_to_class_mean"] <= 1.0 and compact["intra_inter_distance_ratio"] > 0
+    assert result["tsne_points"] == int(TSNE_POINTS)
+
+    per_class = pd.read_csv(trained_run / "per_class.csv")
+    assert list(per_class["class_name"].astype(str)) == [str(d) for d in range(10)]
+    assert per_class["count"].sum() == 359
+    assert 100.0 * per_class["correct"].sum() / 359 == pytest.approx(result["top1"])
+    assert (per_class["correct"] / per_class["count"] * 100).tolist() == pytest.approx(per_class["top1"].tolist(), abs=1e-4)
+    tsne = pd.read_csv(trained_run / "embedding_tsne.csv")
+    assert len(tsne) == int(TSNE_POINTS) and set(tsne.columns) == {"x", "y", "label"}
+
+
+def test_eval_of_an_onnx_model_writes_its_eval_json_beside_it(trained_run, tmp_path, capsys):
+    export = pytest.importorskip("ipasdctl.export")
+    if not hasattr(export, "evaluate_onnx") or not hasattr(export, "export_onnx"):
+        pytest.skip("ipasdctl.export has no evaluate_onnx/export_onnx yet")
+    export.export_onnx(trained_run, tmp_path, validation_batch_sizes=(1,))
+    model = tmp_path / f"{trained_run.name}.onnx"
+    capsys.readouterr()  # drop what the exporter printed
+    code, out, err = run_cli(["eval", str(model), "--batch-size", "100"], capsys)
+    assert code == 0, err
+    written = json.loads((tmp_path / f"{trained_run.name}.eval.json").read_text())
+    assert written["n"] == 359 and written["model"] == str(model)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert abs(written["top1"] - summary["best_top1"]) <= 100 / 359 + 1e-9  # at most one near-tie flips
+    printed, path_line = out.strip().rsplit("\n", 1)
+    assert json.loads(printed) == written and path_line == str(tmp_path / f"{trained_run.name}.eval.json")
+
+
+@pytest.mark.parametrize("make", ["empty_folder", "file", "missing", "missing_onnx"])
+def test_eval_of_bad_input_is_one_line_exit_2(make, tmp_path, capsys):
+    target = {"empty_folder": tmp_path, "file": tmp_path / "notes.txt", "missing": tmp_path / "nowhere",
+              "missing_onnx": tmp_path / "model.onnx"}[make]
+    if make == "file":
+        target.write_text("hello")
+    code, out, err = run_cli(["eval", str(target)], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_eval_rejects_an_unknown_checkpoint(trained_run, capsys):
+    code, _, err = run_cli(["eval", str(trained_run), "--checkpoint", "newest"], capsys)
+    assert code == 2 and "best or last" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def test_report_of_a_comparison_renders_every_plot(comparison, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    code, out, err = run_cli(["report", str(comparison), "--out", str(out_dir), "--tsne-points", TSNE_POINTS], capsys)
+    assert code == 0, err
+    report = out_dir / "report.md"
+    assert out.strip().splitlines()[-1] == str(report)
+    text = report.read_text()
+    plots = ["curves-digits-resnet8-2ep.png", "loss_terms-digits-resnet8-2ep.png", "eval_reliability-digits-resnet8-2ep.png",
+             "eval_tsne-digits-resnet8-2ep.png"]
+    for name in plots:
+        assert_png(out_dir / name)
+        assert f"]({name})" in text, name
+    assert "## digits, resnet8, 2 epochs" in text
+    # the runs that lacked eval.json were evaluated on the way
+    for run in ("ipasd-s0", "ipasd-s1", "ce-s0"):
+        assert (comparison / run / "eval.json").is_file()
+
+    # the summary table: ipasd's best top-1 is the mean ± sample std of its two seeds
+    results = pd.read_csv(comparison / "results.csv")
+    ipasd = results[results["method"] == "ipasd"]["best_top1"].tolist()
+    mean = sum(ipasd) / 2
+    std = (sum((v - mean) ** 2 for v in ipasd) / 1) ** 0.5
+    ipasd_row = next(line for line in text.splitlines() if line.startswith("| ipasd |"))
+    assert ipasd_row.split(" | ")[1:3] == ["0, 1", f"{mean:.2f} ± {std:.2f}"]
+    ce_row = next(line for line in text.splitlines() if line.startswith("| ce |"))
+    assert ce_row.split(" | ")[2] == f"{results[results['method'] == 'ce']['best_top1'].item():.2f}"
+
+    runs = pd.read_csv(out_dir / "report_runs.csv")
+    assert sorted(runs["method"]) == ["ce", "ipasd", "ipasd"]
+    assert runs["ece"].between(0, 1).all()
+
+
+def test_report_defaults_to_the_first_folder_and_takes_run_folders(comparison, trained_run, capsys):
+    # a stale eval.json (of a best checkpoint that has been replaced since) is evaluated again
+    stale = {"checkpoint": "best", "epoch": 99, "top1": -1.0, "top5": -1.0, "nll": 0.0, "ece": 0.0,
+             "reliability": {}, "compactness": {}}
+    (trained_run / "eval.json").write_text(json.dumps(stale))
+    code, out, err = run_cli(["report", str(trained_run), str(comparison / "ce-s0"), "--tsne-points", TSNE_POINTS],
+                             capsys)
+    assert code == 0, err
+    report = trained_run / "report.md"
+    assert out.strip().splitlines()[-1] == str(report)
+    text = report.read_text()
+    assert "| ipasd |" in text and "| ce |" in text
+    assert_png(trained_run / "curves-digits-resnet8-2ep.png")
+    fresh = json.loads((trained_run / "eval.json").read_text())
+    assert fresh["epoch"] == json.loads((trained_run / "summary.json").read_text())["best_epoch"]
+    assert fresh["top1"] >= 0
+    # an eval.json without the fields this version writes counts as missing
+    (trained_run / "eval.json").write_text(json.dumps({"top1": 50.0}))
+    assert load_eval(trained_run) is None
+    (trained_run / "eval.json").unlink()
+
+
+def test_report_selection_table_from_exports(comparison, tmp_path, capsys):
+    pytest.importorskip("ipasdctl.selection")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    out_dir = tmp_path / "report"
+    code, _, err = run_cli(["report", str(comparison), "--out", str(out_dir), "--exports", str(exports),
+                            "--max-latency-ms", "5", "--tsne-points", TSNE_POINTS], capsys)
+    assert code == 0, err
+    text = (out_dir / "report.md").read_text()
+    assert "## Selection (exported models)" in text
+    assert "No model meets the budget under 5 ms" in text  # nothing exported, nothing benchmarked
+    selection = pd.read_csv(out_dir / "selection.csv")
+    assert sorted(selection["method"]) == ["ce", "ipasd"]
+
+
+def test_runs_group_by_dataset_arch_epochs_and_repeated_seeds_keep_their_source():
+    def run(method, seed, epochs, source):
+        row = {"method": method, "seed": seed, "dataset": "digits", "arch": "resnet8", "epochs": epochs}
+        return Run(Path(f"/{source}/{method}-s{seed}"), row, Path(f"/{source}"))
+
+    groups = group_runs([run("ipasd", 1, 2, "a"), run("ipasd", 0, 2, "a"), run("ce", 0, 2, "a"),
+                         run("ipasd", 0, 2, "b"), run("ipasd", 0, 5, "c")])
+    assert list(groups) == [("digits", "resnet8", "2"), ("digits", "resnet8", "5")]
+    two = groups[("digits", "resnet8", "2")]
+    assert sorted(two) == ["ce", "ipasd (a)", "ipasd (b)"]  # seed 0 twice: not averaged together
+    assert [r.row["seed"] for r in two["ipasd (a)"]] == [0, 1]
+    assert list(groups[("digits", "resnet8", "5")]) == ["ipasd"]
+
+
+@pytest.mark.parametrize("args", [["report", "{tmp}"], ["report", "{tmp}/missing"],
+                                  ["report", "{comparison}", "--exports", "{tmp}/no-exports"],
+                                  ["report", "{comparison}", "--max-latency-ms", "-1"]])
+def test_report_of_bad_input_is_one_line_exit_2(args, comparison, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, comparison=comparison) for a in args]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert out == ""
