@@ -97,7 +97,7 @@ def train(
     overrides = recipe_overrides(method, arch, dataset, data, epochs, batch_size, lr, seed, device, precision,
                                  compile, set_)
     if resume is not None:
-        given = load_recipe(recipe, overrides) if (recipe or overrides) else None
+        given = engine.resume_recipe(resume, recipe, overrides)
         run_dir = engine.resume(resume, given, progress)
     else:
         run_dir = engine.train(load_recipe(recipe or DEFAULT_RECIPE, overrides), out, name, progress)

@@ -60,6 +60,7 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     compile: bool = False
     detect_anomaly: bool = False
+    deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (exact resume; slower)
     sync_bn: bool = False
 
 

@@ -2,16 +2,34 @@
 
 A run folder holds config.yaml, metrics.csv, summary.json and checkpoints/{last,best}.pt. Everything random
 is a function of the seed, the epoch and the step, and the checkpoint carries the optimizer, the method's
-state, the epoch's running sums and every RNG, so a resumed run continues exactly where it stopped.
+state, the epoch's running sums and every RNG, so a resumed run continues exactly where it stopped: on CPU a
+run killed mid-epoch and resumed ends with the same metrics and bitwise the same weights (tests/test_resume.py).
+On CUDA the data order, RNG streams and state are just as exact, but cuDNN autotuning and atomic-add kernels
+(index_add_, scatter, conv backward) may round differently from run to run, so metrics agree to float noise
+unless `train.deterministic` is set.
+
+Checkpoints: checkpoints/last.pt at every epoch end and, with checkpoint.every_steps=N, every N steps, so a
+kill loses at most N steps. SIGINT/SIGTERM finish the current step, write last.pt and raise Interrupted
+(the CLI prints how to resume and exits 130/143); a second signal aborts at once (the last checkpoint stays).
+A run folder is locked (.lock, flock) while a process trains into it; the kernel drops the lock when that
+process dies, even by SIGKILL, so a crashed run never leaves it locked. A new run that fails before its first
+checkpoint removes its run folder: bad input never leaves half a run behind.
+
+Test hook (tests/test_resume.py): IPASDCTL_TEST_SIGNAL_AT_STEP="N[:KILL|TERM|INT]" makes the process send
+itself that signal (default SIGKILL) right after global step N's update, before that step's checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
-from .config import Recipe, dump_recipe, recipe_from_dict
+from .config import Recipe, deep_merge, dump_recipe, load_recipe, recipe_from_dict
 from .data import RandomBatches, build_data
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
@@ -38,6 +56,10 @@ class Interrupted(Exception):
         super().__init__(code)
         self.code = code
         self.run_dir = run_dir
+
+
+TEST_SIGNAL_ENV = "IPASDCTL_TEST_SIGNAL_AT_STEP"
+FINITE_CHECK_STEPS = 20  # how often (steps) the loop reads the device to stop early on a non-finite loss
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -63,17 +85,40 @@ def check_recipe(recipe: Recipe) -> None:
     recipe.method = resolved_method_config(recipe.method)
     t, o = recipe.train, recipe.optim
     if t.epochs <= 0:
-        raise UserError(f"epochs must be a positive integer, got {t.epochs}")
+        raise UserError(f"epochs must be a positive integer, got {t.epochs}; use --epochs N with N >= 1")
     if t.batch_size <= 0:
-        raise UserError(f"batch size must be a positive integer, got {t.batch_size}")
+        raise UserError(f"batch size must be a positive integer, got {t.batch_size}; use --batch-size N with N >= 1")
     if t.eval_batch_size <= 0:
         raise UserError(f"train.eval_batch_size must be positive, got {t.eval_batch_size}")
-    if not o.lr > 0:
-        raise UserError(f"learning rate must be positive, got {o.lr}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise UserError(f"learning rate must be a positive number, got {o.lr}; e.g. --lr 0.1")
+    if not 0 <= t.seed < 2**63:
+        raise UserError(f"seed must be an integer from 0 to 2^63-1, got {t.seed}")
+    if recipe.checkpoint.every_steps < 0:
+        raise UserError(f"checkpoint.every_steps must be 0 (epoch ends only) or positive, got {recipe.checkpoint.every_steps}")
     if o.schedule not in ("multistep", "cosine", "constant"):
         raise UserError(f"optim.schedule must be multistep, cosine or constant, got '{o.schedule}'")
     if o.warmup_epochs < 0 or o.weight_decay < 0 or o.momentum < 0:
         raise UserError("optim.warmup_epochs, weight_decay and momentum must not be negative")
+
+
+def check_labels(data, name: str) -> None:
+    """Every label must name a class: a label outside 0..K-1 means corrupt files or mismatched class names."""
+    k = data.num_classes
+    for split, labels in (("training", data.train_labels), ("test", data.test_labels)):
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise UserError(f"data set '{name}' has {split} labels from {int(labels.min())} to {int(labels.max())} but "
+                            f"{k} classes; its files are corrupt or do not belong together: download it again")
+
+
+@contextlib.contextmanager
+def _anomaly_detection(enabled: bool):
+    """torch.autograd anomaly detection for the epoch (train.detect_anomaly), switched off however it ends."""
+    if not enabled:
+        yield
+        return
+    with torch.autograd.detect_anomaly(check_nan=True):
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -119,7 +164,11 @@ def evaluate(model: nn.Module, data, device, dtype, batch_size: int, channels_la
 
 
 class EpochMeter:
-    """Running sums of the epoch's loss terms and accuracy, kept on the device (read at refresh and epoch end)."""
+    """Running sums of the epoch's loss terms and accuracy, kept on the device (read at refresh and epoch end).
+
+    The first step whose loss is not finite, and its loss terms, are recorded on the device too, so the loop
+    can stop with a precise message without reading the device every step.
+    """
 
     def __init__(self, device):
         self.device = device
@@ -127,22 +176,24 @@ class EpochMeter:
         self.correct = torch.zeros((), device=device)
         self.count = torch.zeros((), device=device)
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.nonfinite_terms: dict[str, torch.Tensor] = {}  # the terms of that step
 
     def update(self, result: dict, labels: torch.Tensor, step: int) -> None:
         n = labels.numel()
+        first_bad = ~torch.isfinite(result["loss"].detach()) & (self.first_nonfinite_step < 0)
         for key, value in result.items():
             if key == "logits" or key == "labels":
                 continue
             value = value.detach().float()
             if key not in self.sums:
                 self.sums[key] = torch.zeros((), device=self.device)
+                self.nonfinite_terms[key] = torch.zeros((), device=self.device)
             self.sums[key] += value * n
+            self.nonfinite_terms[key] = torch.where(first_bad, value, self.nonfinite_terms[key])
         logits = result["logits"].detach()
         self.correct += (logits.argmax(1) == labels).sum()
         self.count += n
-        bad = ~torch.isfinite(result["loss"].detach())
-        self.first_nonfinite_step = torch.where(bad & (self.first_nonfinite_step < 0),
-                                                torch.full_like(self.first_nonfinite_step, step),
+        self.first_nonfinite_step = torch.where(first_bad, torch.full_like(self.first_nonfinite_step, step),
                                                 self.first_nonfinite_step)
 
     def read(self) -> dict:
@@ -154,11 +205,16 @@ class EpochMeter:
     def nonfinite_step(self) -> int:
         return int(self.first_nonfinite_step.item())
 
+    def nonfinite_report(self) -> str:
+        """'loss=nan, loss_ce=2.3, ...': the loss terms of the first non-finite step."""
+        return ", ".join(f"{k}={v.item():.4g}" for k, v in self.nonfinite_terms.items())
+
     def state_dict(self) -> dict:
         return {"sums": dict(self.sums), "correct": self.correct, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        self.nonfinite_terms = {k: torch.zeros((), device=self.device) for k in self.sums}
         self.correct = state["correct"].to(self.device)
         self.count = state["count"].to(self.device)
 
@@ -186,50 +242,114 @@ def default_run_name(recipe: Recipe) -> str:
     return f"{recipe.data.name}-{recipe.model.arch}-{recipe.method['name']}-s{recipe.train.seed}"
 
 
-def unique_dir(out: Path, name: str) -> Path:
-    candidate, n = out / name, 2
-    while candidate.exists():
-        candidate, n = out / f"{name}-{n}", n + 1
-    return candidate
+def check_out_folder(out: Path) -> None:
+    """--out must be a writable folder, or creatable below its nearest existing parent folder."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == out:
+            raise UserError(f"--out {out} is a file, not a folder; choose a folder for the run folders")
+        raise UserError(f"cannot create output folder {out}: {existing} is a file, not a folder; "
+                        "choose a writable --out")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        what = "output folder" if existing == out else f"output folder {out} cannot be created: its parent"
+        raise UserError(f"{what} {existing} is not writable; choose another --out")
+
+
+def create_run_dir(out: Path, name: str) -> Path:
+    """out/name, or out/name-2, -3, ... if taken; created atomically (two runs never share one)."""
+    n = 1
+    while True:
+        candidate = out / (name if n == 1 else f"{name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+        except OSError as exc:
+            raise UserError(f"cannot create run folder {candidate}: {exc.strerror}; choose a writable --out") from None
+
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: fall back to the owner's pid
+    fcntl = None
 
 
 class RunLock:
-    """run_dir/.lock holding the owner's pid; a lock whose process is gone is stale and taken over."""
+    """run_dir/.lock: held (flock) by the one process that trains into the folder; holds its pid and host.
+
+    The kernel releases a flock when its process ends, however it ends, so the lock file of a crashed or
+    SIGKILLed run is free at once and the next `--resume` takes it over; nothing is ever stale for good.
+    """
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.held = False
+        self.path = Path(run_dir) / ".lock"
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> None:
-        for _ in range(2):
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise UserError(f"run folder {self.path.parent} is in use by process {pid}; wait for it to "
-                                    "finish or stop it first") from None
-                try:
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UserError(f"cannot lock run folder {self.path.parent}: {exc.strerror}; "
+                                "make it writable or choose another folder") from None
+            if not self._lock(fd):
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise UserError(f"run folder {self.path.parent} is in use by {owner}; wait for that run to "
+                                "finish or stop it first (its lock goes away when it ends)")
+            try:  # a releasing owner unlinks the file: make sure we locked the file that is at the path now
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            self.held = True
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            self._fd = fd
             return
-        raise UserError(f"could not lock run folder {self.path.parent}")
+
+    def _lock(self, fd: int) -> bool:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return False
+                # no flock on this file system: fall through to the pid check
+        pid = _owner_fields(fd)[0]
+        return not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)))
 
     def release(self) -> None:
-        if self.held:
+        if self._fd is not None:
             try:
-                self.path.unlink()
+                self.path.unlink()  # while still locked, so a waiter that opened it retries (see acquire)
             except FileNotFoundError:
                 pass
-            self.held = False
+            os.close(self._fd)
+            self._fd = None
+
+
+def _owner_fields(fd: int) -> list[str]:
+    """[pid, host] as the lock's holder wrote them ('' where missing)."""
+    try:
+        fields = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        fields = []
+    return (fields + ["", ""])[:2]
+
+
+def _read_owner(fd: int) -> str:
+    pid, host = _owner_fields(fd)
+    return f"process {pid} on {host}" if pid and host else f"process {pid}" if pid else "another process"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -264,10 +384,10 @@ class Trainer:
         self.dtype = runtime.resolve_precision(t.precision, self.device)
         self.channels_last = t.channels_last and self.device.type == "cuda"
         runtime.seed_everything(t.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        runtime.configure_determinism(self.device, bool(t.deterministic))
 
         self.data = build_data(recipe.data)
+        check_labels(self.data, recipe.data.name)
         if t.batch_size > self.data.num_train:
             raise UserError(f"batch size {t.batch_size} is larger than the training set ({self.data.num_train} images); "
                             "lower --batch-size or use more data")
@@ -299,21 +419,26 @@ class Trainer:
         self.params = count_params(self.model)
         self.macs = count_macs(self.model, self.data.image_shape, self.device)
 
-        # progress of the run (restored on resume)
+        # progress of the run (all of it restored on resume)
         self.epoch = 0  # the epoch in progress (or next to start)
-        self.step_in_epoch = 0
+        self.step_in_epoch = 0  # steps of that epoch already done
         self.global_step = 0
         self.rows: list[dict] = []
         self.best_top1 = -1.0
         self.best_epoch = -1
         self.best_top5 = 0.0
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # training steps only, all epochs
+        self.epoch_seconds = 0.0  # training steps of the epoch in progress
+        self.wall_seconds = 0.0  # earlier sessions of this run (before the last resume)
         self.meter = EpochMeter(self.device)
         self.run_dir = run_dir
         self._signal: Optional[int] = None
+        self._test_signal: Optional[tuple[int, int]] = None
+        self._session_started: Optional[float] = None
 
     # -------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
+        wall = self.wall_seconds + (time.time() - self._session_started if self._session_started else 0.0)
         return {
             "format": "ipasdctl-checkpoint-1",
             "config": self.recipe.to_dict(),
@@ -329,6 +454,8 @@ class Trainer:
             "rows": self.rows,
             "best": {"top1": self.best_top1, "epoch": self.best_epoch, "top5": self.best_top5},
             "train_seconds": self.train_seconds,
+            "epoch_seconds": self.epoch_seconds,
+            "wall_seconds": wall,
             "rng": runtime.rng_state(),
             "num_classes": self.data.num_classes,
             "class_names": list(self.data.class_names),
@@ -338,7 +465,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_classes") != self.data.num_classes:
             raise UserError(f"the checkpoint has {state.get('num_classes')} classes but data set "
-                            f"'{self.recipe.data.name}' has {self.data.num_classes}; use the checkpoint's data set")
+                            f"'{self.recipe.data.name}' has {self.data.num_classes}; point --data at the data the run "
+                            "was trained on")
         self.model.load_state_dict(state["model"])
         if self.net.extra is not None:
             self.net.extra.load_state_dict(state["extra"])
@@ -354,6 +482,8 @@ class Trainer:
         self.best_epoch = int(state["best"]["epoch"])
         self.best_top5 = float(state["best"]["top5"])
         self.train_seconds = float(state["train_seconds"])
+        self.epoch_seconds = float(state.get("epoch_seconds", 0.0))
+        self.wall_seconds = float(state.get("wall_seconds", 0.0))
         runtime.set_rng_state(state["rng"])
 
     def save(self, best: bool = False) -> None:
@@ -364,6 +494,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- loop
     def _on_signal(self, signum, _frame) -> None:
+        if self._signal is not None:  # a second signal: stop now (the last checkpoint stays as it is)
+            raise KeyboardInterrupt
         self._signal = signum
 
     def run(self) -> dict:
@@ -375,57 +507,62 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
                 pass
-        started = time.time()
+        self._session_started = time.time()
+        self._test_signal = _test_signal_at_step()
         try:
+            if self.rows:  # a resumed run: metrics.csv may lag behind (or run ahead of) the checkpoint
+                write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
             while self.epoch < self.recipe.train.epochs:
                 self._train_epoch()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        return self._write_summary(time.time() - started)
+        return self._write_summary(self.wall_seconds + time.time() - self._session_started)
 
     def _train_epoch(self) -> None:
         epoch, recipe = self.epoch, self.recipe
         if self.step_in_epoch == 0:
             self.meter = EpochMeter(self.device)
+            self.epoch_seconds = 0.0
             self.method.on_epoch_start(epoch)
         self.net.train()
         bar = self._bar(epoch)
-        started = time.perf_counter()
-        anomaly = torch.autograd.set_detect_anomaly(True) if recipe.train.detect_anomaly else None
         every = recipe.checkpoint.every_steps
-        for batch in self.loader.epoch(epoch, self.step_in_epoch):
-            lr = lr_at(self.global_step, self.steps_per_epoch, recipe)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with runtime.autocast(self.device, self.dtype):
-                result = self.method.loss(self.train_step_fn, batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(result["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.meter.update(result, result.get("labels", batch.labels), batch.step)
-            self.step_in_epoch = batch.step + 1
-            self.global_step += 1
-            if bar is not None and (self.step_in_epoch % self.progress.refresh_steps == 0):
-                self._refresh(bar, self.step_in_epoch)
-            if self._signal is not None or (every and self.global_step % every == 0):
-                self._check_finite(epoch)
-                self.train_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                self.save()
-                if self._signal is not None:
-                    self._stop_for_signal(bar)
-        seconds = time.perf_counter() - started
-        self.train_seconds += seconds
-        if anomaly is not None:
-            torch.autograd.set_detect_anomaly(False)
+        started = time.perf_counter()
+        with _anomaly_detection(recipe.train.detect_anomaly):
+            for batch in self.loader.epoch(epoch, self.step_in_epoch):
+                lr = lr_at(self.global_step, self.steps_per_epoch, recipe)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                with runtime.autocast(self.device, self.dtype):
+                    result = self.method.loss(self.train_step_fn, batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(result["loss"]).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.meter.update(result, result.get("labels", batch.labels), batch.step)
+                self.step_in_epoch = batch.step + 1
+                self.global_step += 1
+                if self._test_signal is not None and self.global_step == self._test_signal[0]:
+                    os.kill(os.getpid(), self._test_signal[1])
+                if self.global_step % FINITE_CHECK_STEPS == 0:
+                    self._check_finite(epoch)
+                if bar is not None and (self.step_in_epoch % self.progress.refresh_steps == 0):
+                    self._refresh(bar, self.step_in_epoch)
+                if self._signal is not None or (every and self.global_step % every == 0):
+                    self._check_finite(epoch)  # never checkpoint weights a non-finite step has updated
+                    started = self._count_time(started)
+                    self.save()
+                    if self._signal is not None:
+                        self._stop_for_signal(bar)
+        self._count_time(started)
         self._check_finite(epoch)
         self.method.on_epoch_end(epoch)
         train_stats = self.meter.read()
         test_stats = evaluate(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
                               self.channels_last)
         images = self.meter.count.item()
+        seconds = self.epoch_seconds
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
         row.update({"train_loss": train_stats.pop("train_loss")})
         row.update({k: v for k, v in train_stats.items() if k != "train_top1"})
@@ -439,19 +576,28 @@ class Trainer:
             self.best_top1, self.best_epoch, self.best_top5 = test_stats["test_top1"], epoch + 1, test_stats["test_top5"]
         self.epoch += 1
         self.step_in_epoch = 0
+        self.epoch_seconds = 0.0
+        self.save(best=is_best)  # the checkpoint first: it is what a resume trusts (and rewrites metrics.csv from)
         write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
-        self.save(best=is_best)
         self._epoch_line(bar, row)
         if self._signal is not None:
             self._stop_for_signal(None)
 
+    def _count_time(self, started: float) -> float:
+        """Add the training time since `started` to the epoch's and the run's; returns now."""
+        now = time.perf_counter()
+        self.epoch_seconds += now - started
+        self.train_seconds += now - started
+        return now
+
     def _check_finite(self, epoch: int) -> None:
         bad_step = self.meter.nonfinite_step()
         if bad_step >= 0:
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in self.meter.read().items())
-            raise UserError(f"non-finite loss at epoch {epoch + 1}, step {bad_step + 1} ({terms}); "
-                            f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}; lower the lr "
-                            "or set train.detect_anomaly=true to find the operation")
+            last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir is not None else None
+            kept = (f"the last good checkpoint is kept in {last}" if last is not None and last.is_file()
+                    else "no checkpoint had been written yet")
+            raise UserError(f"non-finite loss at epoch {epoch + 1}, step {bad_step + 1} ({self.meter.nonfinite_report()}); "
+                            f"{kept}; lower the lr, or set train.detect_anomaly=true to find the operation")
 
     def _stop_for_signal(self, bar) -> None:
         if bar is not None:
@@ -491,16 +637,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- summary
     def _write_summary(self, wall_seconds: float) -> dict:
+        """summary.json; wall_seconds adds up every session of the run (it is kept in the checkpoint)."""
         last = self.rows[-1]
-        previous = {}
-        summary_path = self.run_dir / "summary.json"
-        if summary_path.is_file():
-            import json
-
-            try:
-                previous = json.loads(summary_path.read_text())
-            except ValueError:
-                previous = {}
         summary = {
             "name": self.run_dir.name,
             "method": self.recipe.method["name"],
@@ -518,7 +656,7 @@ class Trainer:
             "params": self.params,
             "macs": self.macs,
             "train_seconds": self.train_seconds,
-            "wall_seconds": wall_seconds + float(previous.get("wall_seconds", 0.0) if previous else 0.0),
+            "wall_seconds": wall_seconds,
             "images_per_second": sum(r["images_per_second"] for r in self.rows) / len(self.rows),
             "device": runtime.device_description(self.device),
             "precision": str(self.dtype).replace("torch.", ""),
@@ -526,7 +664,7 @@ class Trainer:
             "git_commit": runtime.git_commit(),
             "finished": True,
         }
-        atomic_write_json(summary_path, summary)
+        atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
@@ -536,16 +674,15 @@ class Trainer:
 def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optional[Progress] = None) -> Path:
     """A new run: validate and build everything first, then create the run folder and train."""
     out = Path(out)
+    check_out_folder(out)  # before the (slow) data loading: fail fast
     trainer = Trainer(recipe, None, progress)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output folder {out}: {exc.strerror}; choose a writable --out") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"output folder {out} is not writable; choose another --out")
-    run_dir = unique_dir(out, name or default_run_name(recipe))
-    run_dir.mkdir(parents=True)
-    return _run(trainer, run_dir, fresh=True)
+    check_out_folder(out)
+    run_dir = create_run_dir(out, name or default_run_name(recipe))
+    return _train_new(trainer, run_dir, created=True)
 
 
 def train_into(recipe: Recipe, run_dir: Path, progress: Optional[Progress] = None) -> Path:
@@ -554,43 +691,111 @@ def train_into(recipe: Recipe, run_dir: Path, progress: Optional[Progress] = Non
     trainer = Trainer(recipe, None, progress)
     if (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir} already holds a run; resume it with --resume or choose another folder")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create run folder {run_dir}: {exc.strerror}; choose a writable --out") from None
-    return _run(trainer, run_dir, fresh=True)
+    return _train_new(trainer, run_dir, created)
 
 
 def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Progress] = None) -> Path:
-    """Continue `run_dir` from checkpoints/last.pt; the recipe must be the run's own."""
+    """Continue `run_dir` from checkpoints/last.pt; the recipe, if given, must be the run's own."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"--resume {run_dir}: no such run folder")
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    saved = recipe_from_dict(state["config"])
-    if recipe is not None:
-        check_recipe(recipe)
-    if recipe is not None and recipe.to_dict() != saved.to_dict():
-        diff = sorted(_diff_keys(saved.to_dict(), recipe.to_dict()))
-        raise UserError(f"--resume {run_dir}: the given recipe differs from the run's ({', '.join(diff)}); "
-                        "resume without recipe options, or start a new run")
-    trainer = Trainer(saved, run_dir, progress)
-    trainer.load_state_dict(state)
-    return _run(trainer, run_dir, fresh=False)
-
-
-def _run(trainer: Trainer, run_dir: Path, fresh: bool) -> Path:
-    trainer.run_dir = run_dir
-    trainer.ctx.run_dir = str(run_dir)
+        raise UserError(f"--resume {run_dir}: no such run folder; give the folder that `ipasdctl train` printed")
     lock = RunLock(run_dir)
     lock.acquire()
     try:
-        if fresh:
-            atomic_write_text(run_dir / "config.yaml", dump_recipe(trainer.recipe))
+        last = run_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UserError(f"--resume {run_dir}: it has no checkpoints/last.pt (the run stopped before its first "
+                            "checkpoint); start a new run instead")
+        state = load_checkpoint(last)
+        saved = recipe_from_dict(state["config"])
+        if recipe is not None:
+            check_recipe(recipe)
+            check_recipe(saved)
+            if recipe.to_dict() != saved.to_dict():
+                diff = sorted(_diff_keys(saved.to_dict(), recipe.to_dict()))
+                raise UserError(f"--resume {run_dir}: the given recipe differs from the run's ({', '.join(diff)}); "
+                                "resume without recipe options, or start a new run")
+        trainer = Trainer(saved, run_dir, progress)
+        trainer.load_state_dict(state)
+        trainer.run_dir = run_dir
         trainer.run()
     finally:
         lock.release()
     return run_dir
+
+
+def resume_recipe(run_dir: Path, recipe: Optional[str], overrides: Optional[dict]) -> Optional[Recipe]:
+    """The recipe a `train --resume` command line asks for, to compare with the run's own: the named recipe
+    (with the options over it), or, without --recipe, the run's saved recipe with the options over it; None
+    when the command line gives neither (then the run's recipe is used as it is)."""
+    if recipe:
+        return load_recipe(recipe, overrides)
+    if not overrides:
+        return None
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        return None  # resume() reports the missing run folder / checkpoint
+    import yaml
+
+    try:
+        saved = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    merged = deep_merge(saved, overrides)
+    saved_method, new_method = (saved.get("method") or {}).get("name"), overrides.get("method")
+    if isinstance(new_method, dict) and new_method.get("name", saved_method) != saved_method:
+        merged["method"] = new_method  # another method: the saved one's parameters do not apply to it
+    return recipe_from_dict(merged)
+
+
+def _train_new(trainer: Trainer, run_dir: Path, created: bool) -> Path:
+    """Train a new run into `run_dir`; if it fails before its first checkpoint, leave no run behind."""
+    trainer.run_dir = run_dir
+    trainer.ctx.run_dir = str(run_dir)
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except UserError:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    try:
+        atomic_write_text(run_dir / "config.yaml", dump_recipe(trainer.recipe))
+        trainer.run()
+    except BaseException as exc:
+        if not isinstance(exc, Interrupted) and not (run_dir / "checkpoints" / "last.pt").exists():
+            lock.release()
+            _remove_partial_run(run_dir, created)
+        raise
+    finally:
+        lock.release()
+    return run_dir
+
+
+def _remove_partial_run(run_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in ("config.yaml", "metrics.csv", "summary.json"):
+        try:
+            (run_dir / name).unlink()
+        except OSError:
+            pass
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def _test_signal_at_step() -> Optional[tuple[int, int]]:
+    """(global step, signal) from IPASDCTL_TEST_SIGNAL_AT_STEP='N[:KILL|TERM|INT]'; tests only."""
+    value = os.environ.get(TEST_SIGNAL_ENV)
+    if not value:
+        return None
+    step, _, name = value.partition(":")
+    return int(step), int(getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG")))
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

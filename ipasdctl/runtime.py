@@ -55,8 +55,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_determinism(device: torch.device, deterministic: bool = False) -> None:
+    """CPU kernels used here are deterministic already (a resumed run is bitwise the uninterrupted one).
+    On CUDA, cuDNN autotuning is on unless `deterministic`, which also asks PyTorch for deterministic
+    kernels (slower; an op without one then raises) and cuBLAS for a fixed workspace."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
 def rng_state() -> dict:
-    """Every global RNG, in a form that loads with weights_only=True."""
+    """Every global RNG (python, numpy, torch, each CUDA device), in a form that loads with weights_only=True."""
     state = {
         "python": random.getstate(),
         "numpy": {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
@@ -75,7 +88,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy(), int(n["pos"]), int(n["has_gauss"]), float(n["cached"])))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def git_commit() -> str | None:

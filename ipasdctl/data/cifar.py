@@ -7,6 +7,7 @@ numpy arrays. Anything else in the file (a pickled function call, say) is refuse
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from pathlib import Path
 
@@ -22,39 +23,63 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """How Python 3 writes bytes into a protocol-2 pickle: _codecs.encode(str, 'latin1'); nothing else."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise _Refused(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how bytes are stored")
+    return text.encode("latin1")
+
+
+# (module, name) -> the object the pickle may name: numpy arrays (how NumPy 1.x and 2.x pickle them, protocol
+# 2 to 5), their dtypes, and bytes. Dicts, lists, str, bytes, ints and floats need no global at all.
 _ALLOWED = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle (str -> bytes, nothing else)
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): None,
+    ("numpy._core.multiarray", "_reconstruct"): None,
+    ("numpy.core.multiarray", "scalar"): None,
+    ("numpy._core.multiarray", "scalar"): None,
+    ("numpy.core.numeric", "_frombuffer"): None,
+    ("numpy._core.numeric", "_frombuffer"): None,
+    ("_codecs", "encode"): _latin1_encode,
 }
 
 _WHERE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
+class _Refused(pickle.UnpicklingError):
+    """The file names something a CIFAR file never holds (and that could run code)."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
+    """Admits only dicts, lists, bytes/str, ints, floats and numpy arrays; any other global is refused."""
+
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED:
-            if module.startswith("numpy.core."):
-                module = "numpy._core." + module[len("numpy.core."):] if hasattr(np, "_core") else module
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR file")
+        if (module, name) not in _ALLOWED:
+            raise _Refused(f"it names '{module}.{name}', which a CIFAR file never holds")
+        target = _ALLOWED[(module, name)]
+        if target is None:  # numpy helpers whose home moved between 1.x (numpy.core) and 2.x (numpy._core)
+            home = module.replace("numpy.core.", "numpy._core.") if hasattr(np, "_core") else \
+                module.replace("numpy._core.", "numpy.core.")
+            target = getattr(importlib.import_module(home), name)
+        return target
 
 
 def read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
             data = RestrictedUnpickler(handle, encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
-        raise UserError(f"{path} is not a plain CIFAR file ({exc}); refusing to load it") from None
-    except (EOFError, ValueError, IndexError, KeyError, TypeError, OSError) as exc:
-        raise UserError(f"{path} is truncated or corrupt ({type(exc).__name__}); download the data set again ({_WHERE})") from None
+    except _Refused as exc:
+        raise UserError(f"{path} is not a plain CIFAR file: {exc}; refusing to load it (get the data from {_WHERE})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+            MemoryError, OSError) as exc:
+        raise UserError(f"{path} is truncated or corrupt ({type(exc).__name__}); download the data set again "
+                        f"({_WHERE})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} is not a CIFAR batch (expected a dict, found {type(data).__name__})")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+        raise UserError(f"{path} is not a CIFAR batch (expected a dict, found {type(data).__name__}); "
+                        f"download the data set again ({_WHERE})")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in data.items()}
 
 
 def _images_labels(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +87,10 @@ def _images_labels(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tens
     if "data" not in batch or label_key not in batch:
         raise UserError(f"{path} has no '{'data' if 'data' not in batch else label_key}' entry; is it a CIFAR file?")
     data = np.asarray(batch["data"])
-    labels = np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise UserError(f"{path} is corrupt: its '{label_key}' are not integers; download the data set again ({_WHERE})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise UserError(f"{path} is corrupt: expected uint8 N x 3072 images and N labels, "
                         f"found {data.dtype} {tuple(data.shape)} and {labels.shape[0]} labels")
