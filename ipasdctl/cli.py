@@ -107,12 +107,18 @@ def train(
 @app.command("list")
 def list_(
     what: Annotated[Optional[str], typer.Argument(help="methods, models, datasets or recipes (default: all).")] = None,
+    models: Annotated[bool, typer.Option("--models", help="A table of every model: input size, parameters, MACs.")] = False,
 ) -> None:
     """Print the registered methods, models, data sets and the recipes in recipes/."""
     from .config import RECIPES_DIR
     from .registry import DATASETS, METHODS, MODELS, load_all
 
     load_all()
+    if models:
+        from .models.catalog import format_table, model_table
+
+        typer.echo(format_table(model_table()))
+        return
     groups = {
         "methods": METHODS.names(),
         "models": MODELS.names(),
