@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from ..registry import DATASETS
-from . import cifar, digits, synthetic  # noqa: F401  (registration)
+from . import cifar, digits, imagefolder, imagenet, synthetic, tiny_imagenet  # noqa: F401  (registration)
 from .base import Augment, Batch, ImageData, RandomBatches, TensorLoader, eval_batches
 
 

@@ -18,6 +18,7 @@ class ClassifierBase(nn.Module):
     stage_channels: list[int]
     num_classes: int
     classifier: nn.Linear
+    default_input_size: int = 32  # the input side the architecture is designed for (224: ImageNet models)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(last feature map, ready to pool; the list of stage outputs)."""

@@ -1,0 +1,76 @@
+"""Wide residual networks for 32x32 inputs (Zagoruyko, Komodakis, "Wide Residual Networks", BMVC 2016).
+
+WRN-d-k: a 3x3 stem with 16 channels, then 3 groups of n = (d - 4) / 6 pre-activation basic blocks with
+16k, 32k and 64k channels (strides 1, 2, 2), a final BN-ReLU and global pooling. Where a block changes the
+shape, its shortcut is a 1x1 convolution of the block's pre-activated input (as the authors' code). Dropout
+between the two convolutions of a block (the paper's optional 0.3) is off in the registered models.
+Registered: `wrn16_2` (0.7M parameters, a common KD student) and `wrn28_10` (36.5M parameters).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import MODELS
+from .base import ClassifierBase, init_weights
+
+
+class WideBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.dropout = dropout
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = F.relu(self.bn2(self.conv1(out)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        return self.conv2(out) + shortcut
+
+
+class WideResNet(ClassifierBase):
+    default_input_size = 32
+
+    def __init__(self, depth: int, widen: int, num_classes: int, dropout: float = 0.0, in_channels: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WRN depth must be 6n+4")
+        n = (depth - 4) // 6
+        widths = [16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        stages, in_planes = [], 16
+        for i, width in enumerate(widths):
+            blocks = []
+            for j in range(n):
+                blocks.append(WideBlock(in_planes, width, 2 if (i > 0 and j == 0) else 1, dropout))
+                in_planes = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.bn = nn.BatchNorm2d(widths[-1])
+        self.embed_dim = widths[-1]
+        self.stage_channels = widths
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(widths[-1], num_classes)
+        init_weights(self)
+
+    def features(self, x):
+        out = self.conv1(x)
+        stages = []
+        for stage in self.stages:
+            out = stage(out)
+            stages.append(out)
+        stages[-1] = F.relu(self.bn(out))  # the pooled map is the final pre-activation
+        return stages[-1], stages
+
+
+MODELS.register("wrn16_2")(lambda num_classes: WideResNet(16, 2, num_classes))
+MODELS.register("wrn28_10")(lambda num_classes: WideResNet(28, 10, num_classes))
