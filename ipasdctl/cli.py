@@ -86,22 +86,64 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(
+        help="Train with N processes on this machine (one per GPU on CUDA): relaunches this command through "
+             "torchrun. The batch size stays the global batch.")] = None,
+    sync_bn: Annotated[bool, typer.Option(
+        "--sync-bn", help="Several processes on CUDA: BatchNorm statistics over the global batch.")] = False,
 ) -> None:
-    """Train one model with one method on one recipe; prints the run folder's path last."""
-    from . import engine
-    from .config import load_recipe
+    """Train one model with one method on one recipe; prints the run folder's path last.
+
+    Several processes: `torchrun --nproc_per_node N -m ipasdctl train ...`, or `ipasdctl train --nproc N ...`."""
+    from . import distributed, engine
+    from .config import deep_merge, load_recipe
     from .registry import load_all
 
     load_all()
-    progress = engine.Progress(enabled=not quiet)
     overrides = recipe_overrides(method, arch, dataset, data, epochs, batch_size, lr, seed, device, precision,
                                  compile, set_)
-    if resume is not None:
-        given = engine.resume_recipe(resume, recipe, overrides)
-        run_dir = engine.resume(resume, given, progress)
-    else:
-        run_dir = engine.train(load_recipe(recipe or DEFAULT_RECIPE, overrides), out, name, progress)
-    typer.echo(str(run_dir))
+    if sync_bn:
+        overrides = deep_merge({"train": {"sync_bn": True}}, overrides)  # --set still wins
+    if nproc is not None and nproc != 1:
+        args = _train_args(recipe, method, arch, dataset, data, epochs, batch_size, lr, seed, device, precision,
+                           compile, out, name, set_, resume, quiet, sync_bn)
+        new_recipe = None if resume is not None else load_recipe(recipe or DEFAULT_RECIPE, overrides)
+        sys.exit(distributed.launch(nproc, args, new_recipe))  # typer.Exit would end with 0 (standalone_mode off)
+    ctx = distributed.context_from_env()
+    progress = engine.Progress(enabled=not quiet)
+    try:
+        if resume is not None:
+            given = engine.resume_recipe(resume, recipe, overrides)
+            run_dir = engine.resume(resume, given, progress)
+        else:
+            run_dir = engine.train(load_recipe(recipe or DEFAULT_RECIPE, overrides), out, name, progress)
+    except engine.Interrupted as exc:
+        if not ctx.is_main:  # rank 0 says how to resume; the others stop quietly with the same status
+            sys.exit(exc.code)
+        raise
+    if ctx.is_main:  # the only line on stdout: the run folder
+        typer.echo(str(run_dir))
+
+
+def _train_args(recipe, method, arch, dataset, data, epochs, batch_size, lr, seed, device, precision, compile,
+                out, name, sets, resume, quiet, sync_bn) -> list[str]:
+    """The `train` command line of these options, without --nproc (what each launched process runs)."""
+    args = ["train"]
+    for flag, value in (("--recipe", recipe), ("--method", method), ("--arch", arch), ("--dataset", dataset),
+                        ("--data", data), ("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr),
+                        ("--seed", seed), ("--device", device), ("--precision", precision), ("--out", out),
+                        ("--name", name), ("--resume", resume)):
+        if value is not None:
+            args += [flag, str(value)]
+    if compile is not None:
+        args.append("--compile" if compile else "--no-compile")
+    for assignment in sets or []:
+        args += ["--set", assignment]
+    if quiet:
+        args.append("--quiet")
+    if sync_bn:
+        args.append("--sync-bn")
+    return args
 
 
 @app.command("list")

@@ -61,7 +61,7 @@ class TrainConfig:
     compile: bool = False
     detect_anomaly: bool = False
     deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (exact resume; slower)
-    sync_bn: bool = False
+    sync_bn: bool = False  # several processes on CUDA: BatchNorm statistics over the global batch (--sync-bn)
 
 
 @dataclass

@@ -15,8 +15,15 @@ A run folder is locked (.lock, flock) while a process trains into it; the kernel
 process dies, even by SIGKILL, so a crashed run never leaves it locked. A new run that fails before its first
 checkpoint removes its run folder: bad input never leaves half a run behind.
 
-Test hook (tests/test_resume.py): IPASDCTL_TEST_SIGNAL_AT_STEP="N[:KILL|TERM|INT]" makes the process send
-itself that signal (default SIGKILL) right after global step N's update, before that step's checkpoint.
+Several processes (torchrun, DistributedDataParallel; the choices are argued in distributed.py): the
+recipe's batch size is the global batch, each rank trains on its share; rank 0 creates the run folder (its
+name is broadcast), holds the lock and writes every file; a checkpoint holds full memories and global sums,
+so any number of processes resumes it; the ranks agree on stopping (signals, non-finite loss) at the same
+steps: every step on CPU, every FINITE_CHECK_STEPS steps on CUDA.
+
+Test hook (tests/test_resume.py): IPASDCTL_TEST_SIGNAL_AT_STEP="N[:KILL|TERM|INT][@RANK]" makes the process
+(rank RANK only, if given) send itself that signal (default SIGKILL) right after global step N's update,
+before that step's checkpoint.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
+from . import distributed, runtime
 from .config import Recipe, deep_merge, dump_recipe, load_recipe, recipe_from_dict
 from .data import RandomBatches, build_data
+from .distributed import DistContext
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .methods import Method, MethodContext, TrainingNet, build_method, resolved_method_config
@@ -142,14 +150,21 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, device, dtype, batch_size: int, channels_last: bool = False) -> dict:
-    """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end."""
+def evaluate(model: nn.Module, data, device, dtype, batch_size: int, channels_last: bool = False,
+             dist_ctx: Optional[DistContext] = None) -> dict:
+    """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end.
+
+    With `dist_ctx` of several processes (every rank holding the same model), rank r evaluates the test
+    batches i with i mod W = r and the sums are added over ranks: every rank returns the same figures."""
     model.eval()
+    rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
     k = min(5, data.num_classes)
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device)
     topk = torch.zeros((), device=device)
-    for x, y in data.test_batches(batch_size, device, channels_last):
+    for i, (x, y) in enumerate(data.test_batches(batch_size, device, channels_last)):
+        if i % world != rank:
+            continue
         with runtime.autocast(device, dtype):
             logits = model(x)
         logits = logits.float()
@@ -157,6 +172,10 @@ def evaluate(model: nn.Module, data, device, dtype, batch_size: int, channels_la
         pred = logits.topk(k, dim=1).indices
         top1 += (pred[:, 0] == y).sum()
         topk += (pred == y[:, None]).any(1).sum()
+    if world > 1:
+        sums = torch.stack([loss_sum, top1, topk])
+        distributed.all_reduce_sum(sums)
+        loss_sum, top1, topk = sums.unbind()
     n = data.num_test
     model.train()
     return {"test_loss": (loss_sum / n).item(), "test_top1": (100.0 * top1 / n).item(),
@@ -167,11 +186,14 @@ class EpochMeter:
     """Running sums of the epoch's loss terms and accuracy, kept on the device (read at refresh and epoch end).
 
     The first step whose loss is not finite, and its loss terms, are recorded on the device too, so the loop
-    can stop with a precise message without reading the device every step.
+    can stop with a precise message without reading the device every step. Under several processes each rank
+    sums its own steps; `read(over_ranks=True)` and the checkpoint (`state_dict`) add the ranks' sums up, and a
+    rank restoring them keeps them only if it is rank 0, so the next sum over ranks counts them once.
     """
 
-    def __init__(self, device):
+    def __init__(self, device, dist_ctx: Optional[DistContext] = None):
         self.device = device
+        self.dist = dist_ctx or DistContext()
         self.sums: dict[str, torch.Tensor] = {}
         self.correct = torch.zeros((), device=device)
         self.count = torch.zeros((), device=device)
@@ -196,10 +218,21 @@ class EpochMeter:
         self.first_nonfinite_step = torch.where(first_bad, torch.full_like(self.first_nonfinite_step, step),
                                                 self.first_nonfinite_step)
 
-    def read(self) -> dict:
-        count = max(self.count.item(), 1.0)
-        values = {("train_loss" if k == "loss" else k): (v / count).item() for k, v in self.sums.items()}
-        values["train_top1"] = 100.0 * self.correct.item() / count
+    def totals(self) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(sums, correct, count) over every rank: copies, one collective (this rank's own stay as they are).
+        Every rank runs the same method, so every rank has the same terms in the same order."""
+        if not self.dist.enabled:
+            return self.sums, self.correct, self.count
+        keys = list(self.sums)
+        packed = torch.stack([self.sums[k] for k in keys] + [self.correct.float(), self.count.float()])
+        distributed.all_reduce_sum(packed)
+        return dict(zip(keys, packed[:-2].unbind())), packed[-2], packed[-1]
+
+    def read(self, over_ranks: bool = False) -> dict:
+        sums, correct, count = self.totals() if over_ranks else (self.sums, self.correct, self.count)
+        count = max(count.item(), 1.0)
+        values = {("train_loss" if k == "loss" else k): (v / count).item() for k, v in sums.items()}
+        values["train_top1"] = 100.0 * correct.item() / count
         return values
 
     def nonfinite_step(self) -> int:
@@ -210,13 +243,18 @@ class EpochMeter:
         return ", ".join(f"{k}={v.item():.4g}" for k, v in self.nonfinite_terms.items())
 
     def state_dict(self) -> dict:
-        return {"sums": dict(self.sums), "correct": self.correct, "count": self.count}
+        sums, correct, count = self.totals()
+        return {"sums": dict(sums), "correct": correct, "count": count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        def restored(value: torch.Tensor) -> torch.Tensor:
+            value = value.to(self.device)
+            return value if self.dist.is_main else torch.zeros_like(value)
+
+        self.sums = {k: restored(v) for k, v in state["sums"].items()}
         self.nonfinite_terms = {k: torch.zeros((), device=self.device) for k in self.sums}
-        self.correct = state["correct"].to(self.device)
-        self.count = state["count"].to(self.device)
+        self.correct = restored(state["correct"])
+        self.count = restored(state["count"])
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
@@ -380,7 +418,17 @@ class Trainer:
         self.recipe = recipe
         self.progress = progress or Progress()
         t = recipe.train
-        self.device = runtime.resolve_device(t.device)
+        distributed.init_process_group(distributed.context_from_env())  # a no-op unless under torchrun
+        self.dist = distributed.current()
+        if self.dist.enabled and t.batch_size < self.dist.world_size:
+            raise UserError(f"batch size {t.batch_size} is smaller than the number of processes "
+                            f"({self.dist.world_size}): it is the global batch, shared out among them; "
+                            f"use --batch-size {self.dist.world_size} or more")
+        if not self.dist.is_main:
+            self.progress = Progress(enabled=False)  # rank 0 reports for all
+        self.device = distributed.device_for_rank(runtime.resolve_device(t.device), self.dist)
+        if t.sync_bn and self.device.type != "cuda":
+            raise UserError(distributed.SYNC_BN_NEEDS_CUDA)
         self.dtype = runtime.resolve_precision(t.precision, self.device)
         self.channels_last = t.channels_last and self.device.type == "cuda"
         runtime.seed_everything(t.seed)
@@ -405,17 +453,33 @@ class Trainer:
         if extra is not None:
             extra = extra.to(self.device)
         self.net = TrainingNet(self.model, extra)
+        if t.sync_bn and self.dist.enabled:  # in place: self.model's BatchNorm layers are replaced too
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+        # the recipe's batch size is the global batch: each rank trains on its share of every batch
         plan = self.method.batch_plan(self.data.train_labels, t.batch_size, t.seed) or \
             RandomBatches(self.data.train_labels, t.batch_size, t.seed)
-        self.loader = self.data.train_loader(plan, t.seed, self.device, self.channels_last, recipe.data.augment)
+        self.batches = distributed.shard_batches(plan, self.dist)
+        self.loader = self.data.train_loader(self.batches, distributed.rank_seed(t.seed, self.dist), self.device,
+                                             self.channels_last, recipe.data.augment)
         self.steps_per_epoch = self.loader.steps(0)
+        # per-sample memories, prototypes, stored logits: their collectives (a no-op on one process)
+        self.row_gatherer = distributed.RowGatherer()
+        distributed.attach_method_hooks(self.method, self.dist, self.row_gatherer)
+        # how often (steps) the ranks agree on stopping: every step costs nothing on CPU, but on CUDA each
+        # agreement is a host read, so it waits for FINITE_CHECK_STEPS as the non-finite check does
+        self.agree_every = FINITE_CHECK_STEPS if self.device.type == "cuda" else 1
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
                                          nesterov=recipe.optim.nesterov and recipe.optim.momentum > 0,
                                          weight_decay=recipe.optim.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.train_step_fn = self.net
+        if self.dist.enabled:  # broadcasts rank 0's weights and buffers; averages gradients in backward
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_step_fn = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if t.compile:
-            self.train_step_fn = torch.compile(self.net)
+            self.train_step_fn = torch.compile(self.train_step_fn)
         self.params = count_params(self.model)
         self.macs = count_macs(self.model, self.data.image_shape, self.device)
 
@@ -430,10 +494,11 @@ class Trainer:
         self.train_seconds = 0.0  # training steps only, all epochs
         self.epoch_seconds = 0.0  # training steps of the epoch in progress
         self.wall_seconds = 0.0  # earlier sessions of this run (before the last resume)
-        self.meter = EpochMeter(self.device)
+        self.meter = EpochMeter(self.device, self.dist)
         self.run_dir = run_dir
-        self._signal: Optional[int] = None
-        self._test_signal: Optional[tuple[int, int]] = None
+        self._signal: Optional[int] = None  # a SIGINT/SIGTERM this process received
+        self._agreed_signal: Optional[int] = None  # the stop every rank agreed on (several processes)
+        self._test_signal: Optional[tuple[int, int, Optional[int]]] = None
         self._session_started: Optional[float] = None
 
     # -------------------------------------------------------------------------------- checkpoint
@@ -460,6 +525,7 @@ class Trainer:
             "num_classes": self.data.num_classes,
             "class_names": list(self.data.class_names),
             "arch": self.recipe.model.arch,
+            "world_size": self.dist.world_size,  # for the record: any number of processes can resume it
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -476,6 +542,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
+        self.meter = EpochMeter(self.device, self.dist)
         self.meter.load_state_dict(state["meter"])
         self.rows = list(state["rows"])
         self.best_top1 = float(state["best"]["top1"])
@@ -487,7 +554,10 @@ class Trainer:
         runtime.set_rng_state(state["rng"])
 
     def save(self, best: bool = False) -> None:
+        """Every rank builds the state (it gathers the method's and the meter's over ranks); rank 0 writes it."""
         state = self.state_dict()
+        if not self.dist.is_main:
+            return
         save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
         if best:
             save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
@@ -497,6 +567,12 @@ class Trainer:
         if self._signal is not None:  # a second signal: stop now (the last checkpoint stays as it is)
             raise KeyboardInterrupt
         self._signal = signum
+
+    @property
+    def _stop_signal(self) -> Optional[int]:
+        """The signal the loop acts on: this process's own, or under several processes the one all ranks
+        agreed on at the last agreement point (so every rank checkpoints and stops at the same step)."""
+        return self._agreed_signal if self.dist.enabled else self._signal
 
     def run(self) -> dict:
         """Train to the last epoch (from wherever the state says), writing the run folder as it goes."""
@@ -510,7 +586,7 @@ class Trainer:
         self._session_started = time.time()
         self._test_signal = _test_signal_at_step()
         try:
-            if self.rows:  # a resumed run: metrics.csv may lag behind (or run ahead of) the checkpoint
+            if self.rows and self.dist.is_main:  # resumed: metrics.csv may lag behind (or run ahead of) the state
                 write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
             while self.epoch < self.recipe.train.epochs:
                 self._train_epoch()
@@ -522,12 +598,17 @@ class Trainer:
     def _train_epoch(self) -> None:
         epoch, recipe = self.epoch, self.recipe
         if self.step_in_epoch == 0:
-            self.meter = EpochMeter(self.device)
+            self.meter = EpochMeter(self.device, self.dist)
             self.epoch_seconds = 0.0
             self.method.on_epoch_start(epoch)
+        if self.dist.enabled:  # the memories' gathers pad to the epoch's largest rank batch (one host read)
+            largest = max((batch.numel() for batch in self.batches(epoch)), default=0)
+            self.row_gatherer.capacity = int(distributed.all_reduce_max(
+                torch.tensor(largest, device=self.device)).item())
         self.net.train()
         bar = self._bar(epoch)
         every = recipe.checkpoint.every_steps
+        check_every = self.agree_every if self.dist.enabled else FINITE_CHECK_STEPS
         started = time.perf_counter()
         with _anomaly_detection(recipe.train.detect_anomaly):
             for batch in self.loader.epoch(epoch, self.step_in_epoch):
@@ -543,25 +624,28 @@ class Trainer:
                 self.meter.update(result, result.get("labels", batch.labels), batch.step)
                 self.step_in_epoch = batch.step + 1
                 self.global_step += 1
-                if self._test_signal is not None and self.global_step == self._test_signal[0]:
+                if self._test_signal is not None and self.global_step == self._test_signal[0] \
+                        and self._test_signal[2] in (None, self.dist.rank):
                     os.kill(os.getpid(), self._test_signal[1])
-                if self.global_step % FINITE_CHECK_STEPS == 0:
-                    self._check_finite(epoch)
+                if self.global_step % check_every == 0:
+                    self._check_finite(epoch)  # several processes: also where they agree on a stop
                 if bar is not None and (self.step_in_epoch % self.progress.refresh_steps == 0):
                     self._refresh(bar, self.step_in_epoch)
-                if self._signal is not None or (every and self.global_step % every == 0):
+                if self._stop_signal is not None or (every and self.global_step % every == 0):
                     self._check_finite(epoch)  # never checkpoint weights a non-finite step has updated
                     started = self._count_time(started)
                     self.save()
-                    if self._signal is not None:
+                    if self._stop_signal is not None:
                         self._stop_for_signal(bar)
         self._count_time(started)
         self._check_finite(epoch)
         self.method.on_epoch_end(epoch)
-        train_stats = self.meter.read()
+        train_stats = self.meter.read(over_ranks=True)
+        images = self.meter.totals()[2].item()
+        # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
+        distributed.broadcast_buffers(self.net, self.dist)
         test_stats = evaluate(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
-                              self.channels_last)
-        images = self.meter.count.item()
+                              self.channels_last, self.dist)
         seconds = self.epoch_seconds
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
         row.update({"train_loss": train_stats.pop("train_loss")})
@@ -578,9 +662,12 @@ class Trainer:
         self.step_in_epoch = 0
         self.epoch_seconds = 0.0
         self.save(best=is_best)  # the checkpoint first: it is what a resume trusts (and rewrites metrics.csv from)
-        write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
+        if self.dist.is_main:
+            write_metrics_csv(self.run_dir / "metrics.csv", self.rows)
         self._epoch_line(bar, row)
-        if self._signal is not None:
+        if self.dist.enabled:
+            self._agree_on_stop()  # a signal that came during the evaluation
+        if self._stop_signal is not None:
             self._stop_for_signal(None)
 
     def _count_time(self, started: float) -> float:
@@ -590,19 +677,43 @@ class Trainer:
         self.train_seconds += now - started
         return now
 
+    def _agree_on_stop(self) -> bool:
+        """Several processes: one all-reduce (max) of (signal received, non-finite loss seen) over ranks; sets
+        the agreed stop signal and returns whether any rank saw a non-finite loss. Every rank calls it at the
+        same steps (the loop's agreement points are functions of the global step and of earlier agreements)."""
+        flags = torch.stack([torch.tensor(self._signal or 0, device=self.device),
+                             (self.meter.first_nonfinite_step >= 0).long()])
+        signal_code, nonfinite = distributed.all_reduce_max(flags).tolist()
+        if signal_code and self._agreed_signal is None:
+            self._agreed_signal = int(signal_code)
+        return bool(nonfinite)
+
     def _check_finite(self, epoch: int) -> None:
-        bad_step = self.meter.nonfinite_step()
-        if bad_step >= 0:
-            last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir is not None else None
-            kept = (f"the last good checkpoint is kept in {last}" if last is not None and last.is_file()
-                    else "no checkpoint had been written yet")
-            raise UserError(f"non-finite loss at epoch {epoch + 1}, step {bad_step + 1} ({self.meter.nonfinite_report()}); "
-                            f"{kept}; lower the lr, or set train.detect_anomaly=true to find the operation")
+        if self.dist.enabled:
+            if not self._agree_on_stop():
+                return
+            # the first bad step over ranks (another collective, only on the way out)
+            local = self.meter.first_nonfinite_step
+            first = torch.where(local >= 0, local, torch.full_like(local, 2**62))
+            distributed.all_reduce_max(first.neg_())
+            bad_step = int(-first.item())
+            report = self.meter.nonfinite_report() if self.meter.nonfinite_step() == bad_step else "on another process"
+        else:
+            bad_step = self.meter.nonfinite_step()
+            if bad_step < 0:
+                return
+            report = self.meter.nonfinite_report()
+        last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir is not None else None
+        kept = (f"the last good checkpoint is kept in {last}" if last is not None and last.is_file()
+                else "no checkpoint had been written yet")
+        raise UserError(f"non-finite loss at epoch {epoch + 1}, step {bad_step + 1} ({report}); "
+                        f"{kept}; lower the lr, or set train.detect_anomaly=true to find the operation")
 
     def _stop_for_signal(self, bar) -> None:
         if bar is not None:
             bar.close()
-        code = 130 if self._signal == signal.SIGINT else 143
+        distributed.barrier(self.dist)  # no rank ends before rank 0 has written the checkpoint
+        code = 130 if self._stop_signal == signal.SIGINT else 143
         raise Interrupted(code, self.run_dir)
 
     # -------------------------------------------------------------------------------- progress
@@ -663,8 +774,10 @@ class Trainer:
             "torch": torch.__version__,
             "git_commit": runtime.git_commit(),
             "finished": True,
+            "processes": self.dist.world_size,  # of the last session
         }
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
@@ -672,60 +785,75 @@ class Trainer:
 
 
 def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optional[Progress] = None) -> Path:
-    """A new run: validate and build everything first, then create the run folder and train."""
+    """A new run: validate and build everything first, then create the run folder and train. Under torchrun
+    every rank calls this; rank 0 creates the run folder and the others learn its name from it."""
     out = Path(out)
-    check_out_folder(out)  # before the (slow) data loading: fail fast
-    trainer = Trainer(recipe, None, progress)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out}: {exc.strerror}; choose a writable --out") from None
-    check_out_folder(out)
-    run_dir = create_run_dir(out, name or default_run_name(recipe))
-    return _train_new(trainer, run_dir, created=True)
+    with distributed.session(clean_exits=(Interrupted,)):
+        check_out_folder(out)  # before the (slow) data loading: fail fast
+        trainer = Trainer(recipe, None, progress)
+
+        def create() -> Path:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create output folder {out}: {exc.strerror}; choose a writable --out") from None
+            check_out_folder(out)
+            return create_run_dir(out, name or default_run_name(recipe))
+
+        run_dir = distributed.on_main(trainer.dist, create)
+        return _train_new(trainer, run_dir, created=True)
 
 
 def train_into(recipe: Recipe, run_dir: Path, progress: Optional[Progress] = None) -> Path:
     """A new run in exactly `run_dir` (which must not hold a run yet); used by `compare`."""
     run_dir = Path(run_dir)
-    trainer = Trainer(recipe, None, progress)
-    if (run_dir / "config.yaml").exists():
-        raise UserError(f"{run_dir} already holds a run; resume it with --resume or choose another folder")
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create run folder {run_dir}: {exc.strerror}; choose a writable --out") from None
-    return _train_new(trainer, run_dir, created)
+    with distributed.session(clean_exits=(Interrupted,)):
+        trainer = Trainer(recipe, None, progress)
+
+        def create() -> bool:
+            if (run_dir / "config.yaml").exists():
+                raise UserError(f"{run_dir} already holds a run; resume it with --resume or choose another folder")
+            created = not run_dir.exists()
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create run folder {run_dir}: {exc.strerror}; choose a writable --out") from None
+            return created
+
+        created = distributed.on_main(trainer.dist, create)
+        return _train_new(trainer, run_dir, created)
 
 
 def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Progress] = None) -> Path:
-    """Continue `run_dir` from checkpoints/last.pt; the recipe, if given, must be the run's own."""
+    """Continue `run_dir` from checkpoints/last.pt; the recipe, if given, must be the run's own. Any number of
+    processes can resume a checkpoint of any number (each reads the checkpoint; rank 0 holds the lock)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"--resume {run_dir}: no such run folder; give the folder that `ipasdctl train` printed")
-    lock = RunLock(run_dir)
-    lock.acquire()
-    try:
-        last = run_dir / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise UserError(f"--resume {run_dir}: it has no checkpoints/last.pt (the run stopped before its first "
-                            "checkpoint); start a new run instead")
-        state = load_checkpoint(last)
-        saved = recipe_from_dict(state["config"])
-        if recipe is not None:
-            check_recipe(recipe)
-            check_recipe(saved)
-            if recipe.to_dict() != saved.to_dict():
-                diff = sorted(_diff_keys(saved.to_dict(), recipe.to_dict()))
-                raise UserError(f"--resume {run_dir}: the given recipe differs from the run's ({', '.join(diff)}); "
-                                "resume without recipe options, or start a new run")
-        trainer = Trainer(saved, run_dir, progress)
-        trainer.load_state_dict(state)
-        trainer.run_dir = run_dir
-        trainer.run()
-    finally:
-        lock.release()
+    with distributed.session(clean_exits=(Interrupted,)) as ctx:
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {run_dir}: no such run folder; give the folder that `ipasdctl train` printed")
+        lock = RunLock(run_dir)
+        distributed.on_main(ctx, lock.acquire)
+        try:
+            last = run_dir / "checkpoints" / "last.pt"
+            if not last.is_file():
+                raise UserError(f"--resume {run_dir}: it has no checkpoints/last.pt (the run stopped before its first "
+                                "checkpoint); start a new run instead")
+            state = load_checkpoint(last)
+            saved = recipe_from_dict(state["config"])
+            if recipe is not None:
+                check_recipe(recipe)
+                check_recipe(saved)
+                if recipe.to_dict() != saved.to_dict():
+                    diff = sorted(_diff_keys(saved.to_dict(), recipe.to_dict()))
+                    raise UserError(f"--resume {run_dir}: the given recipe differs from the run's ({', '.join(diff)}); "
+                                    "resume without recipe options, or start a new run")
+            trainer = Trainer(saved, run_dir, progress)
+            trainer.load_state_dict(state)
+            del state
+            trainer.run_dir = run_dir
+            trainer.run()
+        finally:
+            lock.release()
     return run_dir
 
 
@@ -754,21 +882,24 @@ def resume_recipe(run_dir: Path, recipe: Optional[str], overrides: Optional[dict
 
 
 def _train_new(trainer: Trainer, run_dir: Path, created: bool) -> Path:
-    """Train a new run into `run_dir`; if it fails before its first checkpoint, leave no run behind."""
+    """Train a new run into `run_dir`; if it fails before its first checkpoint, leave no run behind.
+    Under several processes rank 0 alone locks and writes the folder."""
+    main = trainer.dist.is_main
     trainer.run_dir = run_dir
     trainer.ctx.run_dir = str(run_dir)
     lock = RunLock(run_dir)
     try:
-        lock.acquire()
+        distributed.on_main(trainer.dist, lock.acquire)
     except UserError:
-        if created:
+        if created and main:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     try:
-        atomic_write_text(run_dir / "config.yaml", dump_recipe(trainer.recipe))
+        if main:
+            atomic_write_text(run_dir / "config.yaml", dump_recipe(trainer.recipe))
         trainer.run()
     except BaseException as exc:
-        if not isinstance(exc, Interrupted) and not (run_dir / "checkpoints" / "last.pt").exists():
+        if main and not isinstance(exc, Interrupted) and not (run_dir / "checkpoints" / "last.pt").exists():
             lock.release()
             _remove_partial_run(run_dir, created)
         raise
@@ -789,13 +920,16 @@ def _remove_partial_run(run_dir: Path, created: bool) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def _test_signal_at_step() -> Optional[tuple[int, int]]:
-    """(global step, signal) from IPASDCTL_TEST_SIGNAL_AT_STEP='N[:KILL|TERM|INT]'; tests only."""
+def _test_signal_at_step() -> Optional[tuple[int, int, Optional[int]]]:
+    """(global step, signal, rank or None for every rank) from IPASDCTL_TEST_SIGNAL_AT_STEP=
+    'N[:KILL|TERM|INT][@RANK]'; tests only."""
     value = os.environ.get(TEST_SIGNAL_ENV)
     if not value:
         return None
+    value, _, rank = value.partition("@")
     step, _, name = value.partition(":")
-    return int(step), int(getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG")))
+    return (int(step), int(getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG"))),
+            int(rank) if rank else None)
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

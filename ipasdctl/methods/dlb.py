@@ -18,9 +18,15 @@ run resumed mid-epoch continues exactly. Readings chosen, from the authors' dlb.
   each half's own statistics). `joint_forward=true` forwards the whole batch at once (one BatchNorm batch).
 - The logits and labels returned (train accuracy) are the new half's, as the authors' accuracy.
 Several processes (with `OverlapBatches.sharded`): each rank's repeated share is the new share it trained on
-one step before, so its stored logits stay local; but a checkpoint written by rank 0 holds only rank 0's
-stored logits, and two forwards before one backward need DistributedDataParallel's static graph, so under
-DDP use joint_forward=true and gather the stored logits into the checkpoint (not wired yet).
+one step before, so its stored logits stay local and no step communicates for them. A checkpoint gathers the
+ranks' stored logits in rank order (`all_gather_rows`, set by the engine): that is the previous new chunk in
+order, and a resumed rank keeps its share of it for the number of processes it runs with (`shard`), which is
+the repeated share its plan gives it. Should the plans of two process counts differ at that step (a last
+chunk smaller than the process count is left out of an epoch), the first step after a resume finds stored
+logits of other samples and stops with an error instead of distilling from the wrong ones. Two forwards
+before one backward need nothing special from DistributedDataParallel: each parameter's gradient is
+accumulated once per backward, so its all-reduce hook fires once (a static graph would even be wrong: the
+first step of training has one forward).
 """
 
 from __future__ import annotations
@@ -60,6 +66,44 @@ def dlb_loss(new_logits: torch.Tensor, new_labels: torch.Tensor, repeated_logits
     return {"loss": loss_ce + kd_weight * loss_kd, "loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach()}
 
 
+class LastStepLogits:
+    """The logits (and dataset indices) of the last step's new half: the next step's repeated half.
+
+    Under several processes each rank holds those of its own share; `all_gather_rows` and `shard` (set by
+    the engine) make the checkpoint hold every rank's, and a resumed rank take its share back.
+    """
+
+    def __init__(self, num_classes: int, device):
+        self.logits = torch.zeros(0, num_classes, device=device)
+        self.indices = torch.zeros(0, dtype=torch.long, device=device)
+        self.all_gather_rows = None  # set by the distributed engine
+        self.shard = (0, 1)  # (rank, world), set by the distributed engine
+        self.check_against_plan = False  # after a resume: compare the first repeated half with the plan's
+
+    def store(self, indices: torch.Tensor, logits: torch.Tensor) -> None:
+        self.indices = indices
+        self.logits = logits.detach().float()
+
+    def state_dict(self) -> dict:
+        indices, logits = self.indices, self.logits
+        if self.all_gather_rows is not None:
+            indices, logits = self.all_gather_rows(indices, logits)
+        return {"stored_logits": logits, "stored_indices": indices}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        rank, world = self.shard
+        self.logits = state["stored_logits"].to(device, torch.float32).tensor_split(world)[rank]
+        self.indices = state["stored_indices"].to(device, torch.long).tensor_split(world)[rank]
+        self.check_against_plan = True
+
+    def verify(self, repeated_indices: torch.Tensor) -> None:
+        """Once, after a resume: the restored logits must be those of the samples the plan repeats now."""
+        self.check_against_plan = False
+        if not torch.equal(self.indices, repeated_indices):
+            raise UserError("dlb: the checkpoint's stored logits belong to other samples than this step repeats; "
+                            "resume this run with the number of processes it was checkpointed with")
+
+
 @METHODS.register("dlb")
 class LastMiniBatch(Method):
     name = "dlb"
@@ -69,9 +113,15 @@ class LastMiniBatch(Method):
         super().__init__(params, ctx)
         if params.T <= 0:
             raise UserError(f"method.T must be positive, got {params.T}")
-        # the logits (and dataset indices) of the last step's new half: the next step's repeated half
-        self.stored_logits = torch.zeros(0, ctx.num_classes, device=ctx.device)
-        self.stored_indices = torch.zeros(0, dtype=torch.long, device=ctx.device)
+        self.last_step = LastStepLogits(ctx.num_classes, ctx.device)
+
+    @property
+    def stored_logits(self) -> torch.Tensor:
+        return self.last_step.logits
+
+    @property
+    def stored_indices(self) -> torch.Tensor:
+        return self.last_step.indices
 
     def batch_plan(self, labels: torch.Tensor, batch_size: int, seed: int):
         return OverlapBatches(labels, batch_size, seed)
@@ -81,6 +131,8 @@ class LastMiniBatch(Method):
         if repeated >= batch.labels.shape[0]:
             raise RuntimeError(f"dlb: batch of {batch.labels.shape[0]} cannot hold {repeated} repeated samples "
                                "and new ones; the batch plan and the method state disagree")
+        if self.last_step.check_against_plan:
+            self.last_step.verify(batch.indices[:repeated])
         new_labels, repeated_labels = batch.labels[repeated:], batch.labels[:repeated]
         repeated_logits = None
         if repeated == 0:
@@ -93,17 +145,15 @@ class LastMiniBatch(Method):
             repeated_logits = net(batch.images[:repeated])["logits"]
         result = dlb_loss(new_logits, new_labels, repeated_logits, repeated_labels, self.stored_logits,
                           self.params.T, self.params.kd_weight)
-        self.stored_logits = new_logits.detach().float()
-        self.stored_indices = batch.indices[repeated:]
+        self.last_step.store(batch.indices[repeated:], new_logits)
         result["logits"] = new_logits
         result["labels"] = new_labels
         return result
 
     def state_dict(self) -> dict:
-        return {"stored_logits": self.stored_logits, "stored_indices": self.stored_indices}
+        return self.last_step.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"stored_logits", "stored_indices"}:
             raise UserError("checkpoint holds state for a method other than 'dlb'")
-        self.stored_logits = state["stored_logits"].to(self.ctx.device, torch.float32)
-        self.stored_indices = state["stored_indices"].to(self.ctx.device, torch.long)
+        self.last_step.load_state_dict(state, self.ctx.device)

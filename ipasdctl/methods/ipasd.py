@@ -9,6 +9,9 @@ With memories S[i] (last prototype prediction), L[i] (last softmax) and prototyp
 Fixes over the authors' release: the compactness term has its gradient (con_grad=false restores the
 release's detached, inert term for comparison), the 0/0 blend guard, detached prototype accumulation,
 memories and prototypes as device tensors in the training state (and the checkpoint), no per-sample loops.
+Several processes (distributed.py): the memories stay what one process holds (every rank writes its rows
+everywhere), the prototypes are summed over ranks, and a_S, a_L are counted per rank sub-batch, as the
+single-process method counts them per batch.
 """
 
 from __future__ import annotations
@@ -83,14 +86,20 @@ def ipasd_loss(logits: torch.Tensor, embedding: torch.Tensor, labels: torch.Tens
 
 
 class Prototypes:
-    """Class means of the normalised embeddings seen in an epoch (accumulated detached, on the device)."""
+    """Class means of the normalised embeddings seen in an epoch (accumulated detached, on the device).
+
+    Several processes: each rank sums its own samples; `all_reduce` (set by the engine) sums the ranks' sums
+    and counts where they are used, at the epoch's end and in a checkpoint, which therefore holds the global
+    sums. A rank restoring them keeps them only if it is rank 0 (`shard`), so the next sum counts them once.
+    """
 
     def __init__(self, num_classes: int, dim: int, device):
         self.sums = torch.zeros(num_classes, dim, device=device)
         self.counts = torch.zeros(num_classes, device=device)
         self.current = torch.zeros(num_classes, dim, device=device)  # P(e-1), in use this epoch
         self.ready = False  # no prototypes during epoch 0
-        self.all_reduce = None  # set by the distributed engine: sums and counts summed over ranks
+        self.all_reduce = None  # set by the distributed engine: sums tensors in place over ranks
+        self.shard = (0, 1)  # (rank, world), set by the distributed engine
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -101,19 +110,30 @@ class Prototypes:
         self.sums.index_add_(0, labels, g)
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 
+    def global_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, counts) over every rank (copies when several processes; this rank's own stay as they are)."""
+        if self.all_reduce is None:
+            return self.sums, self.counts
+        sums, counts = self.sums.clone(), self.counts.clone()
+        self.all_reduce(sums, counts)
+        return sums, counts
+
     def finish_epoch(self) -> None:
-        if self.all_reduce is not None:
-            self.all_reduce(self.sums, self.counts)
-        self.current = self.sums / self.counts.clamp_min(1.0).unsqueeze(1)
+        sums, counts = self.global_sums()
+        self.current = sums / counts.clamp_min(1.0).unsqueeze(1)
         self.ready = True
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums, "counts": self.counts, "current": self.current, "ready": self.ready}
+        sums, counts = self.global_sums()
+        return {"sums": sums, "counts": counts, "current": self.current, "ready": self.ready}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.sums.device
         self.sums = state["sums"].to(device)
         self.counts = state["counts"].to(device)
+        if self.shard[0] != 0:
+            self.sums.zero_()
+            self.counts.zero_()
         self.current = state["current"].to(device)
         self.ready = bool(state["ready"])
 

@@ -4,6 +4,9 @@ Shared by every method that remembers past predictions (IPASD, PS-KD). Rows are 
 one index op on the training device. Storage is float16 by default (2 bytes per sample and class, a
 quarter of the float32 tables of the authors' release); `uint8` stores probabilities quantised to 1/255
 (1 byte) and renormalises rows on read.
+
+Several processes (distributed.py): every rank holds the whole table; `gather_rows`, set by the engine,
+brings every rank's written (indices, rows) to every rank, so the tables stay what one process would hold.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ class SampleMemory:
 
     def write(self, indices: torch.Tensor, rows: torch.Tensor) -> None:
         rows = rows.detach()
-        if self.gather_rows is not None:
-            indices, rows = self.gather_rows(indices, rows)
         if self.table.dtype == torch.uint8:
             rows = (rows.float() * 255.0).round_().clamp_(0, 255)
-        self.table.index_copy_(0, indices, rows.to(self.table.dtype))
+        rows = rows.to(self.table.dtype)  # before any gather: the stored precision is what travels
+        if self.gather_rows is not None:
+            indices, rows = self.gather_rows(indices, rows)
+        self.table.index_copy_(0, indices, rows)
 
     def state_dict(self) -> dict:
         return {"table": self.table, "dtype": self.dtype_name}
