@@ -595,6 +595,18 @@ class Trainer:
                 signal.signal(sig, handler)
         return self._write_summary(self.wall_seconds + time.time() - self._session_started)
 
+    def train_step(self, batch, lr: float) -> None:
+        """One optimisation step on a batch; everything stays on the device (no host synchronisation)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with runtime.autocast(self.device, self.dtype):
+            result = self.method.loss(self.train_step_fn, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(result["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.meter.update(result, result.get("labels", batch.labels), batch.step)
+
     def _train_epoch(self) -> None:
         epoch, recipe = self.epoch, self.recipe
         if self.step_in_epoch == 0:
@@ -612,16 +624,7 @@ class Trainer:
         started = time.perf_counter()
         with _anomaly_detection(recipe.train.detect_anomaly):
             for batch in self.loader.epoch(epoch, self.step_in_epoch):
-                lr = lr_at(self.global_step, self.steps_per_epoch, recipe)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                with runtime.autocast(self.device, self.dtype):
-                    result = self.method.loss(self.train_step_fn, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(result["loss"]).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.meter.update(result, result.get("labels", batch.labels), batch.step)
+                self.train_step(batch, lr_at(self.global_step, self.steps_per_epoch, recipe))
                 self.step_in_epoch = batch.step + 1
                 self.global_step += 1
                 if self._test_signal is not None and self.global_step == self._test_signal[0] \

@@ -65,17 +65,9 @@ class StepRunner:
         t.method.on_epoch_start(1)
 
     def step(self, batch=None) -> None:
-        t = self.trainer
+        """The engine's own training step (the one `train` runs), at the recipe's peak learning rate."""
         batch = batch if batch is not None else next(self._batches)
-        from . import runtime
-
-        with runtime.autocast(t.device, t.dtype):
-            result = t.method.loss(t.train_step_fn, batch)
-        t.optimizer.zero_grad(set_to_none=True)
-        t.scaler.scale(result["loss"]).backward()
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        t.meter.update(result, result.get("labels", batch.labels), batch.step)
+        self.trainer.train_step(batch, self.trainer.recipe.optim.lr)
 
     def timed_step(self) -> float:
         batch = next(self._batches)
