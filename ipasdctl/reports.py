@@ -122,8 +122,12 @@ def plot_tsne(coords: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
 def method_colours(methods: Sequence[str]) -> dict:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+    # tab10 up to 10 methods; beyond that tab20, so that every method of a full comparison has its own colour
+    if len(methods) <= 10:
+        cmap = colormaps["tab10"]
+        return {m: cmap(i) for i, m in enumerate(methods)}
+    cmap = colormaps["tab20"]
+    return {m: cmap(i % 20) for i, m in enumerate(methods)}
 
 
 def plot_training_curves(curves: dict, path: Path, title: str) -> Path:
