@@ -14,27 +14,11 @@ from torch import nn
 
 from ..registry import MODELS
 from .base import ClassifierBase, init_weights
+from .cifar_resnet import PreActBlock
 
 
-class WideBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.dropout = dropout
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = F.relu(self.bn2(self.conv1(out)))
-        if self.dropout > 0:
-            out = F.dropout(out, p=self.dropout, training=self.training)
-        return self.conv2(out) + shortcut
+# A wide ResNet block is the pre-activation basic block with optional dropout between its convolutions.
+WideBlock = PreActBlock
 
 
 class WideResNet(ClassifierBase):
