@@ -24,6 +24,14 @@ class ClassifierBase(nn.Module):
         """(last feature map, ready to pool; the list of stage outputs)."""
         raise NotImplementedError
 
+    def run_stages(self, out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Pass `out` through `self.stages` in order: (the last output, every stage's output)."""
+        stages = []
+        for stage in self.stages:
+            out = stage(out)
+            stages.append(out)
+        return out, stages
+
     def forward(self, x: torch.Tensor, with_features: bool = False):
         last, stages = self.features(x)
         embedding = torch.flatten(nn.functional.adaptive_avg_pool2d(last, 1), 1)

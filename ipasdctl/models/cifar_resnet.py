@@ -62,11 +62,7 @@ class CifarResNet(ClassifierBase):
 
     def features(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        stages = []
-        for stage in self.stages:
-            out = stage(out)
-            stages.append(out)
-        return out, stages
+        return self.run_stages(out)
 
 
 class PreActBlock(nn.Module):
@@ -144,10 +140,7 @@ class PreActResNet(ClassifierBase):
 
     def features(self, x):
         out = self.conv1(x)
-        stages = []
-        for stage in self.stages:
-            out = stage(out)
-            stages.append(out)
+        out, stages = self.run_stages(out)
         stages[-1] = F.relu(self.bn(out))  # the contract: the last stage output is the map that is pooled
         return stages[-1], stages
 

@@ -74,11 +74,7 @@ class MobileNetV2Cifar(ClassifierBase):
 
     def features(self, x):
         out = self.stem(x)
-        stages = []
-        for stage in self.stages:
-            out = stage(out)
-            stages.append(out)
-        return out, stages
+        return self.run_stages(out)
 
 
 MODELS.register("mobilenetv2")(lambda num_classes: MobileNetV2Cifar(num_classes))

@@ -85,11 +85,7 @@ class ShuffleNetV2Cifar(ClassifierBase):
 
     def features(self, x):
         out = self.stem(x)
-        stages = []
-        for stage in self.stages:
-            out = stage(out)
-            stages.append(out)
-        return out, stages
+        return self.run_stages(out)
 
 
 MODELS.register("shufflenetv2")(lambda num_classes: ShuffleNetV2Cifar(num_classes))

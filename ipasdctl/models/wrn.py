@@ -48,10 +48,7 @@ class WideResNet(ClassifierBase):
 
     def features(self, x):
         out = self.conv1(x)
-        stages = []
-        for stage in self.stages:
-            out = stage(out)
-            stages.append(out)
+        out, stages = self.run_stages(out)
         stages[-1] = F.relu(self.bn(out))  # the pooled map is the final pre-activation
         return stages[-1], stages
 
