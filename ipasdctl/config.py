@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC model and batches, on CUDA and CPU alike
     compile: bool = False
     detect_anomaly: bool = False
     deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (exact resume; slower)
