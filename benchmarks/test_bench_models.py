@@ -1,5 +1,7 @@
 """Every registered architecture: parameters, MACs (at its default input size) and CPU training images/s
-(forward + backward + SGD step on random data, batch 16 at 32x32 and 8 at 224x224, median of timed steps).
+(forward + backward + SGD step on random data, batch 16 at 32x32 and 8 at 224x224, median of timed steps) in
+three settings: NCHW fp32, channels-last fp32 (what `train` does on CPU by default) and channels-last with
+bfloat16 autocast (`--precision bf16`; fast where the CPU has native bf16, e.g. AVX512-BF16 or AMX).
 
     .venv/bin/python -m pytest benchmarks/test_bench_models.py --benchmark-only -s
 """
@@ -17,18 +19,23 @@ from ipasdctl.models.catalog import model_row
 from ipasdctl.registry import MODELS, load_all
 
 
-def training_rate(name: str, steps: int) -> float:
+def training_rate(name: str, steps: int, channels_last: bool = True, bf16: bool = False) -> float:
     row = model_row(name)
     size, classes = row["input_size"], row["num_classes"]
     batch = 16 if size <= 64 else 8
+    torch.manual_seed(0)
     model = build_model(name, classes).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     y = torch.randint(0, classes, (batch,))
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -47,7 +54,9 @@ def test_model_table(benchmark):
             row = model_row(name)
             rows.append({"model": name, "input": f"{row['input_size']}x{row['input_size']}",
                          "classes": row["num_classes"], "params_M": row["params"] / 1e6, "MACs_M": row["macs"] / 1e6,
-                         "train_img_per_s": training_rate(name, steps)})
+                         "nchw_fp32_img_s": training_rate(name, steps, channels_last=False),
+                         "cl_fp32_img_s": training_rate(name, steps),
+                         "cl_bf16_img_s": training_rate(name, steps, bf16=True)})
         return rows
 
     rows = benchmark.pedantic(measure, rounds=1, iterations=1)

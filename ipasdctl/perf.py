@@ -9,12 +9,14 @@ repetition, so slow drifts of the machine (other load, clocks) hit both sides al
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import runtime
 from .config import Recipe, load_recipe
 
 
@@ -80,7 +82,9 @@ class StepRunner:
 
 def overhead_ratios(methods: list[str], reference: str = "ce", reps: int = 30, warmup: int = 3,
                     recipe_factory: Callable[[str], Recipe] = quick_recipe) -> dict[str, dict]:
-    """Median step time of each method / the reference's, alternating reference and method every repetition."""
+    """Median step time of each method / the reference's: every repetition times one step of each, in a
+    shuffled order (seeded), so that drifts of the machine and the cost of following a heavier step spread
+    over all of them."""
     torch.manual_seed(0)
     runners = {name: StepRunner(recipe_factory(name)) for name in dict.fromkeys([reference, *methods])}
     for runner in runners.values():
@@ -88,9 +92,12 @@ def overhead_ratios(methods: list[str], reference: str = "ce", reps: int = 30, w
         for _ in range(warmup):
             runner.step()
     times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    shuffle = random.Random(0).shuffle
     for _ in range(reps):
-        for name, runner in runners.items():
-            times[name].append(runner.timed_step())
+        shuffle(order)  # a fresh order every repetition: no method always follows the same one
+        for name in order:
+            times[name].append(runners[name].timed_step())
     base = statistics.median(times[reference])
     return {name: {"median_s": statistics.median(values), "ratio": statistics.median(values) / base,
                    "images_per_second": runners[name].trainer.recipe.train.batch_size / statistics.median(values)}
@@ -128,22 +135,26 @@ def reference_loader(data, batch_size: int, workers: int = 2):
                                        drop_last=False, persistent_workers=workers > 0)
 
 
-def pipeline_epoch_rates(recipe: Recipe, workers: int = 2, epochs: int = 1) -> dict:
-    """Images per second of full training epochs (ce on the same model), ipasdctl's pipeline vs the reference."""
+def pipeline_epoch_rates(recipe: Recipe, workers: Sequence[int] = (2,), epochs: int = 1) -> list[dict]:
+    """Images per second of full training epochs (ce on the same model, same layout and precision):
+    ipasdctl's pipeline, then the reference with each worker count, whole epochs alternating. One row each,
+    with ipasdctl's rate divided by that row's (the ratio)."""
     import torch.nn.functional as F
 
     recipe = copy.deepcopy(recipe)
     recipe.method = {"name": "ce"}
     runner = StepRunner(recipe)
     t = runner.trainer
-    ref = reference_loader(t.data, recipe.train.batch_size, workers)
 
-    def reference_epoch() -> float:
+    def reference_epoch(loader) -> float:
         count, start = 0, time.perf_counter()
-        for x, y in ref:
+        for x, y in loader:
             x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
-            logits = t.model(x)
-            loss = F.cross_entropy(logits, y)
+            if t.channels_last:  # the same layout as ours: the model is channels-last
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast(t.device, t.dtype):
+                logits = t.model(x)
+                loss = F.cross_entropy(logits, y)
             t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             t.optimizer.step()
@@ -159,14 +170,22 @@ def pipeline_epoch_rates(recipe: Recipe, workers: int = 2, epochs: int = 1) -> d
         sync(t.device)
         return count / (time.perf_counter() - start)
 
-    ours, reference = [], []
+    loaders = {w: reference_loader(t.data, recipe.train.batch_size, w) for w in workers}
+    ours: list[float] = []
+    reference: dict[int, list[float]] = {w: [] for w in workers}
     for epoch in range(epochs):  # alternate whole epochs
         ours.append(ours_epoch(epoch))
-        reference.append(reference_epoch())
-    return {"ipasdctl_images_per_second": statistics.median(ours),
-            "reference_images_per_second": statistics.median(reference),
-            "ratio": statistics.median(ours) / statistics.median(reference),
-            "images": t.data.num_train, "workers": workers}
+        for w, loader in loaders.items():
+            reference[w].append(reference_epoch(loader))
+    ours_rate = statistics.median(ours)
+    common = {"images": t.data.num_train, "precision": str(t.dtype).removeprefix("torch."),
+              "channels_last": t.channels_last}
+    rows = [{"pipeline": "ipasdctl", "workers": 0, "images_per_second": ours_rate, "ratio": 1.0, **common}]
+    for w, rates in reference.items():
+        rate = statistics.median(rates)
+        rows.append({"pipeline": "torchvision+PIL", "workers": w, "images_per_second": rate,
+                     "ratio": ours_rate / rate, **common})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- memories
