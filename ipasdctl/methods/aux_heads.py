@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import init_weights
+from .base import Method, MethodContext
 
 
 def resolve_aux_stages(stage_channels: Sequence[int], aux_stages: Optional[Sequence[int]]) -> list[int]:
@@ -100,6 +101,20 @@ class AuxiliaryHeads(nn.Module):
             pooled.append(vector)
             logits.append(head_logits)
         return {"aux_logits": logits, "aux_features": maps, "aux_embeddings": pooled}
+
+
+class AuxiliaryHeadMethod(Method):
+    """A method that trains auxiliary heads beside the backbone (BYOT, DKS): `params.T` (positive) and
+    `params.aux_stages`; the heads are its `extra_module`, so they train and checkpoint but never deploy."""
+
+    def __init__(self, params, ctx: MethodContext):
+        super().__init__(params, ctx)
+        if params.T <= 0:
+            raise UserError(f"method.T must be positive, got {params.T}")
+        self.heads = AuxiliaryHeads(ctx.stage_channels, ctx.num_classes, params.aux_stages)
+
+    def extra_module(self):
+        return self.heads
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..registry import METHODS
-from .aux_heads import AuxiliaryHeads, distill_kl
-from .base import Method, MethodContext
+from .aux_heads import AuxiliaryHeadMethod, distill_kl
+from .base import MethodContext
 
 FEATURE_LOSSES = ("map_mse", "pooled_masked_sum")
 
@@ -70,20 +70,14 @@ def byot_loss(main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], mai
 
 
 @METHODS.register("byot")
-class BeYourOwnTeacher(Method):
+class BeYourOwnTeacher(AuxiliaryHeadMethod):
     name = "byot"
     Params = BYOTParams
 
     def __init__(self, params: BYOTParams, ctx: MethodContext):
-        super().__init__(params, ctx)
         if params.feat_loss not in FEATURE_LOSSES:
             raise UserError(f"method.feat_loss must be one of {', '.join(FEATURE_LOSSES)}, got '{params.feat_loss}'")
-        if params.T <= 0:
-            raise UserError(f"method.T must be positive, got {params.T}")
-        self.heads = AuxiliaryHeads(ctx.stage_channels, ctx.num_classes, params.aux_stages)
-
-    def extra_module(self):
-        return self.heads
+        super().__init__(params, ctx)
 
     def loss(self, net, batch) -> dict:
         out = net(batch.images)

@@ -20,10 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
 from ..registry import METHODS
-from .aux_heads import AuxiliaryHeads, distill_kl
-from .base import Method, MethodContext
+from .aux_heads import AuxiliaryHeadMethod, distill_kl
 
 
 @dataclass
@@ -49,18 +47,9 @@ def dks_loss(all_logits: Sequence[torch.Tensor], labels: torch.Tensor, temperatu
 
 
 @METHODS.register("dks")
-class KnowledgeSynergy(Method):
+class KnowledgeSynergy(AuxiliaryHeadMethod):
     name = "dks"
     Params = DKSParams
-
-    def __init__(self, params: DKSParams, ctx: MethodContext):
-        super().__init__(params, ctx)
-        if params.T <= 0:
-            raise UserError(f"method.T must be positive, got {params.T}")
-        self.heads = AuxiliaryHeads(ctx.stage_channels, ctx.num_classes, params.aux_stages)
-
-    def extra_module(self):
-        return self.heads
 
     def loss(self, net, batch) -> dict:
         out = net(batch.images)
