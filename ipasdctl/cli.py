@@ -192,7 +192,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as exc:
         if debug_enabled():
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        from .distributed import hand_error_to_launcher
+
+        if not hand_error_to_launcher(str(exc), exc.exit_code):  # under `train --nproc` the launcher prints it once
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except _interrupted() as exc:
         print(f"interrupted: checkpoint written; resume with: ipasdctl train --resume {exc.run_dir}", file=sys.stderr)

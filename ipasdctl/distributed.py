@@ -54,7 +54,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -65,6 +67,7 @@ from .errors import UserError
 
 SYNC_BN_NEEDS_CUDA = ("--sync-bn (train.sync_bn) needs CUDA: nn.SyncBatchNorm has no CPU implementation; "
                       "drop --sync-bn on CPU")
+ERROR_DIR_ENV = "IPASDCTL_ERROR_DIR"  # set by `train --nproc`: where each worker leaves its one-line error
 SHUTDOWN_SECONDS = "300"  # torchrun's wait for the workers' last checkpoint after a signal, before SIGKILL
 
 
@@ -309,10 +312,34 @@ def destroy(ctx: DistContext) -> None:
 # ------------------------------------------------------------------------------------------------ launching
 
 
+def hand_error_to_launcher(message: str, exit_code: int) -> bool:
+    """A worker of `train --nproc` leaves its one-line error for the launcher, which prints the lowest rank's
+    once and exits with its status. False outside such a launch (the caller prints the line itself)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    ctx = context_from_env()
+    if not folder or not ctx.enabled:
+        return False
+    try:
+        Path(folder, f"rank{ctx.rank:06d}").write_text(f"{exit_code}\n{message}")
+    except OSError:
+        return False
+    return True
+
+
+def _worker_error(folder: str) -> tuple[int, str] | None:
+    """The lowest rank's (exit status, message) that `hand_error_to_launcher` left, if any."""
+    for path in sorted(Path(folder).glob("rank*")):
+        code, _, message = path.read_text().partition("\n")
+        if code.strip().isdigit() and message:
+            return int(code), message
+    return None
+
+
 def launch(nproc: int, args: list[str], recipe=None) -> int:
     """`ipasdctl train --nproc N`: run `python -m ipasdctl <args>` as N processes on this machine through
-    torchrun (`python -m torch.distributed.run --standalone --nproc_per_node N`), wait, and return its exit
-    status. A new run's recipe is checked first, so a bad option is one line, not N tracebacks.
+    torchrun (`python -m ipasdctl.torchrun --standalone --nproc_per_node N`: torch.distributed.run without its
+    traceback), wait, and return its exit status. A new run's recipe is checked first, so a bad option is one
+    line, not N tracebacks; an error a worker meets later is printed once, the lowest rank's, with its status.
 
     Signals: torchrun is started in a session of its own and SIGINT/SIGTERM are forwarded to it once, so a
     Ctrl-C reaches each worker exactly once (through torchrun): they agree on a step, checkpoint and stop;
@@ -324,11 +351,24 @@ def launch(nproc: int, args: list[str], recipe=None) -> int:
         raise UserError("--nproc starts the processes itself; under torchrun leave it out")
     if recipe is not None:
         _check_launch(nproc, recipe)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    with tempfile.TemporaryDirectory(prefix="ipasdctl-errors-") as errors:
+        code, received = _run_torchrun(nproc, args, errors)
+        if received:
+            return 128 + received[0]
+        error = _worker_error(errors) if code else None
+    if error is not None:
+        print(f"error: {error[1]}", file=sys.stderr)
+        return error[0]
+    return code
+
+
+def _run_torchrun(nproc: int, args: list[str], errors: str) -> tuple[int, list[int]]:
+    command = [sys.executable, "-m", "ipasdctl.torchrun", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "ipasdctl", *args]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_SECONDS)
+    env[ERROR_DIR_ENV] = errors
     process = subprocess.Popen(command, env=env, start_new_session=True)
     received: list[int] = []
 
@@ -343,9 +383,7 @@ def launch(nproc: int, args: list[str], recipe=None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received:
-        return 128 + received[0]
-    return code
+    return code, received
 
 
 def _check_launch(nproc: int, recipe) -> None:

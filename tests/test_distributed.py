@@ -21,7 +21,7 @@ are not compared: each rank's BatchNorm running statistics come from its own sha
 
 The other runs are stopped by SIGTERM to rank 1 alone (test hook IPASDCTL_TEST_SIGNAL_AT_STEP="2:TERM@1"):
 both ranks agree on the step, rank 0 checkpoints mid-epoch with every rank's state, and 1 process resumes.
-One thread per process (OMP_NUM_THREADS=1); the three 2-process runs start together.
+One thread per process (OMP_NUM_THREADS=1); the four 2-process runs start together.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """The three `--nproc 2` runs, side by side: the frozen comparison run, and ipasd and dlb stopped by a
-    SIGTERM to rank 1 after global step 2 of 4 (batch 16 over 64 images)."""
+    """The four `--nproc 2` runs, side by side: the frozen comparison run, ipasd and dlb stopped by a
+    SIGTERM to rank 1 after global step 2 of 4 (batch 16 over 64 images), and one whose workers find no data."""
     out = tmp_path_factory.mktemp("distributed")
     processes = {
         "frozen": start(["train", "--nproc", "2", *TINY, *FROZEN, "--batch-size", "16", "--out", str(out / "frozen")]),
@@ -92,6 +92,9 @@ def two_process_runs(tmp_path_factory):
                         "--out", str(out), "--name", "ipasd-stopped"], "2:TERM@1"),
         "dlb": start(["train", "--nproc", "2", *TINY, "--method", "dlb", "--batch-size", "16",
                       "--out", str(out), "--name", "dlb-stopped"], "2:TERM@1"),
+        # an error only the workers meet (the launcher does not read data)
+        "no-data": start(["train", "--nproc", "2", "--dataset", "cifar10", "--data", str(out / "missing"),
+                          "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out / "no-data")]),
     }
     log = {}
     for key, process in processes.items():
@@ -193,6 +196,15 @@ def test_sigterm_to_one_rank_stops_both_and_one_process_resumes_dlb(two_process_
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_a_worker_error_is_one_line_with_its_status_not_torchruns_traceback(two_process_runs):
+    out, log = two_process_runs
+    code, stdout, stderr = log["no-data"]
+    assert code == 2 and stdout == "", stderr
+    assert stderr.splitlines() == [stderr.strip()] and stderr.startswith("error: ") and \
+        "does not contain cifar-10-batches-py" in stderr, stderr
+    assert not (out / "no-data").exists() or list((out / "no-data").iterdir()) == []
 
 
 def test_sync_bn_on_cpu_and_a_batch_smaller_than_the_processes_are_one_line_errors(tmp_path, capsys):
