@@ -6,6 +6,7 @@ Every user error is one line on stderr and exit code 2; IPASDCTL_DEBUG=1 shows t
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -214,6 +215,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, typer.Abort):
             sys.exit(130)
+        if not debug_enabled():
+            from .distributed import hand_error_to_launcher
+
+            if hand_error_to_launcher(str(exc), 1, traceback.format_exc()):  # under `train --nproc`
+                sys.exit(1)
         raise
     else:
         sys.exit(0)

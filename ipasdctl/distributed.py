@@ -57,7 +57,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -312,34 +312,68 @@ def destroy(ctx: DistContext) -> None:
 # ------------------------------------------------------------------------------------------------ launching
 
 
-def hand_error_to_launcher(message: str, exit_code: int) -> bool:
-    """A worker of `train --nproc` leaves its one-line error for the launcher, which prints the lowest rank's
-    once and exits with its status. False outside such a launch (the caller prints the line itself)."""
+def hand_error_to_launcher(message: str, exit_code: int, traceback_text: Optional[str] = None) -> bool:
+    """A worker of `train --nproc` leaves its error for the launch instead of printing it: a one-line user
+    error (message, exit status), or the traceback of an unexpected exception. After the launch, the rank that
+    failed first is reported, once (`report_failure`): a peer's failure makes the others fail too, and their
+    errors would only bury it. False outside such a launch (the caller prints it itself)."""
     folder = os.environ.get(ERROR_DIR_ENV)
     ctx = context_from_env()
     if not folder or not ctx.enabled:
         return False
+    name, text = (f"rank{ctx.rank:06d}.traceback", traceback_text) if traceback_text is not None else \
+        (f"rank{ctx.rank:06d}.error", f"{exit_code}\n{message}")
     try:
-        Path(folder, f"rank{ctx.rank:06d}").write_text(f"{exit_code}\n{message}")
+        Path(folder, name).write_text(text)
     except OSError:
         return False
     return True
 
 
-def _worker_error(folder: str) -> tuple[int, str] | None:
-    """The lowest rank's (exit status, message) that `hand_error_to_launcher` left, if any."""
-    for path in sorted(Path(folder).glob("rank*")):
-        code, _, message = path.read_text().partition("\n")
-        if code.strip().isdigit() and message:
-            return int(code), message
-    return None
+def report_failure(folder: str, rank: Optional[int], exit_code: int) -> int:
+    """Print what the rank that failed first left (its one-line error, else its traceback; a rank killed by a
+    signal left nothing, so one line says so) and return the launch's exit status. rank None: no rank failed
+    on its own (a stop by signal): print the lowest rank's one-line error, if one met any."""
+    if rank is None:
+        errors = sorted(Path(folder).glob("rank*.error"))
+        error = errors[0] if errors else None
+    else:
+        error = Path(folder, f"rank{rank:06d}.error")
+    if error is not None and error.exists():
+        code, _, message = error.read_text().partition("\n")
+        print(f"error: {message}", file=sys.stderr)
+        return int(code) if code.strip().isdigit() and exit_code > 0 else _status(exit_code)  # its own status
+    if rank is None:
+        return _status(exit_code)
+    traceback_file = Path(folder, f"rank{rank:06d}.traceback")
+    if traceback_file.exists():
+        print(traceback_file.read_text(), end="", file=sys.stderr)
+    elif exit_code < 0:
+        print(f"error: {_killed_line(rank, -exit_code)}", file=sys.stderr)
+    return _status(exit_code)
+
+
+def _status(code: int) -> int:
+    """A process's exit status as a shell reports it: killed by signal N is 128 + N."""
+    return 128 - code if code < 0 else code
+
+
+def _killed_line(rank: int, signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    hint = " (out of memory? lower --batch-size or --nproc)" if signum == signal.SIGKILL else ""
+    return (f"the training process of rank {rank} was killed by {name}{hint}; a run resumes from its last "
+            "checkpoint with: ipasdctl train --resume RUN")
 
 
 def launch(nproc: int, args: list[str], recipe=None) -> int:
     """`ipasdctl train --nproc N`: run `python -m ipasdctl <args>` as N processes on this machine through
     torchrun (`python -m ipasdctl.torchrun --standalone --nproc_per_node N`: torch.distributed.run without its
     traceback), wait, and return its exit status. A new run's recipe is checked first, so a bad option is one
-    line, not N tracebacks; an error a worker meets later is printed once, the lowest rank's, with its status.
+    line, not N tracebacks; an error the workers meet later is printed once, the first failing rank's, with
+    its status (`report_failure`).
 
     Signals: torchrun is started in a session of its own and SIGINT/SIGTERM are forwarded to it once, so a
     Ctrl-C reaches each worker exactly once (through torchrun): they agree on a step, checkpoint and stop;
@@ -352,14 +386,10 @@ def launch(nproc: int, args: list[str], recipe=None) -> int:
     if recipe is not None:
         _check_launch(nproc, recipe)
     with tempfile.TemporaryDirectory(prefix="ipasdctl-errors-") as errors:
-        code, received = _run_torchrun(nproc, args, errors)
-        if received:
-            return 128 + received[0]
-        error = _worker_error(errors) if code else None
-    if error is not None:
-        print(f"error: {error[1]}", file=sys.stderr)
-        return error[0]
-    return code
+        code, received = _run_torchrun(nproc, args, errors)  # ipasdctl.torchrun reports a failure
+    if received:  # stopped by the user: the status says so, as for one process
+        return 128 + received[0]
+    return _status(code)
 
 
 def _run_torchrun(nproc: int, args: list[str], errors: str) -> tuple[int, list[int]]:

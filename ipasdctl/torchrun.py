@@ -1,9 +1,11 @@
 """`python -m ipasdctl.torchrun ARGS`: torchrun (torch.distributed.run) as `train --nproc` starts it.
 
-It ends with the failed worker's exit status instead of torchrun's ChildFailedError traceback: each worker
-has already left its one-line error for the launcher (`distributed.hand_error_to_launcher`). torchrun's own
-warnings and error lines ("Sending process ... closing signal", "failed (exitcode: 2)") are
-hidden unless LOGLEVEL says otherwise: a failing worker prints its own error or traceback.
+It ends with the exit status of the worker that failed first, instead of torchrun's ChildFailedError
+traceback, and prints that worker's error once (`distributed.report_failure`): its one-line error, its
+traceback, or, for a worker killed by a signal (out of memory, say), one line saying so. The other workers'
+errors (a peer's death breaks their collectives) are left out.
+torchrun's own warnings and error lines ("Sending process ... closing signal", "failed (exitcode: 2)") are
+hidden unless LOGLEVEL says otherwise.
 """
 
 from __future__ import annotations
@@ -15,19 +17,29 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    if "LOGLEVEL" not in os.environ:  # workers report their own errors
-        os.environ["LOGLEVEL"] = "CRITICAL"  # read when torch's elastic loggers are created, below
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the plain getLogger ones
+    quiet = "LOGLEVEL" not in os.environ
+    if quiet:
+        os.environ["LOGLEVEL"] = "CRITICAL"  # read when torch's elastic loggers are created by the imports below
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    if quiet:
+        del os.environ["LOGLEVEL"]  # not for the workers
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the plain getLogger ones
+    from .distributed import ERROR_DIR_ENV, report_failure
+
+    folder = os.environ.get(ERROR_DIR_ENV)
     try:
         torchrun(argv)
     except ChildFailedError as exc:
-        code = exc.get_first_failure()[1].exitcode
-        return code if code > 0 else (128 - code if code < 0 else 1)  # -N: killed by signal N
+        rank, failure = exc.get_first_failure()
+        if folder:
+            return report_failure(folder, rank, failure.exitcode)
+        return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode or 1
     except SignalException as exc:
+        if folder:
+            report_failure(folder, None, 0)
         return 128 + int(exc.sigval)
     return 0
 

@@ -21,7 +21,7 @@ are not compared: each rank's BatchNorm running statistics come from its own sha
 
 The other runs are stopped by SIGTERM to rank 1 alone (test hook IPASDCTL_TEST_SIGNAL_AT_STEP="2:TERM@1"):
 both ranks agree on the step, rank 0 checkpoints mid-epoch with every rank's state, and 1 process resumes.
-One thread per process (OMP_NUM_THREADS=1); the four 2-process runs start together.
+One thread per process (OMP_NUM_THREADS=1); the five 2-process runs start together.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """The four `--nproc 2` runs, side by side: the frozen comparison run, ipasd and dlb stopped by a
-    SIGTERM to rank 1 after global step 2 of 4 (batch 16 over 64 images), and one whose workers find no data."""
+    """The five `--nproc 2` runs, side by side: the frozen comparison run, ipasd and dlb stopped by a
+    SIGTERM to rank 1 after global step 2 of 4 (batch 16 over 64 images), one whose workers find no data and
+    one whose rank 1 is killed."""
     out = tmp_path_factory.mktemp("distributed")
     processes = {
         "frozen": start(["train", "--nproc", "2", *TINY, *FROZEN, "--batch-size", "16", "--out", str(out / "frozen")]),
@@ -95,6 +96,9 @@ def two_process_runs(tmp_path_factory):
         # an error only the workers meet (the launcher does not read data)
         "no-data": start(["train", "--nproc", "2", "--dataset", "cifar10", "--data", str(out / "missing"),
                           "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out / "no-data")]),
+        # rank 1 dies (SIGKILL, as the out-of-memory killer does); rank 0's broken collective is not reported
+        "killed": start(["train", "--nproc", "2", *TINY, "--batch-size", "16", "--out", str(out / "killed")],
+                        "2:KILL@1"),
     }
     log = {}
     for key, process in processes.items():
@@ -207,6 +211,14 @@ def test_a_worker_error_is_one_line_with_its_status_not_torchruns_traceback(two_
     assert not (out / "no-data").exists() or list((out / "no-data").iterdir()) == []
 
 
+def test_a_killed_worker_is_one_line_with_the_signal_status(two_process_runs):
+    out, log = two_process_runs
+    code, stdout, stderr = log["killed"]
+    assert code == 128 + 9, stderr
+    assert stderr.splitlines() == [stderr.strip()] and \
+        stderr.startswith("error: the training process of rank 1 was killed by SIGKILL"), stderr
+
+
 def test_sync_bn_on_cpu_and_a_batch_smaller_than_the_processes_are_one_line_errors(tmp_path, capsys):
     for args, message in (
         (["--sync-bn"], "--sync-bn (train.sync_bn) needs CUDA"),
@@ -270,3 +282,19 @@ def test_dlb_stored_logits_are_shared_out_on_resume_and_checked_against_the_plan
     restored.load_state_dict(state, "cpu")
     with pytest.raises(UserError, match="number of processes it was checkpointed with"):
         restored.verify(indices.flip(0))
+
+
+def test_report_failure_prints_the_first_failing_ranks_error_once(tmp_path, capsys):
+    from ipasdctl.distributed import report_failure
+
+    (tmp_path / "rank000000.traceback").write_text("Traceback ...\nRuntimeError: Connection closed by peer\n")
+    (tmp_path / "rank000001.error").write_text("2\nno data here; point --data at it")
+    (tmp_path / "rank000002.error").write_text("2\nanother line")
+    assert report_failure(str(tmp_path), 1, 2) == 2  # rank 1 failed first: its line, not rank 0's traceback
+    assert capsys.readouterr().err == "error: no data here; point --data at it\n"
+    assert report_failure(str(tmp_path), 0, 1) == 1  # a bug: its traceback as it was
+    assert capsys.readouterr().err == "Traceback ...\nRuntimeError: Connection closed by peer\n"
+    assert report_failure(str(tmp_path), 3, -15) == 143  # killed: nothing left, one line says so
+    assert capsys.readouterr().err.startswith("error: the training process of rank 3 was killed by SIGTERM;")
+    assert report_failure(str(tmp_path), None, 0) == 0  # a stop by signal: the lowest rank's line, if any
+    assert capsys.readouterr().err == "error: no data here; point --data at it\n"
