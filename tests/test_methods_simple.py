@@ -160,6 +160,14 @@ def test_tf_kd_self_rejects_a_teacher_with_other_classes(teacher_run):
         build_method({"name": "tf-kd-self", "teacher": str(teacher_run)}, make_ctx(num_classes=5))
 
 
+def test_tf_kd_self_teacher_follows_the_batches_layout(teacher_run):
+    ctx = make_ctx(num_classes=10)
+    ctx.channels_last = True
+    teacher = build_method({"name": "tf-kd-self", "teacher": str(teacher_run)}, ctx).teacher
+    convs = [m.weight for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
 def test_tf_kd_self_distils_a_frozen_teacher(teacher_run):
     method = build_method({"name": "tf-kd-self", "teacher": str(teacher_run)}, make_ctx(num_classes=10))
     teacher = method.teacher

@@ -184,7 +184,7 @@ def test_digits_is_embedded_and_split_stratified():
 
 
 def test_channels_last_on_cpu_by_default_and_numerically_the_same_step():
-    """NHWC trains 1.1-1.6x faster on CPU (oneDNN): on by default, off with train.channels_last=false, and a
+    """NHWC trains 1.02-1.58x faster on CPU (oneDNN): on by default, off with train.channels_last=false, and a
     step in either layout from the same weights on the same batch gives the same weights."""
     from ipasdctl.perf import StepRunner, quick_recipe
 

@@ -36,6 +36,7 @@ class MethodContext:
     seed: int
     device: torch.device
     run_dir: Optional[str] = None
+    channels_last: bool = False  # the batches' memory layout (a model a method builds itself should match)
 
 
 class Method:

@@ -115,7 +115,7 @@ class TfKDReg(Method):
                 "loss_kd": result["loss_kd"].detach()}
 
 
-def load_teacher(run_dir: Optional[str], num_classes: int, device) -> torch.nn.Module:
+def load_teacher(run_dir: Optional[str], num_classes: int, device, channels_last: bool = False) -> torch.nn.Module:
     """The frozen, eval-mode best model of a finished run; a UserError for anything unusable."""
     from ..engine import load_run_model  # the engine imports the methods package: import it late
 
@@ -131,6 +131,8 @@ def load_teacher(run_dir: Optional[str], num_classes: int, device) -> torch.nn.M
                         f"{num_classes}; use a teacher trained on the same data set")
     model.eval()
     model.requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -143,7 +145,7 @@ class TfKDSelf(Method):
         super().__init__(params, ctx)
         _check_common(params.alpha, params.temperature, params.multiplier)
         # a plain attribute, not a submodule of the training network: never trained, never exported
-        self.teacher = load_teacher(params.teacher, ctx.num_classes, ctx.device)
+        self.teacher = load_teacher(params.teacher, ctx.num_classes, ctx.device, ctx.channels_last)
 
     def loss(self, net, batch) -> dict:
         logits = net(batch.images)["logits"]
