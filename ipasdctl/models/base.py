@@ -24,6 +24,14 @@ class ClassifierBase(nn.Module):
         """(last feature map, ready to pool; the list of stage outputs)."""
         raise NotImplementedError
 
+    def add_classifier(self, embed_dim: int, num_classes: int) -> None:
+        """The final linear layer on the pooled embedding and the contract's sizes; then the weights' init
+        (call it last in a constructor, after every other layer)."""
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(embed_dim, num_classes)
+        init_weights(self)
+
     def run_stages(self, out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Pass `out` through `self.stages` in order: (the last output, every stage's output)."""
         stages = []

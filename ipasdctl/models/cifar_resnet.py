@@ -16,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..registry import MODELS
-from .base import ClassifierBase, init_weights
+from .base import ClassifierBase
 
 
 class BasicBlock(nn.Module):
@@ -54,11 +54,8 @@ class CifarResNet(ClassifierBase):
                 in_planes = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.embed_dim = widths[-1]
         self.stage_channels = list(widths)
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(widths[-1], num_classes)
-        init_weights(self)
+        self.add_classifier(widths[-1], num_classes)
 
     def features(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -132,11 +129,8 @@ class PreActResNet(ClassifierBase):
         self.stages = nn.ModuleList(stages)
         channels = [w * block.expansion for w in widths]
         self.bn = nn.BatchNorm2d(channels[-1])  # the final pre-activation before pooling
-        self.embed_dim = channels[-1]
         self.stage_channels = channels
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(channels[-1], num_classes)
-        init_weights(self)
+        self.add_classifier(channels[-1], num_classes)
 
     def features(self, x):
         out = self.conv1(x)

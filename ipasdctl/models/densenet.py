@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .base import ClassifierBase, init_weights
+from .base import ClassifierBase
 
 
 class DenseLayer(nn.Module):
@@ -70,10 +70,7 @@ class DenseNetBC(ClassifierBase):
         self.transitions = nn.ModuleList(transitions)
         self.bn = nn.BatchNorm2d(channels)
         self.stage_channels = stage_channels
-        self.embed_dim = channels
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(channels, num_classes)
-        init_weights(self)
+        self.add_classifier(channels, num_classes)
 
     def features(self, x):
         out = self.conv1(x)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import MODELS
-from .base import ClassifierBase, init_weights
+from .base import ClassifierBase
 
 # (expansion t, output channels c, blocks n, stride s of the first block, stage it ends in)
 CIFAR_SETTINGS = [
@@ -67,10 +67,7 @@ class MobileNetV2Cifar(ClassifierBase):
         stage_blocks[-1].append(conv_bn_relu6(width, last_channels, 1))
         self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stage_blocks)
         self.stage_channels = [24, 32, 96, last_channels]
-        self.embed_dim = last_channels
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(last_channels, num_classes)
-        init_weights(self)
+        self.add_classifier(last_channels, num_classes)
 
     def features(self, x):
         out = self.stem(x)

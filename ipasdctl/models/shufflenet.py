@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..registry import MODELS
-from .base import ClassifierBase, init_weights
+from .base import ClassifierBase
 
 
 def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
@@ -78,10 +78,7 @@ class ShuffleNetV2Cifar(ClassifierBase):
                                         nn.BatchNorm2d(last_channels), nn.ReLU(inplace=True)))
         self.stages = nn.ModuleList(stages)
         self.stage_channels = [*widths[:-1], last_channels]
-        self.embed_dim = last_channels
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(last_channels, num_classes)
-        init_weights(self)
+        self.add_classifier(last_channels, num_classes)
 
     def features(self, x):
         out = self.stem(x)

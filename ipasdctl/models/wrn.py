@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .base import ClassifierBase, init_weights
+from .base import ClassifierBase
 from .cifar_resnet import PreActBlock
 
 
@@ -40,11 +40,8 @@ class WideResNet(ClassifierBase):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         self.bn = nn.BatchNorm2d(widths[-1])
-        self.embed_dim = widths[-1]
         self.stage_channels = widths
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(widths[-1], num_classes)
-        init_weights(self)
+        self.add_classifier(widths[-1], num_classes)
 
     def features(self, x):
         out = self.conv1(x)
