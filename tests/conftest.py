@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 def _images(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,3 +85,12 @@ def tiny_cifar100(tmp_path_factory) -> Path:
 def make_tiny_cifar():
     """The writer: make_tiny_cifar(root, kind='cifar10'|'cifar100', train=, test=, seed=, num_classes=)."""
     return write_tiny_cifar
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and spinning OpenMP threads waste a shared machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

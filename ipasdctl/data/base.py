@@ -16,8 +16,28 @@ import torch.nn.functional as F
 from ..errors import UserError
 
 
+class LabelledSplits:
+    """The sizes every data set derives from its labels and class names (tensor-held or file-held)."""
+
+    class_names: list[str]
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.numel())
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test_labels.numel())
+
+
 @dataclass
-class ImageData:
+class ImageData(LabelledSplits):
     """A labelled image-classification data set, train and test split, as uint8 N x C x H x W tensors."""
 
     name: str
@@ -32,20 +52,8 @@ class ImageData:
     hflip: bool = True
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_labels.numel())
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
-
-    @property
-    def num_test(self) -> int:
-        return int(self.test_labels.numel())
 
     # The protocol the engine uses; image-file data sets implement the same three members.
     def train_loader(self, batches, seed: int, device, channels_last: bool, augment: bool) -> "TensorLoader":

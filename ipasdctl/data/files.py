@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from .base import Augment, Batch, balanced_subset, step_seed
+from .base import Augment, Batch, LabelledSplits, balanced_subset, step_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -315,7 +315,7 @@ def stratified_split(labels: torch.Tensor, num_classes: int, fraction: float, se
 
 
 @dataclass
-class FileImageData:
+class FileImageData(LabelledSplits):
     """A labelled image-classification data set held as files: `<root>/<relative path>` per sample."""
 
     name: str
@@ -336,18 +336,6 @@ class FileImageData:
 
     def __post_init__(self):
         check_workers(self.num_workers)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_labels.numel())
-
-    @property
-    def num_test(self) -> int:
-        return int(self.test_labels.numel())
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
