@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 	$(BIN)/ipasdctl train --recipe demo
 
 test: $(VENV)/.installed-test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 bench: $(VENV)/.installed-test

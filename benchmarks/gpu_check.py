@@ -13,8 +13,8 @@ import time
 import torch
 
 from ipasdctl.config import load_recipe
-from ipasdctl.engine import Progress, train
-from ipasdctl.perf import overhead_ratios, quick_recipe
+from ipasdctl.training import Progress, train
+from benchmarks.support import overhead_ratios, quick_recipe
 
 
 def main() -> None:

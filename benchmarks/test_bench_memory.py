@@ -11,8 +11,8 @@ import pytest
 from conftest import report
 
 from ipasdctl.config import load_recipe
-from ipasdctl.engine import Progress, train
-from ipasdctl.perf import memory_table_bytes
+from ipasdctl.training import Progress, train
+from benchmarks.support import memory_table_bytes
 
 IMAGENET = (1_281_167, 1_000)
 

@@ -16,7 +16,7 @@ from conftest import report
 
 from ipasdctl.models import build_model
 from ipasdctl.models.catalog import model_row
-from ipasdctl.registry import MODELS, load_all
+from ipasdctl.models import MODELS
 
 
 def training_rate(name: str, steps: int, channels_last: bool = True, bf16: bool = False) -> float:
@@ -45,7 +45,6 @@ def training_rate(name: str, steps: int, channels_last: bool = True, bf16: bool 
 
 
 def test_model_table(benchmark):
-    load_all()
     steps = int(os.environ.get("IPASDCTL_BENCH_STEPS", "3"))
 
     def measure():

@@ -12,14 +12,13 @@ import os
 
 from conftest import report
 
-from ipasdctl.perf import overhead_ratios
-from ipasdctl.registry import METHODS, load_all
+from benchmarks.support import overhead_ratios
+from ipasdctl.methods import METHODS
 
 EXTRA_COMPUTE = {"cs-kd", "ddgsd", "dlb", "tf-kd-self", "byot", "dks"}
 
 
 def test_method_step_overhead(benchmark):
-    load_all()
     methods = [m for m in METHODS.names() if m not in ("ce", "tf-kd-self")]
     reps = int(os.environ.get("IPASDCTL_BENCH_REPS", "30"))
     results = benchmark.pedantic(lambda: overhead_ratios(methods, reps=reps), rounds=1, iterations=1)

@@ -14,7 +14,7 @@ import os
 
 from conftest import report
 
-from ipasdctl.perf import pipeline_epoch_rates, quick_recipe
+from benchmarks.support import pipeline_epoch_rates, quick_recipe
 
 
 def test_pipeline_against_torchvision_pil_dataloader(benchmark, cifar_root):

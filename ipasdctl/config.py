@@ -87,10 +87,6 @@ class Recipe:
 # ---------------------------------------------------------------- typed construction from plain dicts
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
 def coerce(value: Any, tp, where: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats. Errors name the key."""
     origin = typing.get_origin(tp)
@@ -244,3 +240,13 @@ def recipe_from_dict(values: dict) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def differing_keys(a, b, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts (in a's order, then b's)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = []
+        for key in list(dict.fromkeys([*a, *b])):
+            keys += differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return keys
+    return [] if a == b else [prefix.rstrip(".")]

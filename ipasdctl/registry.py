@@ -1,8 +1,12 @@
-"""Registries: one per kind of thing (methods, models, data sets), looked up by name."""
+"""Registries: one per kind of thing (methods, models, data sets), looked up by name. Each package owns its
+registry (methods.METHODS, models.MODELS, data.DATASETS) and fills it by importing its modules
+(`import_submodules`): adding a file adds a method, an architecture or a data set."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Generic, Iterable, TypeVar, Union
 
 from .errors import UserError, did_you_mean
 
@@ -16,14 +20,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def decorator(obj: T) -> T:
-            if name in self._items:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self._items[name] = obj
-            return obj
+    def register(self, name_or_obj: Union[str, T]) -> Union[Callable[[T], T], T]:
+        """`@REGISTRY.register` on a class with a `name` attribute (the name is stated once, in the class), or
+        `REGISTRY.register("name")(factory)`."""
+        if not isinstance(name_or_obj, str):
+            return self._add(name_or_obj.name, name_or_obj)
+        return lambda obj: self._add(name_or_obj, obj)
 
-        return decorator
+    def _add(self, name: str, obj: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        self._items[name] = obj
+        return obj
 
     def get(self, name: str) -> T:
         try:
@@ -41,11 +49,7 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-METHODS: Registry = Registry("method")
-MODELS: Registry = Registry("arch")
-DATASETS: Registry = Registry("dataset")
-
-
-def load_all() -> None:
-    """Import every module that registers something (cheap: no heavy work at import)."""
-    from . import data, methods, models  # noqa: F401
+def import_submodules(package: str, path: Iterable[str], skip: tuple[str, ...] = ()) -> list:
+    """Import every module of a package (but `skip`), in name order; returns the modules."""
+    return [importlib.import_module(f"{package}.{info.name}")
+            for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name) if info.name not in skip]

@@ -17,7 +17,7 @@ import torch
 
 from ipasdctl.cli import main
 from ipasdctl.errors import UserError
-from ipasdctl.io import load_checkpoint
+from ipasdctl.files import load_checkpoint
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -117,7 +117,7 @@ def test_output_folder_without_write_permission(tmp_path, capsys, monkeypatch):
     out.chmod(0o555)
     if os.geteuid() == 0:  # root may write anyway: make access() answer as it does for everyone else
         real_access = os.access
-        monkeypatch.setattr("ipasdctl.engine.os.access",
+        monkeypatch.setattr("ipasdctl.runs.os.access",
                             lambda path, mode: False if os.path.samefile(path, out) and mode & os.W_OK
                             else real_access(path, mode))
     try:
@@ -203,18 +203,18 @@ def test_resume_with_a_different_recipe_is_refused(finished_run, tmp_path, capsy
 
 
 def test_resume_recipe_compares_the_options_with_the_runs_own_recipe(finished_run):
-    """engine.resume_recipe: without --recipe, the options go over the run's saved recipe, so the refusal
+    """training.resume_recipe: without --recipe, the options go over the run's saved recipe, so the refusal
     names exactly the keys the options change (what `train --resume RUN --set ...` should report)."""
-    from ipasdctl import engine
+    from ipasdctl import training
     from ipasdctl.config import parse_set
 
     run_dir, _ = finished_run
-    assert engine.resume_recipe(run_dir, None, {}) is None
-    same = engine.resume_recipe(run_dir, None, parse_set(["train.epochs=1"]))
-    assert engine.resume(run_dir, same, engine.Progress(enabled=False)) == run_dir  # the run's own: accepted
-    changed = engine.resume_recipe(run_dir, None, parse_set(["optim.lr=0.2", "train.seed=3"]))
+    assert training.resume_recipe(run_dir, None, {}) is None
+    same = training.resume_recipe(run_dir, None, parse_set(["train.epochs=1"]))
+    assert training.resume(run_dir, same, training.Progress(enabled=False)) == run_dir  # the run's own: accepted
+    changed = training.resume_recipe(run_dir, None, parse_set(["optim.lr=0.2", "train.seed=3"]))
     with pytest.raises(UserError) as info:
-        engine.resume(run_dir, changed)
+        training.resume(run_dir, changed)
     assert "differs from the run's (optim.lr, train.seed);" in str(info.value)
 
 
@@ -242,8 +242,8 @@ def test_data_whose_class_count_disagrees_with_the_checkpoint(finished_run, caps
 
 
 def _fail_fsync_of(name: str, nth: int, monkeypatch):
-    """Make the nth fsync of a temporary file of `name` (e.g. last.pt) fail with ENOSPC, inside ipasdctl.io."""
-    import ipasdctl.io as io_module
+    """Make the nth fsync of a temporary file of `name` (e.g. last.pt) fail with ENOSPC, inside ipasdctl.files."""
+    import ipasdctl.files as io_module
 
     real_fsync, count = os.fsync, {"n": 0}
 

@@ -15,10 +15,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from ipasdctl import compare, engine
-from ipasdctl.cli import main, recipe_overrides
+from ipasdctl import training
+from ipasdctl.studies import compare
+from ipasdctl.studies.summary import summary_table, write_tables
+from ipasdctl.training import trainer as trainer_module
+from ipasdctl.cli import main
+from ipasdctl.cli.options import recipe_overrides
 from ipasdctl.config import load_recipe
-from ipasdctl.registry import METHODS, load_all
+from ipasdctl.methods import METHODS
 
 TINY = ["--recipe", "demo", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--set", "data.train_subset=64"]
 RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
@@ -26,7 +30,7 @@ RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "l
 
 
 def tiny_recipe(*sets):
-    overrides = recipe_overrides(epochs=1, batch_size=32, device="cpu", sets=["data.train_subset=64", *sets])
+    overrides = recipe_overrides({"epochs": 1, "batch_size": 32, "device": "cpu", "set_": ["data.train_subset=64", *sets]})
     return load_recipe("demo", overrides)
 
 
@@ -36,8 +40,8 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("comparison") / "c"
     plan = compare.plan(tiny_recipe(), "ce", [0, 1], out)
     messages: list[str] = []
-    compare.run(plan, engine.Progress(enabled=False), messages.append)
-    compare.tables(plan)
+    compare.run(plan, training.Progress(enabled=False), messages.append)
+    write_tables(plan)
     return out, messages
 
 
@@ -125,7 +129,7 @@ def test_summary_table_formulas_on_hand_made_results():
         "last_top1": [70.0, 72.0, 75.0, 73.0, 77.0, 71.0],
         "train_seconds": [10.0, 12.0, 20.0, 22.0, 24.0, 5.0],
     })
-    table = compare.summary_table(results)
+    table = summary_table(results)
     # by last-epoch mean (75 > 71 = 71), a tie broken by best-epoch mean (ls 80 > ce 72)
     assert table["method"].tolist() == ["ipasd", "ls", "ce"]
     rows = table.set_index("method")
@@ -144,7 +148,7 @@ def test_summary_table_formulas_on_hand_made_results():
 def test_summary_ties_on_last_epoch_are_ordered_by_best_epoch():
     results = pd.DataFrame({"method": ["ce", "ls"], "best_top1": [70.0, 80.0], "last_top1": [60.0, 60.0],
                             "train_seconds": [1.0, 1.0]})
-    assert compare.summary_table(results)["method"].tolist() == ["ls", "ce"]
+    assert summary_table(results)["method"].tolist() == ["ls", "ce"]
 
 
 # ------------------------------------------------------------------------------------------------ reruns
@@ -157,8 +161,8 @@ def test_rerun_skips_finished_runs_and_prints_the_folder_last(finished, tmp_path
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(engine, "train_into", no_training)
-    monkeypatch.setattr(engine, "resume", no_training)
+    monkeypatch.setattr(training, "train_into", no_training)
+    monkeypatch.setattr(training, "resume", no_training)
     code, stdout, stderr = run_cli(["compare", "--baselines", "ce", "--seeds", "0,1", *TINY, "--out", str(out)], capsys)
     assert code == 0, stderr
     assert stdout.strip().splitlines()[-1] == str(out)
@@ -178,7 +182,7 @@ def test_rerun_skips_finished_runs_and_prints_the_folder_last(finished, tmp_path
 def test_rerun_with_another_recipe_is_refused_before_anything_changes(finished, tmp_path, capsys, monkeypatch):
     out = copy_of(finished, tmp_path)
     before = file_times(out)
-    monkeypatch.setattr(engine, "train_into", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(training, "train_into", lambda *a, **k: pytest.fail("trained"))
     tiny_two_epochs = [*TINY, "--epochs", "2"]
     for seeds in ["0,1", "7"]:  # same runs, and new seeds (which only comparison.yaml can tell apart)
         code, _, stderr = run_cli(["compare", "--seeds", seeds, *tiny_two_epochs, "--out", str(out)], capsys)
@@ -195,14 +199,14 @@ def test_rerun_with_another_recipe_is_refused_before_anything_changes(finished, 
 def test_interrupted_comparison_resumes_its_run_and_retrains_a_partial_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "c"
     args = ["compare", "--method", "ce", "--seeds", "0,1", *TINY, "--epochs", "2", "--out", str(out)]
-    real_evaluate = engine.evaluate
+    real_evaluate = trainer_module.test_metrics
 
     def evaluate_then_press_ctrl_c(*args, **kwargs):
         # Ctrl-C during the first epoch's evaluation: the trainer finishes the epoch, checkpoints and stops
         os.kill(os.getpid(), signal.SIGINT)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_press_ctrl_c)
+    monkeypatch.setattr(trainer_module, "test_metrics", evaluate_then_press_ctrl_c)
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 130
     assert "rerun the same `ipasdctl compare` command" in stderr.strip().splitlines()[-1]
@@ -211,12 +215,12 @@ def test_interrupted_comparison_resumes_its_run_and_retrains_a_partial_folder(tm
     first_epoch_rows = (first / "metrics.csv").read_text().splitlines()
     assert len(first_epoch_rows) == 2  # header + epoch 1
     assert not (out / "ce-s1").exists()
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer_module, "test_metrics", real_evaluate)
 
     (out / "ce-s1").mkdir()  # a leftover of a run that died before its first checkpoint
     (out / "ce-s1" / "metrics.csv").write_text("epoch\n1\n")
     calls = []
-    real_train_into, real_resume = engine.train_into, engine.resume
+    real_train_into, real_resume = training.train_into, training.resume
 
     def spy_train_into(recipe, run_dir, progress=None):
         calls.append(("train_into", run_dir.name))
@@ -226,8 +230,8 @@ def test_interrupted_comparison_resumes_its_run_and_retrains_a_partial_folder(tm
         calls.append(("resume", run_dir.name))
         return real_resume(run_dir, recipe, progress)
 
-    monkeypatch.setattr(engine, "train_into", spy_train_into)
-    monkeypatch.setattr(engine, "resume", spy_resume)
+    monkeypatch.setattr(training, "train_into", spy_train_into)
+    monkeypatch.setattr(training, "resume", spy_resume)
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
     assert calls == [("resume", "ce-s0"), ("train_into", "ce-s1")]
@@ -245,7 +249,6 @@ def test_interrupted_comparison_resumes_its_run_and_retrains_a_partial_folder(tm
 
 
 def test_unknown_baseline_is_one_line_naming_the_known_methods_and_trains_nothing(tmp_path, capsys):
-    load_all()
     out = tmp_path / "c"
     code, _, stderr = run_cli(["compare", "--baselines", "ce,ipsad", *TINY, "--out", str(out)], capsys)
     assert code == 2
@@ -271,7 +274,6 @@ def test_parse_seeds_keeps_order_and_drops_duplicates():
 
 
 def test_all_means_every_registered_method_with_ce_first():
-    load_all()
     names = compare.method_names("ipasd", "all")
     assert names[:2] == ["ce", "ipasd"] and sorted(names) == METHODS.names() and len(set(names)) == len(names)
     assert compare.method_names("ipasd", "ipasd, ce") == ["ce", "ipasd"]
@@ -292,7 +294,6 @@ def test_plan_gives_method_parameters_to_the_main_method_only(tmp_path):
 
 
 def test_tf_kd_self_distils_from_the_ce_run_of_its_seed(tmp_path):
-    load_all()
     if "tf-kd-self" not in METHODS:
         pytest.skip("tf-kd-self is not registered in this tree")
     out = tmp_path / "c"
@@ -306,3 +307,28 @@ def test_tf_kd_self_distils_from_the_ce_run_of_its_seed(tmp_path):
 
 def test_default_out_is_named_after_the_recipe():
     assert str(compare.plan(tiny_recipe(), "", [0]).out) == os.path.join("comparisons", "demo")
+
+
+@pytest.mark.parametrize("method, setting", [("ls", "method.eps=2"), ("ps-kd", "method.alpha_T=-1"),
+                                             ("tf-kd-reg", "method.temperature=0")])
+def test_a_bad_method_parameter_is_refused_before_the_first_run_trains(method, setting, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The value checks run when the parameters are parsed, so ce (trained first) is never started."""
+    monkeypatch.setattr(training, "train_into", lambda *a, **k: pytest.fail("trained before the bad value was seen"))
+    out = tmp_path / "c"
+    code, _, stderr = run_cli(["compare", "--method", method, "--seeds", "0", *TINY, "--set", setting,
+                               "--out", str(out)], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert setting.split("=")[0] in stderr
+    assert not out.exists()
+
+
+def test_the_reference_run_comes_from_the_method_not_from_compare(tmp_path):
+    """tf-kd-self declares the parameter that names its teacher run; the plan fills it with ce of each seed."""
+    from ipasdctl.methods import METHODS
+
+    declaring = [name for name in METHODS.names() if METHODS.get(name).reference_run_param]
+    assert declaring == ["tf-kd-self"]
+    comparison = compare.plan(tiny_recipe(), "tf-kd-self", [0, 3], tmp_path / "c")
+    teachers = {run.seed: run.recipe.method["teacher"] for run in comparison.runs if run.method == "tf-kd-self"}
+    assert teachers == {seed: str((tmp_path / "c" / f"ce-s{seed}").resolve()) for seed in (0, 3)}

@@ -20,7 +20,7 @@ from ipasdctl.data.imagefolder import load_image_folder
 from ipasdctl.data.imagenet import load_imagenet
 from ipasdctl.data.tiny_imagenet import TINY_MEAN, TINY_STD, load_tiny_imagenet
 from ipasdctl.errors import UserError
-from ipasdctl.registry import DATASETS
+from ipasdctl.data import DATASETS
 
 CPU = torch.device("cpu")
 
@@ -392,7 +392,7 @@ def test_tiny_imagenet_refuses_incomplete_folders(tmp_path):
 
 
 def test_one_epoch_of_training_on_an_image_folder(tmp_path, split_folder):
-    from ipasdctl import engine
+    from ipasdctl import training
 
     recipe = load_recipe(None, {
         "name": "files", "data": {"name": "imagefolder", "root": str(split_folder), "image_size": 16,
@@ -401,7 +401,7 @@ def test_one_epoch_of_training_on_an_image_folder(tmp_path, split_folder):
         "optim": {"lr": 0.05, "warmup_epochs": 0, "schedule": "constant"},
         "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "eval_batch_size": 2},
     })
-    run_dir = engine.train(recipe, tmp_path / "runs", progress=engine.Progress(enabled=False))
+    run_dir = training.train(recipe, tmp_path / "runs", progress=training.Progress(enabled=False))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == "imagefolder" and summary["train_images"] == 12 and summary["num_classes"] == 3
     assert summary["finished"] and 0.0 <= summary["last_top1"] <= 100.0
@@ -430,10 +430,8 @@ def test_recipes_of_the_new_data_sets():
 
 
 def test_a_method_that_needs_extra_views_stops_with_one_clear_line(tmp_path, split_folder):
-    from ipasdctl import engine
-    from ipasdctl.registry import METHODS, load_all
-
-    load_all()
+    from ipasdctl import training
+    from ipasdctl.methods import METHODS
     if "ddgsd" not in METHODS:
         pytest.skip("no ddgsd method registered")
     recipe = load_recipe(None, {
@@ -442,5 +440,5 @@ def test_a_method_that_needs_extra_views_stops_with_one_clear_line(tmp_path, spl
         "train": {"epochs": 1, "batch_size": 4, "device": "cpu"},
     })
     with pytest.raises(UserError, match="extra augmented views") as info:
-        engine.train(recipe, tmp_path / "runs", progress=engine.Progress(enabled=False))
+        training.train(recipe, tmp_path / "runs", progress=training.Progress(enabled=False))
     assert "\n" not in str(info.value) and "tiny-imagenet" in str(info.value)

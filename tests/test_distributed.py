@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from ipasdctl.cli import main
 from ipasdctl.data.base import RandomBatches
 from ipasdctl.data.samplers import ClassPairBatches, OverlapBatches
-from ipasdctl.distributed import DistContext, shard_batches
-from ipasdctl.io import load_checkpoint
+from ipasdctl.methods import Collectives
+from ipasdctl.training.distributed import DistContext, shard_batches
+from ipasdctl.files import load_checkpoint
 from ipasdctl.methods.ipasd import Prototypes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -252,13 +253,19 @@ def test_default_sharding_splits_each_global_batch_into_contiguous_shares():
     assert all(torch.equal(a, b) for a, b in zip(mine, pairs.sharded(0, 1, 2)))
 
 
+def _rank_of(rank: int, world_size: int) -> Collectives:
+    """The collectives a method's state sees on one rank of several (the calls stay local)."""
+    collectives = Collectives()
+    collectives.rank, collectives.world_size = rank, world_size
+    return collectives
+
+
 def test_restored_prototype_sums_are_counted_once_over_ranks():
     saved = Prototypes(3, 2, "cpu")
     saved.accumulate(torch.tensor([[3.0, 4.0], [0.0, 2.0]]), torch.tensor([0, 2]))
     state = saved.state_dict()
     for rank, expected_counts in ((0, [1.0, 0.0, 1.0]), (1, [0.0, 0.0, 0.0])):
-        restored = Prototypes(3, 2, "cpu")
-        restored.shard = (rank, 2)
+        restored = Prototypes(3, 2, "cpu", _rank_of(rank, 2))
         restored.load_state_dict(state)
         assert restored.counts.tolist() == expected_counts
         assert torch.equal(restored.sums, state["sums"] if rank == 0 else torch.zeros(3, 2))
@@ -271,8 +278,7 @@ def test_dlb_stored_logits_are_shared_out_on_resume_and_checked_against_the_plan
     logits, indices = torch.arange(12.0).view(6, 2), torch.tensor([7, 3, 5, 0, 9, 2])
     state = {"stored_logits": logits, "stored_indices": indices}  # a 1- or 2-process checkpoint alike
     for rank, share in ((0, slice(0, 3)), (1, slice(3, 6))):
-        restored = LastStepLogits(2, "cpu")
-        restored.shard = (rank, 2)
+        restored = LastStepLogits(2, "cpu", _rank_of(rank, 2))
         restored.load_state_dict(state, "cpu")
         # the share OverlapBatches.sharded repeats on this rank: part `rank` of tensor_split(2)
         assert torch.equal(restored.logits, logits[share]) and torch.equal(restored.indices, indices[share])
@@ -285,7 +291,7 @@ def test_dlb_stored_logits_are_shared_out_on_resume_and_checked_against_the_plan
 
 
 def test_report_failure_prints_the_first_failing_ranks_error_once(tmp_path, capsys):
-    from ipasdctl.distributed import report_failure
+    from ipasdctl.training.launcher import report_failure
 
     (tmp_path / "rank000000.traceback").write_text("Traceback ...\nRuntimeError: Connection closed by peer\n")
     (tmp_path / "rank000001.error").write_text("2\nno data here; point --data at it")

@@ -16,13 +16,17 @@ import pytest
 import torch
 
 from ipasdctl import cli
-from ipasdctl.bench import bench, parse_batch_sizes, summarize
+from ipasdctl.deploy.bench import bench, parse_batch_sizes, summarize
 from ipasdctl.config import load_recipe
 from ipasdctl.data import build_data
-from ipasdctl.engine import Progress, evaluate, load_run_model, train
+from ipasdctl.runs import load_model as load_run_model
+from ipasdctl.training import Progress, train
+from ipasdctl.training.meters import test_metrics as evaluate
 from ipasdctl.errors import UserError
-from ipasdctl.export import (ExportValidationError, compare_outputs, evaluate_onnx, export_onnx, read_metadata,
-                             validate_against_torch)
+from ipasdctl.deploy import onnx_test_accuracy as evaluate_onnx
+from ipasdctl.deploy import read_metadata
+from ipasdctl.deploy.export import (ExportValidationError, compare_outputs, export_onnx,
+                                    validate_against_torch)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +172,7 @@ def test_falls_back_to_torchscript_exporter_and_records_it(run_dir, tmp_path, mo
 
 
 def test_failed_validation_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
-    import ipasdctl.export as export_module
+    import ipasdctl.deploy.export as export_module
 
     _failing_dynamo(monkeypatch)  # the TorchScript exporter is the quicker one
     real_export_model = export_module.export_model
@@ -290,10 +294,10 @@ def test_missing_model_file(tmp_path, capsys):
 
 
 def test_too_large_for_one_file_goes_to_one_external_data_file(run_dir, tmp_path, monkeypatch):
-    import ipasdctl.export as export_module
+    from ipasdctl.deploy import onnx_files
 
     _failing_dynamo(monkeypatch)
-    monkeypatch.setattr(export_module, "SINGLE_FILE_LIMIT_BYTES", 1000)  # resnet8's 300 kB count as "too large"
+    monkeypatch.setattr(onnx_files, "SINGLE_FILE_LIMIT_BYTES", 1000)  # resnet8's 300 kB count as "too large"
     record = export_onnx(run_dir, tmp_path, validation_batch_sizes=(1, 3))
     stem = run_dir.name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}.onnx", f"{stem}.onnx.data", f"{stem}.json"])

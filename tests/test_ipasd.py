@@ -216,3 +216,29 @@ def test_memory_dtypes(dtype, bytes_per, atol):
     memory.write(torch.tensor([1, 3]), rows)
     assert memory.bytes_per_entry == bytes_per
     assert torch.allclose(memory.read(torch.tensor([1, 3])), rows, atol=atol)
+
+
+def test_prototype_similarity_is_float32_under_bf16_autocast():
+    """cos(g, P) / tau feeds the memories and the blend weights: under bf16 autocast it must still be the fp32
+    product (a bf16 matmul flips argmaxes of near-equal cosines)."""
+    from ipasdctl.methods.ipasd import prototype_logits
+
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(64, 32, generator=generator)
+    prototypes = torch.randn(100, 32, generator=generator)
+    expected = F.normalize(embedding, dim=1) @ F.normalize(prototypes, dim=1).t() / 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = prototype_logits(embedding, prototypes, 0.3)
+        bf16_product = F.normalize(embedding, dim=1) @ F.normalize(prototypes, dim=1).t() / 0.3
+    assert bf16_product.dtype == torch.bfloat16  # autocast is on: a plain product would be bf16
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("key, value", [("tau", 0), ("w_con", -1), ("memory_dtype", "int4")])
+def test_bad_parameter_values_are_refused_when_parsed(key, value):
+    from ipasdctl.errors import UserError
+    from ipasdctl.methods import resolved_method_config
+
+    with pytest.raises(UserError, match=f"method.{key}|memory dtype"):
+        resolved_method_config({"name": "ipasd", key: value})

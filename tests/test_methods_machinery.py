@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from ipasdctl import config, engine
+from ipasdctl import config, runs, training
+from ipasdctl.training import stopping
 from ipasdctl.data.base import Batch
 from ipasdctl.data.samplers import ClassPairBatches, OverlapBatches
 from ipasdctl.errors import UserError
@@ -360,7 +361,7 @@ def trained_runs(tmp_path_factory):
     def run(method: str) -> Path:
         if method not in runs:
             out = tmp_path_factory.mktemp(method)
-            runs[method] = engine.train(tiny_recipe({"name": method}), out, progress=engine.Progress(enabled=False))
+            runs[method] = training.train(tiny_recipe({"name": method}), out, progress=training.Progress(enabled=False))
         return runs[method]
 
     return run
@@ -383,7 +384,7 @@ def test_one_epoch_engine_run_finishes_with_finite_metrics(method, trained_runs)
 
 
 def test_byot_run_loads_as_a_plain_model(trained_runs):
-    model, state, recipe = engine.load_run_model(trained_runs("byot"))
+    model, state, recipe = runs.load_model(trained_runs("byot"))
     assert state["extra"] and not any("heads" in k for k in state["model"])
     logits = model(torch.randn(3, 3, 16, 16))
     assert isinstance(logits, torch.Tensor) and logits.shape == (3, 10) and torch.isfinite(logits).all()
@@ -394,14 +395,14 @@ def test_dlb_mid_epoch_resume_continues_exactly(tmp_path, trained_runs, monkeypa
     method = "dlb"
     straight = trained_runs(method)  # 1 epoch of 4 steps, uninterrupted
     run_dir = tmp_path / "interrupted"
-    monkeypatch.setenv(engine.TEST_SIGNAL_ENV, "2:TERM")  # SIGTERM after step 2 of 4: checkpoint and stop
-    with pytest.raises(engine.Interrupted):
-        engine.train_into(tiny_recipe({"name": method}), run_dir, progress=engine.Progress(enabled=False))
+    monkeypatch.setenv(stopping.TEST_SIGNAL_ENV, "2:TERM")  # SIGTERM after step 2 of 4: checkpoint and stop
+    with pytest.raises(training.Interrupted):
+        training.train_into(tiny_recipe({"name": method}), run_dir, progress=training.Progress(enabled=False))
     interrupted = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert (interrupted["epoch"], interrupted["step_in_epoch"]) == (0, 2)
     assert interrupted["method"]["stored_logits"].shape == (16, 10)  # step 2's new half, for step 3
-    monkeypatch.delenv(engine.TEST_SIGNAL_ENV)
-    engine.resume(run_dir, progress=engine.Progress(enabled=False))
+    monkeypatch.delenv(stopping.TEST_SIGNAL_ENV)
+    training.resume(run_dir, progress=training.Progress(enabled=False))
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     for key, value in a["model"].items():

@@ -1,5 +1,5 @@
 """ls, tf-kd-reg, tf-kd-self, ps-kd, zipf-ls and uskd against their formulas (hand-made tensors, the expected
-values computed independently with plain Python loops and math), plus their wiring into the engine."""
+values computed independently with plain Python loops and math), plus their wiring into the training."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from torch import nn
 
 from ipasdctl.config import load_recipe
 from ipasdctl.data.base import Batch
-from ipasdctl.engine import Progress, Trainer, count_params, load_run_model, train
+from ipasdctl.models import count_params
+from ipasdctl.runs import load_model as load_run_model
+from ipasdctl.training import Progress, Trainer, train
 from ipasdctl.errors import UserError
-from ipasdctl.io import load_checkpoint
+from ipasdctl.files import load_checkpoint
 from ipasdctl.methods import MethodContext, TrainingNet, build_method
 from ipasdctl.methods.memory import SampleMemory
 from ipasdctl.methods.ps_kd import pskd_alpha

@@ -1,4 +1,4 @@
-"""ipasdctl.metrics against hand-computed values and plain-Python loop references."""
+"""ipasdctl.analysis.metrics against hand-computed values and plain-Python loop references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ipasdctl import metrics
+from ipasdctl.analysis import metrics
 
 
 def logits_with_confidences(confidences, correct, num_classes=10):

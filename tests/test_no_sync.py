@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ipasdctl.perf import StepRunner, quick_recipe
-from ipasdctl.registry import METHODS, load_all
-
-load_all()
+from benchmarks.support import StepRunner, quick_recipe
+from ipasdctl.methods import METHODS
 TRAPPED = ("item", "cpu", "tolist", "numpy", "__bool__")
 
 

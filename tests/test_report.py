@@ -11,9 +11,9 @@ import pytest
 
 from ipasdctl.cli import main
 from ipasdctl.config import load_recipe
-from ipasdctl.engine import Progress, train, train_into
-from ipasdctl.evaluation import EVAL_FILES, load_eval
-from ipasdctl.reports import Run, group_runs
+from ipasdctl.training import Progress, train, train_into
+from ipasdctl.analysis.evaluation import EVAL_FILES, load_eval
+from ipasdctl.analysis.collect import Run, group_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TSNE_POINTS = "60"  # keeps t-SNE cheap on the shared CPUs
@@ -95,10 +95,9 @@ def test_eval_of_a_run_folder_writes_every_file(trained_run, capsys):
 
 
 def test_eval_of_an_onnx_model_writes_its_eval_json_beside_it(trained_run, tmp_path, capsys):
-    export = pytest.importorskip("ipasdctl.export")
-    if not hasattr(export, "evaluate_onnx") or not hasattr(export, "export_onnx"):
-        pytest.skip("ipasdctl.export has no evaluate_onnx/export_onnx yet")
-    export.export_onnx(trained_run, tmp_path, validation_batch_sizes=(1,))
+    from ipasdctl.deploy import export_onnx
+
+    export_onnx(trained_run, tmp_path, validation_batch_sizes=(1,))
     model = tmp_path / f"{trained_run.name}.onnx"
     capsys.readouterr()  # drop what the exporter printed
     code, out, err = run_cli(["eval", str(model), "--batch-size", "100"], capsys)
@@ -186,7 +185,6 @@ def test_report_defaults_to_the_first_folder_and_takes_run_folders(comparison, t
 
 
 def test_report_selection_table_from_exports(comparison, tmp_path, capsys):
-    pytest.importorskip("ipasdctl.selection")
     exports = tmp_path / "exports"
     exports.mkdir()
     out_dir = tmp_path / "report"

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from ipasdctl.cli import main
-from ipasdctl.engine import RunLock
-from ipasdctl.io import load_checkpoint
+from ipasdctl.runs import RunLock
+from ipasdctl.files import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}

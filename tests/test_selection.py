@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ipasdctl.errors import UserError
-from ipasdctl.selection import best_under_budget, pareto_mask, selection_table, write_selection
+from ipasdctl.analysis.selection import best_under_budget, pareto_mask, selection_table, write_selection
 
 RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
                   "params", "macs", "train_seconds", "images_per_second", "run_dir"]

@@ -15,7 +15,7 @@ from ipasdctl.config import DataConfig, load_recipe
 from ipasdctl.data import build_data
 from ipasdctl.data.base import Augment, RandomBatches, balanced_subset
 from ipasdctl.data.cifar import load_cifar10
-from ipasdctl.io import load_checkpoint
+from ipasdctl.files import load_checkpoint
 
 
 def write_cifar10(root, per_batch=20, test=30, seed=0):
@@ -161,9 +161,9 @@ def test_train_refuses_bad_input_without_leaving_a_run_folder(tmp_path, capsys):
 
 def test_recipes_in_the_repo_all_load():
     from ipasdctl.config import RECIPES_DIR
-    from ipasdctl.registry import DATASETS, METHODS, MODELS, load_all
-
-    load_all()
+    from ipasdctl.data import DATASETS
+    from ipasdctl.methods import METHODS
+    from ipasdctl.models import MODELS
     for path in RECIPES_DIR.glob("*.yaml"):
         recipe = load_recipe(str(path))
         assert recipe.data.name in DATASETS and recipe.model.arch in MODELS and recipe.method["name"] in METHODS
@@ -186,7 +186,7 @@ def test_digits_is_embedded_and_split_stratified():
 def test_channels_last_on_cpu_by_default_and_numerically_the_same_step():
     """NHWC trains 1.02-1.58x faster on CPU (oneDNN): on by default, off with train.channels_last=false, and a
     step in either layout from the same weights on the same batch gives the same weights."""
-    from ipasdctl.perf import StepRunner, quick_recipe
+    from benchmarks.support import StepRunner, quick_recipe
 
     def runner(channels_last: bool) -> StepRunner:
         torch.manual_seed(0)
@@ -209,3 +209,23 @@ def test_channels_last_on_cpu_by_default_and_numerically_the_same_step():
         r.step(b)
     for (name, a), (_, b) in zip(nhwc.trainer.model.state_dict().items(), nchw.trainer.model.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-4), name
+
+
+def test_nproc_relaunches_the_same_command_line_without_nproc(monkeypatch, tmp_path):
+    """`train --nproc N` hands each process the options as given (read from the command's own definition)."""
+    from ipasdctl.training import launcher
+
+    launched = []
+    monkeypatch.setattr(launcher, "launch", lambda nproc, args, recipe: launched.append((nproc, args)) or 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--nproc", "2", "--epochs", "1", "--lr", "0.5", "--set", "train.batch_size=8", "--set",
+              "data.train_subset=64", "--no-compile", "-q", "--out", str(tmp_path)])
+    assert exit_info.value.code == 0
+    nproc, args = launched[0]
+    assert nproc == 2 and args[0] == "train" and "--nproc" not in args
+    def value(flag):
+        return args[args.index(flag) + 1]
+
+    assert value("--epochs") == "1" and value("--lr") == "0.5" and value("--out") == str(tmp_path)
+    assert args.count("--set") == 2 and "train.batch_size=8" in args and "data.train_subset=64" in args
+    assert "--no-compile" in args and "--quiet" in args and "--sync-bn" not in args

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..registry import DATASETS
-from . import cifar, digits, imagefolder, imagenet, synthetic, tiny_imagenet  # noqa: F401  (registration)
-from .base import Augment, Batch, ImageData, RandomBatches, TensorLoader, eval_batches
+from ..registry import import_submodules
+from .base import DATASETS, Augment, Batch, ImageData, RandomBatches, TensorLoader, eval_batches
+
+import_submodules(__name__, __path__, skip=("base", "files", "samplers"))  # each module registers its data sets
 
 
 def build_data(cfg) -> ImageData:
@@ -16,4 +16,4 @@ def build_data(cfg) -> ImageData:
     return data
 
 
-__all__ = ["Augment", "Batch", "ImageData", "RandomBatches", "TensorLoader", "build_data", "eval_batches", "UserError"]
+__all__ = ["DATASETS", "Augment", "Batch", "ImageData", "RandomBatches", "TensorLoader", "build_data", "eval_batches"]

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..registry import Registry
+
+DATASETS: Registry = Registry("dataset")
 
 
 class LabelledSplits:

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..registry import DATASETS
-from .base import ImageData
+from .base import DATASETS, ImageData
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

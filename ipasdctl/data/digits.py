@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..registry import DATASETS
-from .base import ImageData
+from .base import DATASETS, ImageData
 
 SIZE = 16
 TEST_FRACTION = 0.2

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..registry import DATASETS
+from .base import DATASETS
 from .files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip, ResizeCenterCrop,
                     SmallImageTransform, scan_image_folder, stratified_split)
 

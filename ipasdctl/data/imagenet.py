@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 from ..errors import UserError
-from ..registry import DATASETS
+from .base import DATASETS
 from .files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip, ResizeCenterCrop,
                     is_image_file, scan_image_folder)
 from .imagefolder import check_image_size, require_folder

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import DATASETS
-from .base import ImageData
+from .base import DATASETS, ImageData
 
 NUM_TRAIN, NUM_TEST, NUM_CLASSES = 50_000, 10_000, 10
 

@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from ..registry import DATASETS
-from .base import ImageData
+from .base import DATASETS, ImageData
 from .files import as_file_array, decode_all, is_image_file
 from .imagefolder import check_image_size
 

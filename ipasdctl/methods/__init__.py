@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import dataclasses
 
-from ..registry import METHODS
-from .base import Method, MethodContext, TrainingNet
+from ..registry import import_submodules
+from .base import METHODS, Collectives, Method, MethodContext, TrainingNet
 
-# every module in this package registers its method(s) on import: adding a file adds a method
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("base",):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__, skip=("base",))  # each module registers its method(s): a file adds one
 
 
 def method_class(name: str) -> type[Method]:
@@ -19,9 +15,7 @@ def method_class(name: str) -> type[Method]:
 
 
 def resolved_method_config(method_cfg: dict) -> dict:
-    """{"name": ..., every parameter with its default filled in}: what config.yaml records."""
-    import dataclasses
-
+    """{"name": ..., every parameter with its default filled in}, values checked: what config.yaml records."""
     cls = method_class(method_cfg.get("name", "ipasd"))
     return {"name": method_cfg.get("name", "ipasd"), **dataclasses.asdict(cls.parse_params(method_cfg))}
 
@@ -31,4 +25,5 @@ def build_method(method_cfg: dict, ctx: MethodContext) -> Method:
     return cls(cls.parse_params(method_cfg), ctx)
 
 
-__all__ = ["Method", "MethodContext", "TrainingNet", "build_method", "method_class", "resolved_method_config"]
+__all__ = ["METHODS", "Collectives", "Method", "MethodContext", "TrainingNet", "build_method", "method_class",
+           "resolved_method_config"]

@@ -107,10 +107,13 @@ class AuxiliaryHeadMethod(Method):
     """A method that trains auxiliary heads beside the backbone (BYOT, DKS): `params.T` (positive) and
     `params.aux_stages`; the heads are its `extra_module`, so they train and checkpoint but never deploy."""
 
-    def __init__(self, params, ctx: MethodContext):
-        super().__init__(params, ctx)
+    @classmethod
+    def check_params(cls, params) -> None:
         if params.T <= 0:
             raise UserError(f"method.T must be positive, got {params.T}")
+
+    def __init__(self, params, ctx: MethodContext):
+        super().__init__(params, ctx)
         self.heads = AuxiliaryHeads(ctx.stage_channels, ctx.num_classes, params.aux_stages)
 
     def extra_module(self):

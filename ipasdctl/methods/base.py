@@ -5,11 +5,16 @@ A method sees a batch (images, labels, dataset indices) and the training network
 is a detached scalar loss term (`loss_ce`, `loss_kd`, ...) that the engine averages per epoch, so a training
 curve explains itself. Per-sample memories and prototypes are method state: they go into the checkpoint.
 Auxiliary heads (`extra_module`) are trained with the network and dropped for evaluation and export.
+
+A method states its name once (`name`, read by `@METHODS.register`), checks its parameters' values when they
+are parsed (`check_params`, so a bad `--set` is refused before anything trains), declares the trained run it
+needs (`reference_run_param`) instead of being known by name elsewhere, and reaches the other processes of a
+run only through `ctx.collectives` (the identity on one process; training/distributed.py under several).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -17,11 +22,37 @@ from torch import nn
 
 from ..config import build_dataclass
 from ..errors import UserError
+from ..registry import Registry
+
+METHODS: Registry = Registry("method")
 
 
 @dataclass
 class NoParams:
     pass
+
+
+class Collectives:
+    """How a method's state reaches the other processes of a run. This one is a single process: every call is
+    the identity. Under several processes the trainer hands `training.distributed.DistributedCollectives`."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def gather_rows(self, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's (indices, rows), for an index write that may see a row twice (no host read)."""
+        return indices, rows
+
+    def all_gather_rows(self, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's (indices, rows) exactly, in rank order (reads sizes from the device: checkpoints only)."""
+        return indices, rows
+
+    def all_reduce_sum(self, *tensors: torch.Tensor) -> None:
+        """Sum each tensor in place over the ranks."""
 
 
 @dataclass
@@ -35,8 +66,8 @@ class MethodContext:
     batch_size: int
     seed: int
     device: torch.device
-    run_dir: Optional[str] = None
     channels_last: bool = False  # the batches' memory layout (a model a method builds itself should match)
+    collectives: Collectives = field(default_factory=Collectives)
 
 
 class Method:
@@ -44,6 +75,9 @@ class Method:
 
     name: str = "base"
     Params = NoParams
+    # the parameter that names a trained run of the reference method (ce) to distil from; `compare` fills it
+    # with the reference run of the same seed (trained first) when the user leaves it empty
+    reference_run_param: Optional[str] = None
 
     def __init__(self, params, ctx: MethodContext):
         self.params = params
@@ -51,8 +85,16 @@ class Method:
 
     @classmethod
     def parse_params(cls, values: dict):
+        """The method's Params from a recipe's `method:` mapping, every key, type and value checked."""
         values = {k: v for k, v in values.items() if k != "name"}
-        return build_dataclass(cls.Params, values, where="method")
+        params = build_dataclass(cls.Params, values, where="method")
+        cls.check_params(params)
+        return params
+
+    @classmethod
+    def check_params(cls, params) -> None:
+        """Value checks of the parameters alone (a UserError each); checks that need the model or the data
+        set stay in the constructor."""
 
     # ------------------------------------------------------------------ hooks with defaults
     def extra_module(self) -> Optional[nn.Module]:

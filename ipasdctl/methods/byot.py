@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..registry import METHODS
+from .base import METHODS
 from .aux_heads import AuxiliaryHeadMethod, distill_kl
-from .base import MethodContext
 
 FEATURE_LOSSES = ("map_mse", "pooled_masked_sum")
 
@@ -69,15 +68,16 @@ def byot_loss(main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], mai
     return {"loss": loss, "loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach(), "loss_feat": loss_feat.detach()}
 
 
-@METHODS.register("byot")
+@METHODS.register
 class BeYourOwnTeacher(AuxiliaryHeadMethod):
     name = "byot"
     Params = BYOTParams
 
-    def __init__(self, params: BYOTParams, ctx: MethodContext):
+    @classmethod
+    def check_params(cls, params) -> None:
+        super().check_params(params)
         if params.feat_loss not in FEATURE_LOSSES:
             raise UserError(f"method.feat_loss must be one of {', '.join(FEATURE_LOSSES)}, got '{params.feat_loss}'")
-        super().__init__(params, ctx)
 
     def loss(self, net, batch) -> dict:
         out = net(batch.images)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..registry import METHODS
-from .base import Method
+from .base import METHODS, Method
 
 
-@METHODS.register("ce")
+@METHODS.register
 class CrossEntropy(Method):
     name = "ce"
 

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from ..data.samplers import ClassPairBatches
 from ..errors import UserError
-from ..registry import METHODS
+from .base import METHODS, Method
 from .aux_heads import distill_kl
-from .base import Method, MethodContext
 
 
 @dataclass
@@ -44,13 +43,13 @@ def class_wise_loss(anchor_logits: torch.Tensor, partner_logits: torch.Tensor, l
     return {"loss": loss_ce + kd_weight * loss_kd, "loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach()}
 
 
-@METHODS.register("cs-kd")
+@METHODS.register
 class ClassWiseKD(Method):
     name = "cs-kd"
     Params = CSKDParams
 
-    def __init__(self, params: CSKDParams, ctx: MethodContext):
-        super().__init__(params, ctx)
+    @classmethod
+    def check_params(cls, params) -> None:
         if params.T <= 0:
             raise UserError(f"method.T must be positive, got {params.T}")
 

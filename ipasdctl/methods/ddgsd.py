@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..registry import METHODS
+from .base import METHODS, Method
 from .aux_heads import distill_kl
-from .base import Method, MethodContext
 
 MMD_KINDS = ("scalar", "vector")
 
@@ -60,13 +59,13 @@ def ddgsd_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, features_1: torch
     return {"loss": loss, "loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach(), "loss_mmd": loss_mmd.detach()}
 
 
-@METHODS.register("ddgsd")
+@METHODS.register
 class DataDistortionSD(Method):
     name = "ddgsd"
     Params = DDGSDParams
 
-    def __init__(self, params: DDGSDParams, ctx: MethodContext):
-        super().__init__(params, ctx)
+    @classmethod
+    def check_params(cls, params) -> None:
         if params.mmd not in MMD_KINDS:
             raise UserError(f"method.mmd must be one of {', '.join(MMD_KINDS)}, got '{params.mmd}'")
         if params.T <= 0:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..registry import METHODS
+from .base import METHODS
 from .aux_heads import AuxiliaryHeadMethod, distill_kl
 
 
@@ -46,7 +46,7 @@ def dks_loss(all_logits: Sequence[torch.Tensor], labels: torch.Tensor, temperatu
     return {"loss": loss, "loss_ce": loss_ce.detach(), "loss_kd": loss_kd.detach()}
 
 
-@METHODS.register("dks")
+@METHODS.register
 class KnowledgeSynergy(AuxiliaryHeadMethod):
     name = "dks"
     Params = DKSParams

@@ -19,8 +19,8 @@ run resumed mid-epoch continues exactly. Readings chosen, from the authors' dlb.
 - The logits and labels returned (train accuracy) are the new half's, as the authors' accuracy.
 Several processes (with `OverlapBatches.sharded`): each rank's repeated share is the new share it trained on
 one step before, so its stored logits stay local and no step communicates for them. A checkpoint gathers the
-ranks' stored logits in rank order (`all_gather_rows`, set by the engine): that is the previous new chunk in
-order, and a resumed rank keeps its share of it for the number of processes it runs with (`shard`), which is
+ranks' stored logits in rank order (the context's `collectives.all_gather_rows`): that is the previous new chunk in
+order, and a resumed rank keeps its share of it for the number of processes it runs with (`collectives.rank`, `world_size`), which is
 the repeated share its plan gives it. Should the plans of two process counts differ at that step (a last
 chunk smaller than the process count is left out of an epoch), the first step after a resume finds stored
 logits of other samples and stops with an error instead of distilling from the wrong ones. Two forwards
@@ -39,9 +39,8 @@ import torch.nn.functional as F
 
 from ..data.samplers import OverlapBatches
 from ..errors import UserError
-from ..registry import METHODS
+from .base import METHODS, Collectives, Method, MethodContext
 from .aux_heads import distill_kl
-from .base import Method, MethodContext
 
 
 @dataclass
@@ -69,15 +68,14 @@ def dlb_loss(new_logits: torch.Tensor, new_labels: torch.Tensor, repeated_logits
 class LastStepLogits:
     """The logits (and dataset indices) of the last step's new half: the next step's repeated half.
 
-    Under several processes each rank holds those of its own share; `all_gather_rows` and `shard` (set by
-    the engine) make the checkpoint hold every rank's, and a resumed rank take its share back.
+    Under several processes each rank holds those of its own share; the collectives' `all_gather_rows`
+    make the checkpoint hold every rank's, and a resumed rank take its share back (its `rank`, `world_size`).
     """
 
-    def __init__(self, num_classes: int, device):
+    def __init__(self, num_classes: int, device, collectives: Optional[Collectives] = None):
         self.logits = torch.zeros(0, num_classes, device=device)
         self.indices = torch.zeros(0, dtype=torch.long, device=device)
-        self.all_gather_rows = None  # set by the distributed engine
-        self.shard = (0, 1)  # (rank, world), set by the distributed engine
+        self.collectives = collectives or Collectives()
         self.check_against_plan = False  # after a resume: compare the first repeated half with the plan's
 
     def store(self, indices: torch.Tensor, logits: torch.Tensor) -> None:
@@ -86,12 +84,12 @@ class LastStepLogits:
 
     def state_dict(self) -> dict:
         indices, logits = self.indices, self.logits
-        if self.all_gather_rows is not None:
-            indices, logits = self.all_gather_rows(indices, logits)
+        if self.collectives.enabled:
+            indices, logits = self.collectives.all_gather_rows(indices, logits)
         return {"stored_logits": logits, "stored_indices": indices}
 
     def load_state_dict(self, state: dict, device) -> None:
-        rank, world = self.shard
+        rank, world = self.collectives.rank, self.collectives.world_size
         self.logits = state["stored_logits"].to(device, torch.float32).tensor_split(world)[rank]
         self.indices = state["stored_indices"].to(device, torch.long).tensor_split(world)[rank]
         self.check_against_plan = True
@@ -104,16 +102,19 @@ class LastStepLogits:
                             "resume this run with the number of processes it was checkpointed with")
 
 
-@METHODS.register("dlb")
+@METHODS.register
 class LastMiniBatch(Method):
     name = "dlb"
     Params = DLBParams
 
-    def __init__(self, params: DLBParams, ctx: MethodContext):
-        super().__init__(params, ctx)
+    @classmethod
+    def check_params(cls, params) -> None:
         if params.T <= 0:
             raise UserError(f"method.T must be positive, got {params.T}")
-        self.last_step = LastStepLogits(ctx.num_classes, ctx.device)
+
+    def __init__(self, params: DLBParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        self.last_step = LastStepLogits(ctx.num_classes, ctx.device, ctx.collectives)
 
     @property
     def stored_logits(self) -> torch.Tensor:

@@ -9,7 +9,7 @@ With memories S[i] (last prototype prediction), L[i] (last softmax) and prototyp
 Fixes over the authors' release: the compactness term has its gradient (con_grad=false restores the
 release's detached, inert term for comparison), the 0/0 blend guard, detached prototype accumulation,
 memories and prototypes as device tensors in the training state (and the checkpoint), no per-sample loops.
-Several processes (distributed.py): the memories stay what one process holds (every rank writes its rows
+Several processes (training/distributed.py, through the context's collectives): the memories stay what one process holds (every rank writes its rows
 everywhere), the prototypes are summed over ranks, and a_S, a_L are counted per rank sub-batch, as the
 single-process method counts them per batch.
 """
@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..registry import METHODS
-from .base import Method, MethodContext
-from .memory import SampleMemory
+from ..errors import UserError
+from .base import METHODS, Collectives, Method, MethodContext
+from .memory import SampleMemory, check_memory_dtype
 
 
 @dataclass
@@ -54,9 +54,11 @@ def blend_weights(labels: torch.Tensor, s_rows: torch.Tensor, l_rows: torch.Tens
 
 
 def prototype_logits(embedding: torch.Tensor, prototypes: torch.Tensor, tau: float) -> torch.Tensor:
-    """cos(g_i, P_c) / tau for every class c (prototypes are not assumed normalised)."""
-    g = F.normalize(embedding.float(), dim=1)
-    return g @ F.normalize(prototypes, dim=1).t() / tau
+    """cos(g_i, P_c) / tau for every class c (prototypes are not assumed normalised), in float32 even under
+    autocast: a bf16 matmul here flips the argmax of prototype predictions, which feed the blend weights."""
+    with torch.autocast(embedding.device.type, enabled=False):
+        g = F.normalize(embedding.float(), dim=1)
+        return g @ F.normalize(prototypes.float(), dim=1).t() / tau
 
 
 def ipasd_loss(logits: torch.Tensor, embedding: torch.Tensor, labels: torch.Tensor,
@@ -88,18 +90,17 @@ def ipasd_loss(logits: torch.Tensor, embedding: torch.Tensor, labels: torch.Tens
 class Prototypes:
     """Class means of the normalised embeddings seen in an epoch (accumulated detached, on the device).
 
-    Several processes: each rank sums its own samples; `all_reduce` (set by the engine) sums the ranks' sums
-    and counts where they are used, at the epoch's end and in a checkpoint, which therefore holds the global
-    sums. A rank restoring them keeps them only if it is rank 0 (`shard`), so the next sum counts them once.
+    Several processes: each rank sums its own samples; `collectives.all_reduce_sum` sums the ranks' sums and
+    counts where they are used, at the epoch's end and in a checkpoint, which therefore holds the global sums.
+    A rank restoring them keeps them only if it is rank 0, so the next sum counts them once.
     """
 
-    def __init__(self, num_classes: int, dim: int, device):
+    def __init__(self, num_classes: int, dim: int, device, collectives: Optional[Collectives] = None):
         self.sums = torch.zeros(num_classes, dim, device=device)
         self.counts = torch.zeros(num_classes, device=device)
         self.current = torch.zeros(num_classes, dim, device=device)  # P(e-1), in use this epoch
         self.ready = False  # no prototypes during epoch 0
-        self.all_reduce = None  # set by the distributed engine: sums tensors in place over ranks
-        self.shard = (0, 1)  # (rank, world), set by the distributed engine
+        self.collectives = collectives or Collectives()
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -112,10 +113,10 @@ class Prototypes:
 
     def global_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums, counts) over every rank (copies when several processes; this rank's own stay as they are)."""
-        if self.all_reduce is None:
+        if not self.collectives.enabled:
             return self.sums, self.counts
         sums, counts = self.sums.clone(), self.counts.clone()
-        self.all_reduce(sums, counts)
+        self.collectives.all_reduce_sum(sums, counts)
         return sums, counts
 
     def finish_epoch(self) -> None:
@@ -131,25 +132,34 @@ class Prototypes:
         device = self.sums.device
         self.sums = state["sums"].to(device)
         self.counts = state["counts"].to(device)
-        if self.shard[0] != 0:
+        if self.collectives.rank != 0:
             self.sums.zero_()
             self.counts.zero_()
         self.current = state["current"].to(device)
         self.ready = bool(state["ready"])
 
 
-@METHODS.register("ipasd")
+@METHODS.register
 class IPASD(Method):
     name = "ipasd"
     Params = IPASDParams
 
+    @classmethod
+    def check_params(cls, params: IPASDParams) -> None:
+        if not params.tau > 0:
+            raise UserError(f"method.tau must be positive, got {params.tau}")
+        if params.w_div < 0 or params.w_con < 0:
+            raise UserError(f"method.w_div and method.w_con must not be negative, got {params.w_div}, {params.w_con}")
+        check_memory_dtype(params.memory_dtype)
+
     def __init__(self, params: IPASDParams, ctx: MethodContext):
         super().__init__(params, ctx)
         onehot = F.one_hot(ctx.train_labels, ctx.num_classes).float()
+        memory = (ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot, ctx.collectives)
         # epoch 0: both memories hold one-hot labels, so epoch 0 trains with plain cross-entropy
-        self.last_softmax = SampleMemory(ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot)
-        self.last_proto = SampleMemory(ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot)
-        self.prototypes = Prototypes(ctx.num_classes, ctx.embed_dim, ctx.device)
+        self.last_softmax = SampleMemory(*memory)
+        self.last_proto = SampleMemory(*memory)
+        self.prototypes = Prototypes(ctx.num_classes, ctx.embed_dim, ctx.device, ctx.collectives)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.prototypes.reset()

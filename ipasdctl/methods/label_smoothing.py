@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..registry import METHODS
-from .base import Method, MethodContext
+from .base import METHODS, Method, MethodContext
 
 
 @dataclass
@@ -35,15 +34,18 @@ def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float)
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-@METHODS.register("ls")
+@METHODS.register
 class LabelSmoothing(Method):
     name = "ls"
     Params = LabelSmoothingParams
 
-    def __init__(self, params: LabelSmoothingParams, ctx: MethodContext):
-        super().__init__(params, ctx)
+    @classmethod
+    def check_params(cls, params) -> None:
         if not 0.0 <= params.eps < 1.0:
             raise UserError(f"method.eps must be in [0, 1), got {params.eps}")
+
+    def __init__(self, params: LabelSmoothingParams, ctx: MethodContext):
+        super().__init__(params, ctx)
         if ctx.num_classes < 2:
             raise UserError("label smoothing needs at least 2 classes")
 

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..registry import METHODS
-from .base import Method, MethodContext
-from .memory import SampleMemory
+from .base import METHODS, Method, MethodContext
+from .memory import SampleMemory, check_memory_dtype
 
 
 @dataclass
@@ -41,17 +40,22 @@ def pskd_loss(logits: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-@METHODS.register("ps-kd")
+@METHODS.register
 class PSKD(Method):
     name = "ps-kd"
     Params = PSKDParams
 
-    def __init__(self, params: PSKDParams, ctx: MethodContext):
-        super().__init__(params, ctx)
+    @classmethod
+    def check_params(cls, params) -> None:
         if not 0.0 <= params.alpha_T <= 1.0:
             raise UserError(f"method.alpha_T must be in [0, 1], got {params.alpha_T}")
+        check_memory_dtype(params.memory_dtype)
+
+    def __init__(self, params: PSKDParams, ctx: MethodContext):
+        super().__init__(params, ctx)
         onehot = F.one_hot(ctx.train_labels, ctx.num_classes).float()
-        self.last_softmax = SampleMemory(ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot)
+        self.last_softmax = SampleMemory(ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot,
+                                         ctx.collectives)
 
     def loss(self, net, batch) -> dict:
         out = net(batch.images)

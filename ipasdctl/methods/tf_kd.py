@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..registry import METHODS
-from .base import Method, MethodContext
+from ..runs import load_model
+from .base import METHODS, Method, MethodContext
 
 CORRECT_PROB = 0.99  # the virtual teacher's probability on the label (fixed in the release)
 
@@ -87,23 +87,26 @@ def tf_kd_self_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return {"loss": (1.0 - alpha) * loss_ce + alpha * loss_kd, "loss_ce": loss_ce, "loss_kd": loss_kd}
 
 
-def _check_common(alpha: float, temperature: float, multiplier: float) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"method.alpha must be in [0, 1], got {alpha}")
-    if not temperature > 0:
-        raise UserError(f"method.temperature must be positive, got {temperature}")
-    if multiplier < 0:
-        raise UserError(f"method.multiplier must not be negative, got {multiplier}")
+class TfKDMethod(Method):
+    """What both variants check: alpha in [0, 1], a positive temperature, a non-negative multiplier."""
+
+    @classmethod
+    def check_params(cls, params) -> None:
+        if not 0.0 <= params.alpha <= 1.0:
+            raise UserError(f"method.alpha must be in [0, 1], got {params.alpha}")
+        if not params.temperature > 0:
+            raise UserError(f"method.temperature must be positive, got {params.temperature}")
+        if params.multiplier < 0:
+            raise UserError(f"method.multiplier must not be negative, got {params.multiplier}")
 
 
-@METHODS.register("tf-kd-reg")
-class TfKDReg(Method):
+@METHODS.register
+class TfKDReg(TfKDMethod):
     name = "tf-kd-reg"
     Params = TfKDRegParams
 
     def __init__(self, params: TfKDRegParams, ctx: MethodContext):
         super().__init__(params, ctx)
-        _check_common(params.alpha, params.temperature, params.multiplier)
         if ctx.num_classes < 2:
             raise UserError("tf-kd-reg needs at least 2 classes")
 
@@ -117,15 +120,13 @@ class TfKDReg(Method):
 
 def load_teacher(run_dir: Optional[str], num_classes: int, device, channels_last: bool = False) -> torch.nn.Module:
     """The frozen, eval-mode best model of a finished run; a UserError for anything unusable."""
-    from ..engine import load_run_model  # the engine imports the methods package: import it late
-
     if not run_dir:
         raise UserError("method tf-kd-self needs a teacher: train one first (e.g. `ipasdctl train --set "
                         "method.name=ce`), then pass its run folder with --set method.teacher=RUN_FOLDER")
     if not Path(run_dir).is_dir():
         raise UserError(f"method.teacher={run_dir}: no such run folder; give the folder of a finished "
                         "`ipasdctl train` run")
-    model, state, _ = load_run_model(Path(run_dir), "best", str(device))
+    model, state, _ = load_model(Path(run_dir), "best", str(device))
     if int(state["num_classes"]) != num_classes:
         raise UserError(f"method.teacher={run_dir} has {state['num_classes']} classes but this data set has "
                         f"{num_classes}; use a teacher trained on the same data set")
@@ -136,14 +137,14 @@ def load_teacher(run_dir: Optional[str], num_classes: int, device, channels_last
     return model
 
 
-@METHODS.register("tf-kd-self")
-class TfKDSelf(Method):
+@METHODS.register
+class TfKDSelf(TfKDMethod):
     name = "tf-kd-self"
     Params = TfKDSelfParams
+    reference_run_param = "teacher"  # `compare` gives it the ce run of the same seed
 
     def __init__(self, params: TfKDSelfParams, ctx: MethodContext):
         super().__init__(params, ctx)
-        _check_common(params.alpha, params.temperature, params.multiplier)
         # a plain attribute, not a submodule of the training network: never trained, never exported
         self.teacher = load_teacher(params.teacher, ctx.num_classes, ctx.device, ctx.channels_last)
 

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..registry import METHODS
-from .base import Method, MethodContext
+from .base import METHODS, Method, MethodContext
 from .zipf_ls import non_target_columns
 
 WEAK_LABEL_WEIGHT = 0.9  # the weak head's target: 0.9 onehot + 0.1 / K (fixed in the release)
@@ -102,7 +101,7 @@ def uskd_loss(logits: torch.Tensor, weak_logits: torch.Tensor, labels: torch.Ten
             "loss_weak": loss_weak}
 
 
-@METHODS.register("uskd")
+@METHODS.register
 class USKD(Method):
     name = "uskd"
     Params = USKDParams

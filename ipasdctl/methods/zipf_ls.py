@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..registry import METHODS
-from .base import Method, MethodContext
+from .base import METHODS, Method, MethodContext
 
 UPSAMPLE_MODES = ("none", "bilinear", "bicubic")
 
@@ -96,17 +95,20 @@ def zipf_ls_loss(logits: torch.Tensor, votes: torch.Tensor, labels: torch.Tensor
     return {"loss": loss_ce + loss_lambda * loss_zipf, "loss_ce": loss_ce, "loss_zipf": loss_zipf}
 
 
-@METHODS.register("zipf-ls")
+@METHODS.register
 class ZipfLS(Method):
     name = "zipf-ls"
     Params = ZipfLSParams
 
-    def __init__(self, params: ZipfLSParams, ctx: MethodContext):
-        super().__init__(params, ctx)
+    @classmethod
+    def check_params(cls, params) -> None:
         if params.upsample not in UPSAMPLE_MODES:
             raise UserError(f"method.upsample must be one of {', '.join(UPSAMPLE_MODES)}, got '{params.upsample}'")
         if params.loss_lambda < 0:
             raise UserError(f"method.loss_lambda must not be negative, got {params.loss_lambda}")
+
+    def __init__(self, params: ZipfLSParams, ctx: MethodContext):
+        super().__init__(params, ctx)
         if ctx.num_classes < 2:
             raise UserError("zipf-ls needs at least 2 classes")
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from ..registry import import_submodules
+from .base import MODELS, ClassifierBase, count_macs, count_params
 
-from ..registry import MODELS
-from .base import ClassifierBase
-
-# every module in this package registers its architectures on import
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__, skip=("base", "catalog"))  # each module registers its architectures
 
 
 def build_model(arch: str, num_classes: int) -> ClassifierBase:
     return MODELS.get(arch)(num_classes)
 
 
-__all__ = ["ClassifierBase", "build_model"]
+__all__ = ["MODELS", "ClassifierBase", "build_model", "count_macs", "count_params"]

@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..registry import Registry
+
+MODELS: Registry = Registry("arch")
+
 
 class ClassifierBase(nn.Module):
     embed_dim: int
@@ -56,3 +60,20 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, image_shape, device) -> int:
+    """Multiply-accumulates of one forward at batch 1 (FLOPs / 2, torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, *image_shape, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops() // 2)

@@ -2,7 +2,7 @@
 parameters and multiply-accumulates (MACs) of one forward pass at batch 1 and that size.
 
 CIFAR-style models declare `default_input_size = 32`, the torchvision ImageNet models 224 (a model without the
-attribute is taken as 32). MACs come from `ipasdctl.engine.count_macs` (torch.utils.flop_counter: FLOPs / 2).
+attribute is taken as 32). MACs come from `models.count_macs` (torch.utils.flop_counter: FLOPs / 2).
 The models are built and run on the `meta` device by default: shapes only, no weights initialised and no
 arithmetic done, so the whole table takes seconds; the counts are exactly those of a CPU run (the tests check).
 """
@@ -10,6 +10,10 @@ arithmetic done, so the whole table takes seconds; the counts are exactly those 
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+import torch
+
+from . import MODELS, build_model, count_macs, count_params
 
 DEFAULT_INPUT_SIZE = 32
 
@@ -29,11 +33,6 @@ def model_row(name: str, num_classes: Optional[int] = None, input_size: Optional
 
     `num_classes` None: 100 for the CIFAR-style models, 1000 for the ImageNet ones (default_num_classes).
     """
-    import torch
-
-    from ..engine import count_macs, count_params
-    from . import build_model
-
     def build(classes: int):
         with torch.device(device):
             return build_model(name, classes)
@@ -64,8 +63,6 @@ def model_table(names: Optional[Sequence[str]] = None, num_classes: Optional[int
     Params and MACs are those of a `num_classes`-way classifier; None gives each model its usual data set's
     (CIFAR-100 for the 32x32 models, ImageNet for the 224x224 ones), so the counts match published ones.
     """
-    from ..registry import MODELS
-
     return [model_row(name, num_classes, device=device) for name in (names if names is not None else MODELS.names())]
 
 

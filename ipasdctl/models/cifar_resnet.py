@@ -15,8 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..registry import MODELS
-from .base import ClassifierBase
+from .base import MODELS, ClassifierBase
 
 
 class BasicBlock(nn.Module):

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .base import ClassifierBase
+from .base import MODELS, ClassifierBase
 
 # (expansion t, output channels c, blocks n, stride s of the first block, stage it ends in)
 CIFAR_SETTINGS = [

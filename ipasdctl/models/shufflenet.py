@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import MODELS
-from .base import ClassifierBase
+from .base import MODELS, ClassifierBase
 
 
 def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import MODELS
-from .base import ClassifierBase
+from .base import MODELS, ClassifierBase
 
 
 class TorchvisionClassifier(ClassifierBase):

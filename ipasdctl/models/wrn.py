@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import MODELS
-from .base import ClassifierBase
+from .base import MODELS, ClassifierBase
 from .cifar_resnet import PreActBlock
 
 

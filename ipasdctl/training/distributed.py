@@ -37,38 +37,34 @@ Choices, and why:
   the loop checks them (every step on CPU, every `FINITE_CHECK_STEPS` steps on CUDA, where a per-step host
   read would stall the GPU), so every rank checkpoints and stops at the same step.
 
-Method state declares what it needs with attributes that the engine fills in (`attach_method_hooks`, a scan
-of the method's attributes; no method is known by name):
+The contract with the methods is explicit: a method's state talks to the other ranks only through the
+`Collectives` object in its MethodContext (methods/base.py: one process, every call the identity); under
+several processes the trainer hands it `DistributedCollectives` (below):
 - `gather_rows(indices, rows)` -> every rank's (indices, rows), for an idempotent index write (a rank's rows
   may be followed by repeats of its last pair); reads nothing from the device. SampleMemory.
 - `all_gather_rows(indices, rows)` -> every rank's (indices, rows) exactly, in rank order (reads the sizes:
   for checkpoints only). DLB's stored logits.
-- `all_reduce(*tensors)`: sums in place over ranks. Prototypes.
-- `shard = (rank, world)`: which part of restored state this rank keeps. Prototypes, DLB's stored logits.
+- `all_reduce_sum(*tensors)`: sums in place over ranks. Prototypes.
+- `rank`, `world_size`: which part of restored state this rank keeps. Prototypes, DLB's stored logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ..data.base import step_seed
+from ..errors import UserError
+from ..methods import Collectives
 
 
 SYNC_BN_NEEDS_CUDA = ("--sync-bn (train.sync_bn) needs CUDA: nn.SyncBatchNorm has no CPU implementation; "
                       "drop --sync-bn on CPU")
-ERROR_DIR_ENV = "IPASDCTL_ERROR_DIR"  # set by `train --nproc`: where each worker leaves its one-line error
-SHUTDOWN_SECONDS = "300"  # torchrun's wait for the workers' last checkpoint after a signal, before SIGKILL
 
 
 @dataclass
@@ -153,8 +149,6 @@ def rank_seed(seed: int, ctx: DistContext) -> int:
     ranks' sub-batches of a step are not augmented with the same crops and flips."""
     if not ctx.enabled:
         return seed
-    from .data.base import step_seed
-
     return step_seed(seed, 0, ctx.rank, 97)
 
 
@@ -199,15 +193,17 @@ def all_gather_rows(indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Te
     return idx, out
 
 
-class RowGatherer:
-    """`gather_rows` of the per-sample memories: every rank's (indices, rows) for an index write, with no
-    read from the device. Each rank pads to `capacity` rows (the largest per-rank batch of the epoch, set by
-    the engine) by repeating its last pair; the repeats write a row that is written anyway."""
+class DistributedCollectives(Collectives):
+    """The Collectives of a method's state under several processes (see the module docstring).
 
-    def __init__(self):
+    `gather_rows` pads each rank's rows to `capacity` (the largest per-rank batch of the epoch, set by the
+    trainer once per epoch) by repeating its last pair; the repeats write a row that is written anyway."""
+
+    def __init__(self, ctx: DistContext):
+        self.rank, self.world_size = ctx.rank, ctx.world_size
         self.capacity = 0
 
-    def __call__(self, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_rows(self, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not _active():
             return indices, rows
         count = indices.shape[0]  # a shape: known on the host
@@ -225,22 +221,16 @@ class RowGatherer:
         dist.all_gather(all_rows, rows.contiguous())
         return torch.cat(all_idx), torch.cat(all_rows)
 
+    def all_gather_rows(self, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return all_gather_rows(indices, rows)
 
-def attach_method_hooks(method, ctx: DistContext, gatherer: RowGatherer) -> None:
-    """Fill in the distributed hooks that the method's state declares (see the module docstring)."""
-    if not ctx.enabled:
-        return
-    for state in vars(method).values():
-        if isinstance(state, torch.Tensor):
-            continue
-        if hasattr(state, "gather_rows"):
-            state.gather_rows = gatherer
-        if hasattr(state, "all_gather_rows"):
-            state.all_gather_rows = all_gather_rows
-        if hasattr(state, "all_reduce"):
-            state.all_reduce = all_reduce_sum
-        if hasattr(state, "shard"):
-            state.shard = (ctx.rank, ctx.world_size)
+    def all_reduce_sum(self, *tensors: torch.Tensor) -> None:
+        all_reduce_sum(*tensors)
+
+
+def collectives_for(ctx: DistContext) -> Collectives:
+    """What a method's state uses to reach the other ranks: the identity on one process."""
+    return DistributedCollectives(ctx) if ctx.enabled else Collectives()
 
 
 def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
@@ -302,135 +292,3 @@ def on_main(ctx: DistContext, action: Callable[[], object]):
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
-
-
-def destroy(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ------------------------------------------------------------------------------------------------ launching
-
-
-def hand_error_to_launcher(message: str, exit_code: int, traceback_text: Optional[str] = None) -> bool:
-    """A worker of `train --nproc` leaves its error for the launch instead of printing it: a one-line user
-    error (message, exit status), or the traceback of an unexpected exception. After the launch, the rank that
-    failed first is reported, once (`report_failure`): a peer's failure makes the others fail too, and their
-    errors would only bury it. False outside such a launch (the caller prints it itself)."""
-    folder = os.environ.get(ERROR_DIR_ENV)
-    ctx = context_from_env()
-    if not folder or not ctx.enabled:
-        return False
-    name, text = (f"rank{ctx.rank:06d}.traceback", traceback_text) if traceback_text is not None else \
-        (f"rank{ctx.rank:06d}.error", f"{exit_code}\n{message}")
-    try:
-        Path(folder, name).write_text(text)
-    except OSError:
-        return False
-    return True
-
-
-def report_failure(folder: str, rank: Optional[int], exit_code: int) -> int:
-    """Print what the rank that failed first left (its one-line error, else its traceback; a rank killed by a
-    signal left nothing, so one line says so) and return the launch's exit status. rank None: no rank failed
-    on its own (a stop by signal): print the lowest rank's one-line error, if one met any."""
-    if rank is None:
-        errors = sorted(Path(folder).glob("rank*.error"))
-        error = errors[0] if errors else None
-    else:
-        error = Path(folder, f"rank{rank:06d}.error")
-    if error is not None and error.exists():
-        code, _, message = error.read_text().partition("\n")
-        print(f"error: {message}", file=sys.stderr)
-        return int(code) if code.strip().isdigit() and exit_code > 0 else _status(exit_code)  # its own status
-    if rank is None:
-        return _status(exit_code)
-    traceback_file = Path(folder, f"rank{rank:06d}.traceback")
-    if traceback_file.exists():
-        print(traceback_file.read_text(), end="", file=sys.stderr)
-    elif exit_code < 0:
-        print(f"error: {_killed_line(rank, -exit_code)}", file=sys.stderr)
-    return _status(exit_code)
-
-
-def _status(code: int) -> int:
-    """A process's exit status as a shell reports it: killed by signal N is 128 + N."""
-    return 128 - code if code < 0 else code
-
-
-def _killed_line(rank: int, signum: int) -> str:
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    hint = " (out of memory? lower --batch-size or --nproc)" if signum == signal.SIGKILL else ""
-    return (f"the training process of rank {rank} was killed by {name}{hint}; a run resumes from its last "
-            "checkpoint with: ipasdctl train --resume RUN")
-
-
-def launch(nproc: int, args: list[str], recipe=None) -> int:
-    """`ipasdctl train --nproc N`: run `python -m ipasdctl <args>` as N processes on this machine through
-    torchrun (`python -m ipasdctl.torchrun --standalone --nproc_per_node N`: torch.distributed.run without its
-    traceback), wait, and return its exit status. A new run's recipe is checked first, so a bad option is one
-    line, not N tracebacks; an error the workers meet later is printed once, the first failing rank's, with
-    its status (`report_failure`).
-
-    Signals: torchrun is started in a session of its own and SIGINT/SIGTERM are forwarded to it once, so a
-    Ctrl-C reaches each worker exactly once (through torchrun): they agree on a step, checkpoint and stop;
-    the status is then 130/143, as a single process. Unless set, OMP_NUM_THREADS is the CPU count / N (torchrun
-    would set 1) and torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 s for that last checkpoint."""
-    if nproc < 1:
-        raise UserError(f"--nproc must be 1 or more, got {nproc}")
-    if context_from_env().enabled:
-        raise UserError("--nproc starts the processes itself; under torchrun leave it out")
-    if recipe is not None:
-        _check_launch(nproc, recipe)
-    with tempfile.TemporaryDirectory(prefix="ipasdctl-errors-") as errors:
-        code, received = _run_torchrun(nproc, args, errors)  # ipasdctl.torchrun reports a failure
-    if received:  # stopped by the user: the status says so, as for one process
-        return 128 + received[0]
-    return _status(code)
-
-
-def _run_torchrun(nproc: int, args: list[str], errors: str) -> tuple[int, list[int]]:
-    command = [sys.executable, "-m", "ipasdctl.torchrun", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "ipasdctl", *args]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_SECONDS)
-    env[ERROR_DIR_ENV] = errors
-    process = subprocess.Popen(command, env=env, start_new_session=True)
-    received: list[int] = []
-
-    def forward(signum, _frame) -> None:
-        received.append(signum)
-        if process.poll() is None:
-            process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return code, received
-
-
-def _check_launch(nproc: int, recipe) -> None:
-    from . import runtime
-    from .engine import check_recipe
-
-    check_recipe(recipe)
-    t = recipe.train
-    if t.batch_size < nproc:
-        raise UserError(f"batch size {t.batch_size} is smaller than --nproc {nproc}: it is the global batch, "
-                        f"shared out among the processes; use --batch-size {nproc} or more")
-    device = runtime.resolve_device(t.device)
-    if device.type == "cuda":
-        if device.index is not None:
-            raise UserError(f"--device {t.device}: with --nproc each process uses its own GPU; use --device cuda")
-        if nproc > torch.cuda.device_count():
-            raise UserError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()}; "
-                            "use fewer processes (or --device cpu)")
-    elif t.sync_bn:
-        raise UserError(SYNC_BN_NEEDS_CUDA)

@@ -1,7 +1,7 @@
-"""`python -m ipasdctl.torchrun ARGS`: torchrun (torch.distributed.run) as `train --nproc` starts it.
+"""`python -m ipasdctl.training.torchrun ARGS`: torchrun (torch.distributed.run) as `train --nproc` starts it.
 
 It ends with the exit status of the worker that failed first, instead of torchrun's ChildFailedError
-traceback, and prints that worker's error once (`distributed.report_failure`): its one-line error, its
+traceback, and prints that worker's error once (`launcher.report_failure`): its one-line error, its
 traceback, or, for a worker killed by a signal (out of memory, say), one line saying so. The other workers'
 errors (a peer's death breaks their collectives) are left out.
 torchrun's own warnings and error lines ("Sending process ... closing signal", "failed (exitcode: 2)") are
@@ -27,7 +27,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if quiet:
         del os.environ["LOGLEVEL"]  # not for the workers
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the plain getLogger ones
-    from .distributed import ERROR_DIR_ENV, report_failure
+    from .launcher import ERROR_DIR_ENV, report_failure
 
     folder = os.environ.get(ERROR_DIR_ENV)
     try:

@@ -1,15 +1,14 @@
 """`ipasdctl eval`: evaluate a run folder's checkpoint on the test set and write the results beside it.
 
 A run folder gets eval.json (top-1/top-5 %, NLL, ECE over 15 bins with the reliability bins, feature
-compactness: see ipasdctl/metrics.py for the formulas), per_class.csv, reliability.png, embedding_tsne.csv
-(the 2-D t-SNE coordinates, so reports can redraw them) and embedding_tsne.png. An exported .onnx model is
-evaluated with onnxruntime through ipasdctl.export.evaluate_onnx and gets <model>.eval.json beside it.
+compactness: see metrics.py for the formulas), per_class.csv, reliability.png, embedding_tsne.csv (the 2-D
+t-SNE coordinates, so reports can redraw them) and embedding_tsne.png. An exported .onnx model is evaluated
+with onnxruntime through deploy.onnx_test_accuracy and gets <model>.eval.json beside it.
 The forward passes run in fp32 on the chosen device; every metric is computed on whole tensors.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -18,32 +17,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import metrics
-from .errors import UserError
-from .io import atomic_write_json, atomic_write_text
+from .. import runtime
+from ..data import build_data
+from ..deploy import onnx_test_accuracy
+from ..errors import UserError
+from ..files import atomic_write_json, atomic_write_text
+from ..runs import RunFolder, load_model, read_json
+from . import metrics, plots
 
 EVAL_FILES = ("eval.json", "per_class.csv", "reliability.png", "embedding_tsne.png", "embedding_tsne.csv")
 TSNE_POINTS = 2000
 REQUIRED_EVAL_KEYS = {"checkpoint", "epoch", "top1", "top5", "nll", "ece", "reliability", "compactness"}
-
-
-def check_run_folder(run_dir: Path) -> Path:
-    """The folder itself, or a UserError saying why it is no run folder."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise UserError(f"{run_dir} does not exist; pass a run folder written by `ipasdctl train` or a .onnx file")
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is neither a run folder nor a .onnx model; pass a folder written by "
-                        "`ipasdctl train` or an exported .onnx file")
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints").is_dir():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml and checkpoints/ in it); pass a folder "
-                        "written by `ipasdctl train`")
-    return run_dir
-
-
-def is_run_folder(path: Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
 @torch.no_grad()
@@ -153,20 +137,13 @@ def read_tsne_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return frame[["x", "y"]].to_numpy(np.float32), frame["label"].to_numpy(np.int64)
 
 
-def evaluate_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] = None, device: str = "auto",
-                 batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS) -> dict:
+def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] = None, device: str = "auto",
+             batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS) -> dict:
     """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json."""
-    from . import runtime
-    from .data import build_data
-    from .engine import load_run_model
-    from .registry import load_all
-    from . import reports
-
-    load_all()
-    run_dir = check_run_folder(run_dir)
+    run_dir = RunFolder(run_dir).check().path
     started = time.perf_counter()
     torch_device = runtime.resolve_device(device)
-    model, state, recipe = load_run_model(run_dir, checkpoint, str(torch_device))
+    model, state, recipe = load_model(run_dir, checkpoint, str(torch_device))
     if data_root is not None:
         recipe.data.root = str(data_root)
     data = build_data(recipe.data)
@@ -201,24 +178,19 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Pa
     title = f"{recipe.data.name}, {recipe.model.arch}, {method} (seed {recipe.train.seed}, {checkpoint} checkpoint)"
     atomic_write_text(run_dir / "per_class.csv", per_class_csv(class_names, columns))
     atomic_write_text(run_dir / "embedding_tsne.csv", tsne_csv(coords, tsne_labels))
-    reports.plot_reliability(result["reliability"], result["ece"], run_dir / "reliability.png", title)
-    reports.plot_tsne(coords, tsne_labels, class_names, run_dir / "embedding_tsne.png", title)
+    plots.plot_reliability(result["reliability"], result["ece"], run_dir / "reliability.png", title)
+    plots.plot_tsne(coords, tsne_labels, class_names, run_dir / "embedding_tsne.png", title)
     summary["seconds"] = time.perf_counter() - started
     atomic_write_json(run_dir / "eval.json", summary)
     return summary
 
 
-def evaluate_onnx_model(model_path: Path, data_root: Optional[Path] = None, batch_size: int = 256) -> dict:
+def eval_onnx_model(model_path: Path, data_root: Optional[Path] = None, batch_size: int = 256) -> dict:
     """Top-1/top-5 of an exported model through onnxruntime; writes <model>.eval.json beside it."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"{model_path} does not exist; export a run first (ipasdctl export RUN_FOLDER --onnx)")
-    try:
-        from .export import evaluate_onnx
-    except ImportError:
-        raise UserError("evaluating .onnx models needs ipasdctl.export.evaluate_onnx, which this installation "
-                        "lacks; evaluate the run folder instead") from None
-    result = evaluate_onnx(model_path, data_root, batch_size)
+    result = onnx_test_accuracy(model_path, data_root, batch_size)
     result = {"model": str(model_path), **dict(result)}
     atomic_write_json(model_path.with_suffix(".eval.json"), result)
     return result
@@ -232,13 +204,7 @@ def format_summary(result: dict) -> str:
 
 
 def load_eval(run_dir: Path) -> Optional[dict]:
-    path = Path(run_dir) / "eval.json"
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(result, dict) or not REQUIRED_EVAL_KEYS <= set(result):
+    result = read_json(Path(run_dir) / "eval.json")
+    if result is None or not REQUIRED_EVAL_KEYS <= set(result):
         return None  # not written by this version: evaluate again
     return result

@@ -16,38 +16,31 @@ export leaves no half-written model behind.
   per-channel weights, MinMax ranges calibrated on training images (normalised, not augmented); its test
   top-1 is measured with onnxruntime on the whole test set next to the fp32 model's.
 """
-
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import UserError
-
-EXPORT_FORMAT = "ipasdctl-export-1"
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-ATOL = 1e-4
-RTOL = 1e-3
-VALIDATION_BATCH_SIZES = (1, 7, 64)  # batch 1, an odd batch, 64
-# protobuf cannot hold a model of 2 GiB or more in one file; stay well below it
-SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
-# metadata values that are JSON (lists, numbers); the rest are plain strings
-_JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_classes", "epoch", "opset",
-              "calibration_samples", "fp32_test_top1")
+from .. import __version__ as ipasdctl_version
+from .. import runtime
+from ..data import build_data
+from ..errors import UserError
+from ..files import atomic_write_json
+from ..models import count_macs, count_params
+from ..runs import load_model
+from .int8 import calibration_batches, quantize_int8
+from . import onnx_files
+from .onnx_files import (ATOL, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, RTOL,
+                         VALIDATION_BATCH_SIZES, file_size, first_line, opset_of, quiet_exporters, ort_session,
+                         session_accuracy, set_metadata)
 
 
 class ExportValidationError(UserError):
@@ -56,176 +49,40 @@ class ExportValidationError(UserError):
     exit_code = 1
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def _ort():
-    import onnxruntime
-
-    return onnxruntime
-
-
-def cpu_session(model_path: Path, threads: Optional[int] = None, provider: str = "CPUExecutionProvider"):
-    """An onnxruntime session on one provider; a file onnxruntime cannot load is a UserError."""
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=[provider])
-    except Exception as exc:  # onnxruntime raises its own pybind exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load {model_path}: {first[:200]}") from None
-
-
-def check_onnx_file(model_path: Path):
-    """The ModelProto of `model_path` (external data not loaded); anything that is not an ONNX model is a UserError."""
-    import onnx
-
-    model_path = Path(model_path)
-    if not model_path.exists():
-        raise UserError(f"{model_path} does not exist; give the path of an exported .onnx model")
-    if not model_path.is_file():
-        raise UserError(f"{model_path} is not a file; give the path of an exported .onnx model")
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception:  # DecodeError and friends
-        raise UserError(f"{model_path} is not an ONNX model (it does not parse as one); "
-                        "give a file written by `ipasdctl export --onnx`") from None
-    if model.ir_version <= 0 or not model.graph.node or not model.graph.input:
-        raise UserError(f"{model_path} is not an ONNX model (no graph in it); "
-                        "give a file written by `ipasdctl export --onnx`")
-    return model
-
-
-def read_metadata(model_path: Path) -> dict:
-    """The model's `metadata_props` as a dict, JSON-valued keys (lists, numbers) decoded."""
-    model = check_onnx_file(model_path)
-    return decode_metadata({p.key: p.value for p in model.metadata_props})
-
-
-def decode_metadata(props: dict) -> dict:
-    out = {}
-    for key, value in props.items():
-        if key in _JSON_KEYS:
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass
-        out[key] = value
-    return out
-
-
-def encode_metadata(values: dict) -> dict[str, str]:
-    return {k: (json.dumps(v) if k in _JSON_KEYS else str(v)) for k, v in values.items() if v is not None}
-
-
-def set_metadata(model_path: Path, values: dict) -> None:
-    """Replace the model-level metadata keys in `values` (file rewritten in place: it is a staging file)."""
-    import onnx
-
-    model = onnx.load(str(model_path))
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update(encode_metadata(values))
-    del model.metadata_props[:]
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    _save_model(model, model_path)
-
-
-def _save_model(model, path: Path) -> None:
-    import onnx
-
-    path = Path(path)
-    data_path = path.with_name(path.name + ".data")
-    # the whole model is in memory; onnx appends to an existing data file, so start from none
-    data_path.unlink(missing_ok=True)
-    external = sum(t.ByteSize() for t in model.graph.initializer) > SINGLE_FILE_LIMIT_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data_path.name if external else None)
-    if data_path.exists():
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(data_path, 0o666 & ~umask)  # onnx creates it private; give the model file's permissions
-
-
-def _file_size(path: Path) -> int:
-    """Bytes of the model including its external data file, if any."""
-    size = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    return size + (data.stat().st_size if data.exists() else 0)
-
-
-@contextlib.contextmanager
-def _quiet_exporters():
-    """The exporters log conversion attempts, deprecations and tracebacks they recover from: keep them out."""
-    names = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir", "root")
-    loggers = [logging.getLogger(n) if n != "root" else logging.getLogger() for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line[:300]}"
-
-
-# ------------------------------------------------------------------------------------------------ export
-
-
 def _parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def _opset_of(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
 def export_model(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: Optional[int] = None) -> dict:
     """Write `model` (eval mode) to `path` with a dynamic batch axis; the dynamo exporter first, TorchScript if
     it fails or cannot reach `opset`. Returns {"exporter", "opset", "fallback_reason"}."""
     model.eval()
-    external = _parameter_bytes(model) > SINGLE_FILE_LIMIT_BYTES
+    external = _parameter_bytes(model) > onnx_files.SINGLE_FILE_LIMIT_BYTES
     reason = None
     try:
         batch = torch.export.Dim("batch", min=1)
-        with _quiet_exporters():
+        with quiet_exporters():
             program = torch.onnx.export(model, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},),
                                         external_data=external, verbose=False)
             program.save(str(path), external_data=external)
-        got = _opset_of(path)
+        got = opset_of(path)
         if opset is None or got == opset:
             return {"exporter": "dynamo", "opset": got, "fallback_reason": None}
         reason = f"the dynamo exporter produced opset {got}, not the requested {opset}"
     except Exception as exc:  # the exporter raises many types; the reason goes into the json
-        reason = f"dynamo exporter failed: {_first_line(exc)}"
+        reason = f"dynamo exporter failed: {first_line(exc)}"
     for leftover in (path, path.with_name(path.name + ".data")):
         leftover.unlink(missing_ok=True)
     try:
-        with _quiet_exporters():
+        with quiet_exporters():
             torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               opset_version=opset or 17, dynamo=False, do_constant_folding=True,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     except Exception as exc:
         raise UserError(f"ONNX export failed with both exporters ({reason}; TorchScript exporter: "
-                        f"{_first_line(exc)}); try another --opset") from None
-    return {"exporter": "torchscript", "opset": _opset_of(path), "fallback_reason": reason}
+                        f"{first_line(exc)}); try another --opset") from None
+    return {"exporter": "torchscript", "opset": opset_of(path), "fallback_reason": reason}
 
 
 def run_checker(path: Path) -> None:
@@ -234,7 +91,7 @@ def run_checker(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise ExportValidationError(f"onnx.checker rejects the exported {path.name}: {_first_line(exc)}") from None
+        raise ExportValidationError(f"onnx.checker rejects the exported {path.name}: {first_line(exc)}") from None
 
 
 def _sample_images(data, count: int) -> np.ndarray:
@@ -265,7 +122,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float = 
 def validate_against_torch(model: torch.nn.Module, onnx_path: Path, images: np.ndarray,
                            batch_sizes: Sequence[int], atol: float = ATOL, rtol: float = RTOL) -> list[dict]:
     """onnxruntime vs PyTorch on `images[:b]` for each batch size b; raises ExportValidationError past tolerance."""
-    session = cpu_session(onnx_path)
+    session = ort_session(onnx_path)
     results = []
     for b in batch_sizes:
         x = images[:b]
@@ -283,115 +140,6 @@ def validate_against_torch(model: torch.nn.Module, onnx_path: Path, images: np.n
                 f"atol {atol:g} / rtol {rtol:g} (top-1 agreement {100 * figures['top1_agreement']:.1f}%); "
                 "nothing was written — try another --opset, or report the model")
     return results
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-
-
-def evaluate_session(session, data, batch_size: int = 256) -> dict:
-    """Top-1 / top-5 (%) and n of an onnxruntime session on the data set's whole test set."""
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
-    k = min(5, data.num_classes)
-    top1 = topk = n = 0
-    input_name = session.get_inputs()[0].name
-    for x, y in data.test_batches(batch_size, torch.device("cpu")):
-        logits = session.run(None, {input_name: np.ascontiguousarray(x.float().numpy())})[0]
-        labels = y.numpy()
-        pred = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        top1 += int((pred[:, 0] == labels).sum())
-        topk += int((pred == labels[:, None]).any(1).sum())
-        n += labels.shape[0]
-    if n == 0:
-        raise UserError("the test set is empty; nothing to evaluate")
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "n": n}
-
-
-def evaluate_onnx(model_path: Path, data_root: str | None, batch_size: int = 256) -> dict:
-    """Top-1 / top-5 (%) and n of an exported model, with onnxruntime (CPU), on the test set of the data set
-    named in its metadata."""
-    from .config import DataConfig
-    from .data import build_data
-
-    model_path = Path(model_path)
-    check_onnx_file(model_path)
-    meta = read_metadata(model_path)
-    if not meta.get("dataset"):
-        raise UserError(f"{model_path} has no 'dataset' in its metadata; evaluate models written by "
-                        "`ipasdctl export --onnx`")
-    config = DataConfig(name=meta["dataset"], root=str(data_root) if data_root is not None else None)
-    if meta.get("data_image_size"):
-        config = replace(config, image_size=int(meta["data_image_size"]))
-    data = build_data(config)
-    expected = meta.get("input_size")
-    if expected and list(data.image_shape) != list(expected):
-        raise UserError(f"{model_path} takes {expected} images but data set '{meta['dataset']}' has "
-                        f"{list(data.image_shape)}; give the data set it was trained on")
-    return evaluate_session(cpu_session(model_path), data, batch_size)
-
-
-# ------------------------------------------------------------------------------------------------ INT8
-
-
-def calibration_batches(data, samples: int, batch_size: int = 64, seed: int = 0) -> Iterator[np.ndarray]:
-    """`samples` training images (a seeded random choice), normalised and not augmented, in batches."""
-    from .data import RandomBatches
-
-    if samples <= 0:
-        raise UserError(f"--calib-samples must be positive, got {samples}")
-    samples = min(samples, data.num_train)
-    plan = RandomBatches(data.train_labels, min(batch_size, samples), seed)
-    loader = data.train_loader(plan, seed, torch.device("cpu"), False, False)
-    given = 0
-    for batch in loader.epoch(0):
-        x = batch.images[: samples - given]
-        given += x.shape[0]
-        yield np.ascontiguousarray(x.float().numpy())
-        if given >= samples:
-            return
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterator[np.ndarray], work_dir: Path) -> dict:
-    """Static INT8 (QDQ, per-channel weights, MinMax) after onnxruntime's pre-processing."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, batches):
-            self.batches = iter(batches)
-            self.count = 0
-
-        def get_next(self):
-            x = next(self.batches, None)
-            if x is None:
-                return None
-            self.count += x.shape[0]
-            return {INPUT_NAME: x}
-
-    pre_path = work_dir / f"{fp32_path.stem}-preprocessed.onnx"
-    external = _file_size(fp32_path) > SINGLE_FILE_LIMIT_BYTES
-    with _quiet_exporters():
-        try:
-            quant_pre_process(str(fp32_path), str(pre_path), save_as_external_data=external,
-                              all_tensors_to_one_file=True)
-        except Exception as exc:
-            raise UserError(f"onnxruntime's quantization pre-processing failed: {_first_line(exc)}") from None
-        reader = Reader(calibration)
-        settings = {"quant_format": "QDQ", "per_channel": True, "activation_type": "QInt8",
-                    "weight_type": "QInt8", "calibrate_method": "MinMax"}
-        try:
-            quantize_static(str(pre_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
-                            calibration_providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise UserError(f"INT8 quantization failed: {_first_line(exc)}") from None
-    settings["calibration_samples"] = reader.count
-    return settings
-
-
-# ------------------------------------------------------------------------------------------------ the command
 
 
 def _prepare_out(out_dir: Path) -> Path:
@@ -420,12 +168,6 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     import onnx
     import onnxruntime
 
-    from . import __version__ as ipasdctl_version
-    from . import runtime
-    from .data import build_data
-    from .engine import count_macs, count_params, load_run_model
-    from .io import atomic_write_json
-
     run_dir = Path(run_dir)
     if opset is not None and not 7 <= opset <= onnx.defs.onnx_opset_version():
         raise UserError(f"--opset must be between 7 and {onnx.defs.onnx_opset_version()}, got {opset}")
@@ -435,7 +177,7 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         raise UserError(f"--calib-samples must be positive, got {calib_samples}")
     if not validation_batch_sizes or min(validation_batch_sizes) <= 0:
         raise UserError("validation batch sizes must be positive integers")
-    model, state, recipe = load_run_model(run_dir, checkpoint, device="cpu")
+    model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
     out_dir = _prepare_out(out_dir)
     name = name or (run_dir.resolve().name + ("" if checkpoint == "best" else f"-{checkpoint}"))
     if os.sep in name or name.startswith("."):
@@ -497,7 +239,7 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
             "fallback_reason": exporter["fallback_reason"],
             "opset": exporter["opset"],
             "export_seconds": export_seconds,
-            "file_size_bytes": _file_size(fp32_path),
+            "file_size_bytes": file_size(fp32_path),
             "validation": {"atol": ATOL, "rtol": RTOL, "provider": "CPUExecutionProvider",
                            "images": "test set", "batches": validation},
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
@@ -507,13 +249,13 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         }
         int8_record = None
         if int8:
-            fp32_eval = evaluate_session(cpu_session(fp32_path), data, eval_batch_size)
+            fp32_eval = session_accuracy(ort_session(fp32_path), data, eval_batch_size)
             int8_path = staging / f"{name}-int8.onnx"
             settings = quantize_int8(fp32_path, int8_path, calibration_batches(data, calib_samples), staging)
             (staging / f"{fp32_path.stem}-preprocessed.onnx").unlink(missing_ok=True)
             run_checker(int8_path)
-            int8_session = cpu_session(int8_path)
-            fp32_session = cpu_session(fp32_path)
+            int8_session = ort_session(int8_path)
+            fp32_session = ort_session(fp32_path)
             agreement = []
             for b in validation_batch_sizes:
                 x = images[:b]
@@ -521,10 +263,10 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                                           int8_session.run(None, {INPUT_NAME: x})[0])
                 figures.pop("within_tolerance")  # INT8 is not expected to match fp32 to 1e-4
                 agreement.append({"batch_size": int(b), **figures})
-            int8_eval = evaluate_session(int8_session, data, eval_batch_size)
+            int8_eval = session_accuracy(int8_session, data, eval_batch_size)
             del int8_session, fp32_session
             set_metadata(int8_path, {**base_meta, "precision": "int8", "exporter": exporter["exporter"],
-                                     "opset": _opset_of(int8_path), "test_top1": int8_eval["top1"],
+                                     "opset": opset_of(int8_path), "test_top1": int8_eval["top1"],
                                      "fp32_test_top1": fp32_eval["top1"],
                                      "quantization": "static QDQ, per-channel int8 weights, int8 activations, "
                                                      f"MinMax on {settings['calibration_samples']} training images",
@@ -536,12 +278,12 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                 "name": f"{name}-int8",
                 "onnx_file": int8_path.name,
                 "precision": "int8",
-                "opset": _opset_of(int8_path),
+                "opset": opset_of(int8_path),
                 "test_top1": int8_eval["top1"],
                 "onnx_test": int8_eval,
                 "fp32_onnx_test": fp32_eval,
                 "quantization": settings,
-                "file_size_bytes": _file_size(int8_path),
+                "file_size_bytes": file_size(int8_path),
                 "validation": {"reference": f"{fp32_path.name} (onnxruntime)", "images": "test set",
                                "batches": agreement},
             }

@@ -1,6 +1,6 @@
 """Evaluation metrics as pure tensor functions (no files, no models): accuracy, calibration, compactness.
 
-- Top-k accuracy (%): the share of samples whose label is among the k largest logits.
+- Top-k accuracy (%): the share of samples whose label is among the k largest logits (accuracy.py).
 - Negative log-likelihood (nats): NLL = -(1/n) sum_i log softmax(z_i)[y_i].
 - Expected calibration error (Guo, Pleiss, Sun, Weinberger, "On Calibration of Modern Neural Networks",
   ICML 2017): the confidence c_i = max_k softmax(z_i)_k falls into one of M = 15 equal-width bins
@@ -23,16 +23,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..accuracy import topk_hits
+
 ECE_BINS = 15
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """{k: accuracy in %} for each k (k larger than the number of classes counts every sample correct)."""
-    largest = min(max(ks), logits.shape[1])
-    top = logits.topk(largest, dim=1).indices
-    hits = top == labels[:, None]
+    """{k: accuracy in %} for each k (k larger than the number of classes counts every sample correct; ties
+    broken by class index, see accuracy.py)."""
     n = max(labels.numel(), 1)
-    return {k: 100.0 * hits[:, :min(k, largest)].any(1).sum().item() / n for k in ks}
+    return {k: 100.0 * hits / n for k, hits in zip(ks, topk_hits(logits, labels, ks).tolist())}
 
 
 def negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> float:

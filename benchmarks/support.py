@@ -1,4 +1,4 @@
-"""Measurements behind the performance claims: method overhead per training step, the data pipeline against
+"""Benchmark support (not part of the package): measurements behind the performance claims: method overhead per training step, the data pipeline against
 the common torchvision+PIL DataLoader, and the size of per-sample memories. Used by benchmarks/ (run on
 demand with pytest-benchmark) and benchmarks/gpu_check.py; none of it runs in the test suite's hot path.
 
@@ -16,8 +16,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import runtime
-from .config import Recipe, load_recipe
+from ipasdctl import runtime
+from ipasdctl.config import Recipe, load_recipe
+from ipasdctl.methods.memory import DTYPES
+from ipasdctl.training import Progress, Trainer
 
 
 def sync(device: torch.device) -> None:
@@ -42,8 +44,6 @@ class StepRunner:
     """One method's training steps on real batches of its own sampler, outside the engine's bookkeeping."""
 
     def __init__(self, recipe: Recipe):
-        from .engine import Trainer, Progress
-
         self.trainer = Trainer(recipe, None, Progress(enabled=False))
         self.device = self.trainer.device
         self.trainer.method.on_epoch_start(1 if recipe.train.epochs > 1 else 0)
@@ -193,8 +193,6 @@ def pipeline_epoch_rates(recipe: Recipe, workers: Sequence[int] = (0, 2), epochs
 
 
 def memory_table_bytes(num_samples: int, num_classes: int, dtype: str, tables: int = 2) -> dict:
-    from .methods.memory import DTYPES
-
     per_entry = torch.empty((), dtype=DTYPES[dtype]).element_size()
     return {"dtype": dtype, "bytes_per_sample_and_class_per_table": per_entry,
             "bytes_per_sample_and_class": per_entry * tables,

@@ -16,7 +16,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from .. import runtime
+from ..errors import UserError
+from ..files import atomic_write_text
+from ..runs import RunFolder, load_model, read_json
+from .onnx_files import check_onnx_file, decode_metadata, ort_session
 
 LATENCY_CSV = "latency.csv"
 PERCENTILES = (50, 90, 99)
@@ -71,42 +75,6 @@ def _input_shape(model_path: Path, meta: dict, proto) -> list[int]:
     return shape
 
 
-def _export_record(model_path: Path) -> dict:
-    import json
-
-    path = model_path.with_suffix(".json")
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _ort_session(model_path: Path, providers: list[str], threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"onnxruntime cannot load {model_path}: {first[:200]}") from None
-
-
-def _torch_model(torch_run: Path, checkpoint: str):
-    from .engine import load_run_model
-
-    model, _state, _recipe = load_run_model(torch_run, checkpoint, device="cpu")
-    return model
-
-
 def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Optional[int] = None,
           runs: int = 200, warmup: Optional[int] = None, torch_run: Optional[Path] = None,
           out: Optional[Path] = None, with_torch: bool = True, log: Optional[Callable[[str], None]] = None):
@@ -118,10 +86,6 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     """
     import pandas as pd
     import torch
-
-    from . import runtime
-    from .export import check_onnx_file, decode_metadata
-    from .io import atomic_write_text
 
     model_path = Path(model_path)
     proto = check_onnx_file(model_path)
@@ -137,15 +101,15 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         raise UserError(f"--warmup must not be negative, got {warmup}")
     csv_path = _csv_path(model_path, out)
     shape = _input_shape(model_path, meta, proto)
-    record = _export_record(model_path)
+    record = read_json(model_path.with_suffix(".json")) or {}
     checkpoint = record.get("checkpoint") or meta.get("checkpoint") or "best"
     if torch_run is None and with_torch:
         recorded = record.get("run_dir") or meta.get("source_run")
-        if recorded and (Path(recorded) / "checkpoints" / f"{checkpoint}.pt").is_file():
+        if recorded and RunFolder(recorded).checkpoint(checkpoint).is_file():
             torch_run = Path(recorded)
         elif log:
             log("no PyTorch run folder (--torch) and none recorded beside the model: timing onnxruntime only")
-    torch_model = _torch_model(torch_run, checkpoint) if (torch_run is not None and with_torch) else None
+    torch_model = load_model(torch_run, checkpoint, device="cpu")[0] if (torch_run is not None and with_torch) else None
 
     import onnxruntime as ort
 
@@ -159,7 +123,7 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     inputs = {b: rng.standard_normal((b, *shape), dtype=np.float32) for b in sizes}
 
     def ort_backend(providers):
-        session = _ort_session(model_path, providers, threads)
+        session = ort_session(model_path, threads, providers)
         used = session.get_providers()[0]
         if used != providers[0]:
             return None

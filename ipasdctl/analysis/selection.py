@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
+from ..deploy.bench import read_latency_csv
+from ..errors import UserError
+from ..files import atomic_write_text
 
 GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
@@ -110,8 +112,6 @@ def load_exports(exports_dir: Path) -> pd.DataFrame:
 def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str = "onnxruntime",
                    provider: str = "CPUExecutionProvider", latency_stat: str = "p50_ms") -> pd.DataFrame:
     """The latency of each benchmarked model (model_key) at one batch size, backend and provider."""
-    from .bench import read_latency_csv
-
     frames = []
     for csv_path in _visible(Path(exports_dir).rglob("latency.csv"), Path(exports_dir)):
         table = read_latency_csv(csv_path)
@@ -253,8 +253,6 @@ def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
 
 def write_selection(df: pd.DataFrame, path: Path) -> Path:
     """selection.csv, written atomically."""
-    from .io import atomic_write_text
-
     path = Path(path)
     atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
     return path

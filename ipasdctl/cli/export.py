@@ -1,20 +1,14 @@
 """`ipasdctl export` (ONNX, validated against PyTorch, optional static INT8) and `ipasdctl bench` (latency)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UserError
+from .app import app
 
 
-def register(app: typer.Typer) -> None:
-    app.command("export")(export)
-    app.command("bench")(bench)
-
-
+@app.command("export")
 def export(
     run_folder: Annotated[Path, typer.Argument(help="Run folder of a finished `ipasdctl train`.")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the one format so far).")] = False,
@@ -27,12 +21,11 @@ def export(
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
 ) -> None:
     """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch; prints the .onnx path last."""
-    from ..export import export_onnx
-    from ..registry import load_all
+    from ..deploy import export_onnx
+    from ..errors import UserError
 
     if not onnx:
         raise UserError("choose an export format: ipasdctl export RUN_FOLDER --onnx")
-    load_all()
     record = export_onnx(run_folder, out, opset=opset, int8=int8, calib_samples=calib_samples,
                          checkpoint=checkpoint, data_root=str(data) if data is not None else None, name=name)
     worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
@@ -49,6 +42,7 @@ def export(
     typer.echo(record["onnx_path"])
 
 
+@app.command("bench")
 def bench(
     model: Annotated[Path, typer.Argument(help="An exported .onnx model.")],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64",
@@ -62,12 +56,10 @@ def bench(
     """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput per batch size."""
     import sys
 
-    from ..bench import bench as run_bench
-    from ..bench import format_table
-    from ..registry import load_all
+    from ..deploy.bench import bench as run_bench
+    from ..deploy.bench import format_table
     from ..runtime import cpu_model
 
-    load_all()
     rows, csv_path = run_bench(model, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
                                log=lambda line: print(line, file=sys.stderr))
     typer.echo(f"{model.name}: {cpu_model()}, {int(rows['threads'].iloc[0])} threads, {runs} runs per size")

@@ -1,0 +1,115 @@
+"""The runs a report is built from: run folders and comparison folders (their results.csv) read through
+runs.RunFolder, deduplicated, with their metrics.csv, and grouped by (data set, arch, epochs)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import UserError
+from ..runs import RESULT_COLUMNS, RunFolder, comparison_run_name
+from .tables import epochs_text, seed_key
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    row: dict  # the RESULT_COLUMNS of this run
+    source: Path  # the comparison folder it came from, or the run folder itself
+    metrics: Optional[object] = None  # metrics.csv as a DataFrame
+    eval: Optional[dict] = None
+
+
+def is_comparison_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "results.csv").is_file()
+
+
+def resolve_run_dir(comparison: Path, row: dict) -> Optional[Path]:
+    candidates = []
+    value = row.get("run_dir")
+    if isinstance(value, str) and value:
+        candidates += [Path(value), comparison / value, comparison / Path(value).name]
+    candidates.append(comparison / comparison_run_name(row.get("method"), row.get("seed")))
+    for candidate in candidates:
+        if candidate.is_dir() and RunFolder(candidate).config.is_file():
+            return candidate
+    return None
+
+
+def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[Path]]:
+    """Every run of the given run folders and comparison folders (deduplicated), and the comparison folders."""
+    import pandas as pd
+
+    runs: dict[Path, Run] = {}
+    comparisons: list[Path] = []
+    for directory in map(Path, dirs):
+        if is_comparison_folder(directory):
+            comparisons.append(directory)
+            try:
+                table = pd.read_csv(directory / "results.csv")
+            except (ValueError, OSError) as exc:
+                raise UserError(f"{directory / 'results.csv'} is not a readable CSV ({exc}); rerun `ipasdctl compare`") from None
+            missing = {"method", "seed"} - set(table.columns)
+            if missing:
+                raise UserError(f"{directory / 'results.csv'} lacks the columns {', '.join(sorted(missing))}; "
+                                "it is not a comparison written by `ipasdctl compare`")
+            for record in table.to_dict("records"):
+                run_dir = resolve_run_dir(directory, record)
+                if run_dir is None:
+                    print(f"warning: {directory}: no run folder for {record.get('method')} seed "
+                          f"{record.get('seed')}; it is left out of the report", file=sys.stderr)
+                    continue
+                row = {column: record.get(column) for column in RESULT_COLUMNS}
+                own = RunFolder(run_dir).result_row()
+                for column in RESULT_COLUMNS:  # fill what results.csv lacks from the run folder itself
+                    if row[column] is None or (isinstance(row[column], float) and math.isnan(row[column])):
+                        row[column] = own[column]
+                row["run_dir"] = str(run_dir)
+                runs.setdefault(run_dir.resolve(), Run(run_dir, row, directory))
+        elif (folder := RunFolder(directory)).is_run() or folder.config.is_file() and folder.metrics.is_file():
+            runs.setdefault(directory.resolve(), Run(directory, folder.result_row(), directory))
+        else:
+            raise UserError(f"{directory} is neither a run folder (config.yaml, checkpoints/) nor a comparison folder "
+                            "(results.csv); pass folders written by `ipasdctl train` or `ipasdctl compare`")
+    for run in runs.values():
+        metrics_path = RunFolder(run.run_dir).metrics
+        if metrics_path.is_file():
+            try:
+                run.metrics = pd.read_csv(metrics_path)
+            except (ValueError, OSError):
+                print(f"warning: {metrics_path} is not a readable CSV; no curves for this run", file=sys.stderr)
+    return list(runs.values()), comparisons
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str, str], dict[str, list[Run]]]:
+    """(dataset, arch, epochs) -> method label -> runs in seed order. A method whose seeds repeat within a group
+    (the same method from two comparisons) is labelled with each run's source folder, so nothing is averaged
+    across recipes."""
+    groups: dict[tuple[str, str, str], dict[str, list[Run]]] = {}
+    ordered = sorted(runs, key=lambda r: (str(r.row.get("dataset")), str(r.row.get("arch")), seed_key(r.row.get("epochs")),
+                                          str(r.row.get("method")), seed_key(r.row.get("seed"))))
+    for run in ordered:
+        key = (str(run.row.get("dataset")), str(run.row.get("arch")), epochs_text(run.row.get("epochs")))
+        groups.setdefault(key, {}).setdefault(str(run.row.get("method")), []).append(run)
+    for key, by_method in groups.items():
+        relabelled: dict[str, list[Run]] = {}
+        for method, method_runs in by_method.items():
+            seeds = [str(r.row.get("seed")) for r in method_runs]
+            if len(seeds) == len(set(seeds)):
+                relabelled[method] = method_runs
+                continue
+            for run in method_runs:
+                relabelled.setdefault(f"{method} ({run.source.name})", []).append(run)
+        groups[key] = relabelled
+    return groups
+
+
+def is_stale(result: dict, row: dict) -> bool:
+    """An eval.json of the best checkpoint from before the run improved (resumed or extended since)."""
+    try:
+        return result.get("checkpoint") == "best" and int(result["epoch"]) != int(row.get("best_epoch"))
+    except (KeyError, TypeError, ValueError):
+        return False

@@ -1,0 +1,185 @@
+"""`ipasdctl report`: plots and a Markdown report from run folders and comparison folders.
+
+Runs are grouped by (data set, arch, epochs): every group gets its summary table (mean ± std over seeds), test
+top-1 by epoch (mean over seeds, band = min..max over seeds), the loss terms per method, and the eval plots per
+method side by side (reliability bins pooled over seeds; the t-SNE of the lowest seed). Runs without eval.json
+are evaluated first (evaluation.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import UserError
+from ..files import atomic_write_text
+from ..runs import RunFolder
+from . import evaluation, plots
+from .collect import collect_runs, group_runs, is_stale
+from .metrics import pool_reliability_bins
+from .selection import best_under_budget, selection_table, write_selection
+from .tables import format_cell, human_count, markdown_table, mean_std, seed_key, slug
+
+
+def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list[dict]]:
+    """The group's summary table: training results and eval metrics, mean ± std over seeds."""
+    header = ["method", "seeds", "best top-1 (%)", "last top-1 (%)", "best top-5 (%)", "eval top-1 (%)",
+              "NLL (nats)", "ECE (%)", "cos to class mean", "intra/inter dist.", "params", "MACs",
+              "train time (s)", "train img/s"]
+    rows, records = [], []
+    for method, runs in runs_by_method.items():
+        def col(name):
+            return [r.row.get(name) for r in runs]
+
+        evals = [r.eval for r in runs if r.eval]
+        rows.append([
+            method, ", ".join(str(s) for s in sorted(col("seed"), key=seed_key)),
+            mean_std(col("best_top1")), mean_std(col("last_top1")), mean_std(col("best_top5")),
+            mean_std([e["top1"] for e in evals]), mean_std([e["nll"] for e in evals], 4),
+            mean_std([e["ece"] for e in evals], 2, 100.0),
+            mean_std([e["compactness"]["mean_cosine_to_class_mean"] for e in evals], 4),
+            mean_std([e["compactness"]["intra_inter_distance_ratio"] for e in evals], 4),
+            human_count(runs[0].row.get("params")), human_count(runs[0].row.get("macs")),
+            mean_std(col("train_seconds"), 1), mean_std(col("images_per_second"), 0),
+        ])
+        for run in runs:
+            record = dict(run.row)
+            if run.eval:
+                record.update(eval_top1=run.eval["top1"], eval_top5=run.eval["top5"], nll=run.eval["nll"],
+                              ece=run.eval["ece"], **{k: v for k, v in run.eval["compactness"].items()})
+            records.append(record)
+    return header, rows, records
+
+
+SELECTION_SHOWN = ["dataset", "method", "arch", "precision", "seeds", "top1", "top1_std", "params", "macs",
+                   "file_size_mb", "latency_ms", "pareto_optimal", "within_budget"]
+
+
+def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Optional[float], out: Path) -> list[str]:
+    """The deployment selection table of ipasdctl.selection (accuracy against latency, Pareto set, budget)."""
+    lines = ["## Selection (exported models)", ""]
+    if not comparisons:
+        return lines + ["_No selection table: it is built from comparison folders (results.csv); none was given._", ""]
+    table = selection_table(comparisons, exports, max_latency_ms)
+    write_selection(table, out / "selection.csv")
+    budget = f" under {max_latency_ms:g} ms" if max_latency_ms is not None else ""
+    shown = [c for c in SELECTION_SHOWN if c in table.columns]
+    lines += [f"From `{exports}`: test top-1 (%, mean over seeds), latency (ms, onnxruntime CPU, batch 1, p50), "
+              "Pareto-optimal per data set on (top-1, latency). Every column: selection.csv.", "",
+              markdown_table(shown, [[human_count(v) if c in ("params", "macs") else format_cell(v) for c, v in zip(shown, row)]
+                                     for row in table[shown].itertuples(index=False)]), ""]
+    if max_latency_ms is not None:
+        best = best_under_budget(table, max_latency_ms)
+        if best.empty:
+            lines += [f"**No model meets the budget{budget}** (or none has a measured latency: run `ipasdctl bench`).", ""]
+        else:
+            for row in best.to_dict("records"):
+                lines += [f"**Best{budget} on {row['dataset']}:** {row['method']} / {row['arch']} ({row['precision']}): "
+                          f"top-1 {format_cell(row['top1'])} %, {format_cell(row['latency_ms'])} ms", ""]
+    return lines
+
+
+def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Optional[Path] = None,
+                 max_latency_ms: Optional[float] = None, data_root: Optional[Path] = None, device: str = "auto",
+                 tsne_points: Optional[int] = None) -> Path:
+    """Write report.md and its images into `out` (default: the first folder); returns report.md's path."""
+    if not dirs:
+        raise UserError("report needs at least one run folder or comparison folder")
+    for directory in dirs:
+        if not Path(directory).is_dir():
+            raise UserError(f"{directory} does not exist or is not a folder; pass run folders or comparison folders")
+    if exports is not None and not Path(exports).is_dir():
+        raise UserError(f"--exports {exports} is not a folder; export models first (ipasdctl export) or drop --exports")
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise UserError(f"--max-latency-ms must be positive, got {max_latency_ms}")
+    runs, comparisons = collect_runs(dirs)
+    if not runs:
+        raise UserError("no runs found in the given folders; train or compare first")
+    out = Path(out) if out is not None else Path(dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+
+    skipped: list[str] = []
+    for run in runs:
+        run.eval = evaluation.load_eval(run.run_dir)
+        if run.eval is not None and is_stale(run.eval, run.row):
+            run.eval = None
+        if run.eval is None and RunFolder(run.run_dir).best.is_file():
+            print(f"evaluating {run.run_dir} ...", file=sys.stderr)
+            try:
+                run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device,
+                                                   tsne_points=tsne_points or evaluation.TSNE_POINTS)
+            except UserError as exc:
+                skipped.append(f"{run.run_dir}: {exc}")
+                print(f"warning: eval of {run.run_dir} skipped: {exc}", file=sys.stderr)
+
+    groups = group_runs(runs)
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# ipasdctl report", "", f"Generated {now} from: " + ", ".join(f"`{d}`" for d in dirs) + ".", ""]
+    all_records = []
+    for (dataset, arch, epochs), by_method in groups.items():
+        title = f"{dataset}, {arch}, {epochs} epochs"
+        name = slug(dataset, arch, f"{epochs}ep")
+        lines += [f"## {title}", ""]
+        header, rows, records = summary_rows(by_method)
+        all_records += records
+        used = sorted({r.eval.get("checkpoint", "best") for rs in by_method.values() for r in rs if r.eval})
+        checkpoints = f"{used[0]} checkpoint" if len(used) == 1 else f"checkpoints: {', '.join(used)}"
+        lines += ["Mean ± std over seeds. Top-1 from training (best epoch / last epoch); eval columns from eval.json "
+                  f"({checkpoints}; ECE: 15 equal-width bins; compactness on L2-normalised embeddings, "
+                  "intra/inter = mean same-class / mean different-class pair distance, lower is tighter).", "",
+                  markdown_table(header, rows), ""]
+
+        curves = {m: [r.metrics for r in rs if r.metrics is not None and len(r.metrics)] for m, rs in by_method.items()}
+        curves = {m: frames for m, frames in curves.items() if frames}
+        if curves:
+            curve_png = plots.plot_training_curves(curves, out / f"curves-{name}.png", title)
+            lines += ["### Test top-1 by epoch", "", f"![Test top-1 by epoch, {title}]({curve_png.name})", ""]
+            with_terms = {m: frames for m, frames in curves.items() if any(plots.loss_columns(f) for f in frames)}
+            if with_terms:
+                loss_png = plots.plot_loss_terms(with_terms, out / f"loss_terms-{name}.png", title)
+                lines += ["### Loss terms", "", f"![Training loss terms per method, {title}]({loss_png.name})", ""]
+
+        reliability, tsne, class_names = {}, {}, None
+        for method, method_runs in by_method.items():
+            evaluated = [r for r in method_runs if r.eval]
+            if not evaluated:
+                continue
+            reliability[method] = (pool_reliability_bins([r.eval["reliability"] for r in evaluated]),
+                                   [r.eval["ece"] for r in evaluated])
+            first = min(evaluated, key=lambda r: seed_key(r.row.get("seed")))
+            tsne_path = first.run_dir / "embedding_tsne.csv"
+            if tsne_path.is_file():
+                coords, labels = evaluation.read_tsne_csv(tsne_path)
+                tsne[method] = (coords, labels, first.row.get("seed"))
+            if class_names is None and (first.run_dir / "per_class.csv").is_file():
+                import pandas as pd
+
+                class_names = [str(c) for c in pd.read_csv(first.run_dir / "per_class.csv")["class_name"]]
+        if reliability:
+            lines += [f"### Calibration and embeddings ({checkpoints})", ""]
+            rel_png = plots.plot_eval_reliability(reliability, out / f"eval_reliability-{name}.png", title)
+            lines += [f"![Reliability per method, {title}]({rel_png.name})", ""]
+        if tsne:
+            if class_names is None:
+                class_names = [str(c) for c in range(int(max(t[1].max() for t in tsne.values())) + 1)]
+            tsne_png = plots.plot_eval_tsne(tsne, class_names, out / f"eval_tsne-{name}.png", title)
+            lines += [f"![t-SNE of test embeddings per method, {title}]({tsne_png.name})", ""]
+
+    if all_records:
+        import pandas as pd
+
+        atomic_write_text(out / "report_runs.csv", pd.DataFrame(all_records).to_csv(index=False, float_format="%.6g"))
+        lines += ["Every run, with its eval metrics: report_runs.csv.", ""]
+    for comparison in comparisons:
+        if (comparison / "summary.md").is_file():
+            lines += [f"The comparison's own summary (reference method, parameters): `{comparison / 'summary.md'}`.", ""]
+    if exports is not None:
+        lines += selection_section(comparisons, Path(exports), max_latency_ms, out)
+    if skipped:
+        lines += ["## Not evaluated", ""] + [f"- {s}" for s in skipped] + [""]
+    report_path = out / "report.md"
+    atomic_write_text(report_path, "\n".join(lines))
+    return report_path

@@ -1,0 +1,67 @@
+"""`ipasdctl compare`: train the main method, the baselines and `ce` on one recipe with several seeds, and
+tabulate them (the library side is studies/)."""
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app
+from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
+                      PrecisionOpt, QuietOpt, RecipeOpt, SetOpt, recipe_overrides)
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    baselines: Annotated[str, typer.Option(
+        help="Comma-separated methods to compare with (ipasdctl list methods), or 'all'; ce is always "
+             "trained as the reference.")] = "",
+    recipe: RecipeOpt = None,
+    method: Annotated[Optional[str], typer.Option(
+        help="The main method (default: the recipe's, ipasd); --set method.x=... applies to it only.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated integer seeds; every method runs once per seed.")]
+    = "0,1,2",
+    arch: ArchOpt = None,
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    compile: CompileOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "
+             "<method>-s<seed>/.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the main method (--method, default: the recipe's, ipasd), every baseline and ce on the same
+    recipe and seeds, then write results.csv, summary.csv and summary.md; prints the comparison folder last.
+
+    A rerun skips finished runs and resumes interrupted ones. --set method.x=... sets the main method's
+    parameters only; baselines use their defaults. tf-kd-self distils from the ce run of the same seed.
+    """
+    from .. import training
+    from ..config import load_recipe
+    from ..studies import compare as comparing
+    from ..studies.summary import write_tables
+
+    overrides = recipe_overrides(ctx.params)
+    seed_list = comparing.parse_seeds(seeds)  # before the recipe: the cheapest mistake to report first
+    base = load_recipe(recipe or DEFAULT_RECIPE, overrides)
+    comparison = comparing.plan(base, baselines, seed_list, out)
+    progress = training.Progress(enabled=not quiet)
+    say = None if quiet else comparing.say_on_stderr
+    try:
+        comparing.run(comparison, progress, say)
+    except training.Interrupted as exc:
+        print(f"interrupted: checkpoint written in {exc.run_dir}; rerun the same `ipasdctl compare` command to "
+              "continue", file=sys.stderr)
+        raise SystemExit(exc.code) from None
+    write_tables(comparison)
+    if not quiet:
+        comparing.say_on_stderr(f"tables: {comparison.out / 'summary.md'}, summary.csv, results.csv")
+    typer.echo(str(comparison.out))

@@ -1,0 +1,63 @@
+"""`ipasdctl eval` (test-set metrics, calibration and embedding plots of one run or .onnx model) and
+`ipasdctl report` (plots and report.md from run and comparison folders). Thin: the work is in analysis/."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[Path, typer.Argument(metavar="RUN_FOLDER|MODEL.onnx",
+                                           help="A run folder written by `ipasdctl train`, or an exported .onnx model.")],
+    data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint of a run folder: best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (default: the run's train.eval_batch_size; 256 for .onnx).")] = None,
+    tsne_points: Annotated[int, typer.Option(help="At most this many test images in the t-SNE plot.")] = 2000,
+) -> None:
+    """Evaluate on the test set: top-1/top-5, NLL, ECE with a reliability diagram, per-class accuracy,
+    feature compactness, t-SNE of the embeddings. Writes eval.json, per_class.csv, reliability.png and
+    embedding_tsne.png into the run folder (for a .onnx model: <model>.eval.json beside it)."""
+    from ..analysis import evaluation
+    from ..errors import UserError
+
+    if batch_size is not None and batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if tsne_points < 3:
+        raise UserError(f"--tsne-points must be at least 3, got {tsne_points}")
+    if target.suffix.lower() == ".onnx":
+        result = evaluation.eval_onnx_model(target, data, batch_size or 256)
+        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(str(target.with_suffix(".eval.json")))
+        return
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"--checkpoint must be best or last, got '{checkpoint}'")
+    result = evaluation.eval_run(target, checkpoint, data, device, batch_size, tsne_points)
+    typer.echo(evaluation.format_summary(result))
+    typer.echo(str(target / "eval.json"))
+
+
+@app.command("report")
+def report(
+    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Run folders and/or comparison folders (with results.csv).")],
+    out: Annotated[Optional[Path], typer.Option(help="Where report.md and its images go (default: the first DIR).")] = None,
+    exports: Annotated[Optional[Path], typer.Option(help="Folder of exported models: adds the selection table.")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Latency budget for the selection table (ms).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Data folder for runs that still need an eval.")] = None,
+    device: Annotated[str, typer.Option(help="Device for runs that still need an eval: auto, cpu, cuda or cuda:N.")] = "auto",
+    tsne_points: Annotated[int, typer.Option(help="At most this many test images in the t-SNE of runs that still need an eval.")] = 2000,
+) -> None:
+    """Training curves, summary table, loss terms, calibration and embedding plots (and the selection
+    table with --exports) of runs and comparisons, as report.md with its images; prints its path."""
+    from ..errors import UserError
+    from ..analysis.report import build_report
+
+    if tsne_points < 3:
+        raise UserError(f"--tsne-points must be at least 3, got {tsne_points}")
+    path = build_report(dirs, out, exports, max_latency_ms, data, device, tsne_points)
+    typer.echo(str(path))

@@ -1,0 +1,79 @@
+"""Options shared by several commands, defined once, and how they become a recipe override.
+
+Command modules import only typer (and these) at import time; the library is imported inside each command,
+so `ipasdctl --help` does not import torch.
+"""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DEFAULT_RECIPE = "demo"
+
+# option name -> the recipe key it sets (--set comes after these and wins)
+RECIPE_KEYS = {
+    "method": ("method", "name"),
+    "arch": ("model", "arch"),
+    "dataset": ("data", "name"),
+    "data": ("data", "root"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("optim", "lr"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+    "precision": ("train", "precision"),
+    "compile": ("train", "compile"),
+    "sync_bn": ("train", "sync_bn"),
+}
+
+RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe: a YAML path or a name in recipes/ (default: demo).")]
+MethodOpt = Annotated[Optional[str], typer.Option(help="Training method (ipasdctl list).")]
+ArchOpt = Annotated[Optional[str], typer.Option(help="Model architecture (ipasdctl list).")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="Data set name (ipasdctl list).")]
+DataOpt = Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files (e.g. the folder that contains cifar-10-batches-py/).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Number of epochs.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
+CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe key: --set optim.lr=0.05 (repeatable).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def recipe_overrides(params: dict) -> dict:
+    """The command-line options (a command's parameters by name) as a nested recipe override; --set comes
+    last and wins. An option left out (None, or a flag not given) sets nothing."""
+    from ..config import deep_merge, parse_set
+
+    nested: dict = {}
+    for name, (section, key) in RECIPE_KEYS.items():
+        value = params.get(name)
+        if value is None or (name == "sync_bn" and value is False):
+            continue
+        nested.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    return deep_merge(nested, parse_set(params.get("set_") or []))
+
+
+def command_line(ctx: typer.Context, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives this command its current parameters again, without `leave_out` (what each
+    process of `train --nproc` runs): every option as given, read from the command's own definition."""
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in leave_out or value is None or not param.opts:
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if getattr(param, "is_flag", False):
+            if value:
+                args.append(flag)
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
+        elif getattr(param, "multiple", False):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args

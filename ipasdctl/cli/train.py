@@ -1,0 +1,65 @@
+"""`ipasdctl train`: one method, one recipe, one run folder (or several processes with --nproc)."""
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app
+from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
+                      MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, command_line, recipe_overrides)
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    recipe: RecipeOpt = None,
+    method: MethodOpt = None,
+    arch: ArchOpt = None,
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    compile: CompileOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder where run folders are created.")] = Path("runs"),
+    name: Annotated[Optional[str], typer.Option(help="Run folder name (default: dataset-arch-method-sSEED).")] = None,
+    set_: SetOpt = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last checkpoint.")] = None,
+    quiet: QuietOpt = False,
+    nproc: Annotated[Optional[int], typer.Option(
+        help="Train with N processes on this machine (one per GPU on CUDA): relaunches this command through "
+             "torchrun. The batch size stays the global batch.")] = None,
+    sync_bn: Annotated[bool, typer.Option(
+        "--sync-bn", help="Several processes on CUDA: BatchNorm statistics over the global batch.")] = False,
+) -> None:
+    """Train one model with one method on one recipe; prints the run folder's path last.
+
+    Several processes: `torchrun --nproc_per_node N -m ipasdctl train ...`, or `ipasdctl train --nproc N ...`."""
+    from .. import training
+    from ..config import load_recipe
+    from ..training import distributed, launcher
+
+    overrides = recipe_overrides(ctx.params)
+    if nproc is not None and nproc != 1:
+        new_recipe = None if resume is not None else load_recipe(recipe or DEFAULT_RECIPE, overrides)
+        # typer.Exit would end with 0 (standalone_mode off)
+        sys.exit(launcher.launch(nproc, command_line(ctx, leave_out=("nproc",)), new_recipe))
+    rank = distributed.context_from_env()
+    progress = training.Progress(enabled=not quiet)
+    try:
+        if resume is not None:
+            given = training.resume_recipe(resume, recipe, overrides)
+            run_dir = training.resume(resume, given, progress)
+        else:
+            run_dir = training.train(load_recipe(recipe or DEFAULT_RECIPE, overrides), out, name, progress)
+    except training.Interrupted as exc:
+        if not rank.is_main:  # rank 0 says how to resume; the others stop quietly with the same status
+            sys.exit(exc.code)
+        raise
+    if rank.is_main:  # the only line on stdout: the run folder
+        typer.echo(str(run_dir))

@@ -1,0 +1,197 @@
+"""Exported model files: reading and checking them, their deployment metadata, onnxruntime sessions, and the
+test accuracy of a model as onnxruntime computes it (the deployed runtime's own figure)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..accuracy import topk_hits
+from ..config import DataConfig
+from ..data import build_data
+from ..errors import UserError
+
+EXPORT_FORMAT = "ipasdctl-export-1"
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+ATOL = 1e-4
+RTOL = 1e-3
+VALIDATION_BATCH_SIZES = (1, 7, 64)  # batch 1, an odd batch, 64
+# protobuf cannot hold a model of 2 GiB or more in one file; stay well below it
+SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
+# metadata values that are JSON (lists, numbers); the rest are plain strings
+_JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_classes", "epoch", "opset",
+              "calibration_samples", "fp32_test_top1")
+
+
+def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    """An onnxruntime session on the given providers (in order of preference), all graph optimisations, one
+    operator at a time with `threads` threads each; a file onnxruntime cannot load is a UserError."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load {model_path}: {first[:200]}") from None
+
+
+def check_onnx_file(model_path: Path):
+    """The ModelProto of `model_path` (external data not loaded); anything that is not an ONNX model is a UserError."""
+    import onnx
+
+    model_path = Path(model_path)
+    if not model_path.exists():
+        raise UserError(f"{model_path} does not exist; give the path of an exported .onnx model")
+    if not model_path.is_file():
+        raise UserError(f"{model_path} is not a file; give the path of an exported .onnx model")
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # DecodeError and friends
+        raise UserError(f"{model_path} is not an ONNX model (it does not parse as one); "
+                        "give a file written by `ipasdctl export --onnx`") from None
+    if model.ir_version <= 0 or not model.graph.node or not model.graph.input:
+        raise UserError(f"{model_path} is not an ONNX model (no graph in it); "
+                        "give a file written by `ipasdctl export --onnx`")
+    return model
+
+
+def read_metadata(model_path: Path) -> dict:
+    """The model's `metadata_props` as a dict, JSON-valued keys (lists, numbers) decoded."""
+    model = check_onnx_file(model_path)
+    return decode_metadata({p.key: p.value for p in model.metadata_props})
+
+
+def decode_metadata(props: dict) -> dict:
+    out = {}
+    for key, value in props.items():
+        if key in _JSON_KEYS:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def encode_metadata(values: dict) -> dict[str, str]:
+    return {k: (json.dumps(v) if k in _JSON_KEYS else str(v)) for k, v in values.items() if v is not None}
+
+
+def set_metadata(model_path: Path, values: dict) -> None:
+    """Replace the model-level metadata keys in `values` (file rewritten in place: it is a staging file)."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(encode_metadata(values))
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    save_model(model, model_path)
+
+
+def save_model(model, path: Path) -> None:
+    import onnx
+
+    path = Path(path)
+    data_path = path.with_name(path.name + ".data")
+    # the whole model is in memory; onnx appends to an existing data file, so start from none
+    data_path.unlink(missing_ok=True)
+    external = sum(t.ByteSize() for t in model.graph.initializer) > SINGLE_FILE_LIMIT_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data_path.name if external else None)
+    if data_path.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(data_path, 0o666 & ~umask)  # onnx creates it private; give the model file's permissions
+
+
+def file_size(path: Path) -> int:
+    """Bytes of the model including its external data file, if any."""
+    size = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def opset_of(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+@contextlib.contextmanager
+def quiet_exporters():
+    """The exporters log conversion attempts, deprecations and tracebacks they recover from: keep them out."""
+    names = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir", "root")
+    loggers = [logging.getLogger(n) if n != "root" else logging.getLogger() for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line[:300]}"
+
+
+def session_accuracy(session, data, batch_size: int = 256) -> dict:
+    """Top-1 / top-5 (%) and n of an onnxruntime session on the data set's whole test set."""
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    hits = torch.zeros(2, dtype=torch.long)  # top-1, top-5
+    n = 0
+    input_name = session.get_inputs()[0].name
+    for x, y in data.test_batches(batch_size, torch.device("cpu")):
+        logits = session.run(None, {input_name: np.ascontiguousarray(x.float().numpy())})[0]
+        hits += topk_hits(torch.from_numpy(logits), y, (1, 5))
+        n += y.shape[0]
+    top1, topk = hits.tolist()
+    if n == 0:
+        raise UserError("the test set is empty; nothing to evaluate")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "n": n}
+
+
+def onnx_test_accuracy(model_path: Path, data_root: str | None, batch_size: int = 256) -> dict:
+    """Top-1 / top-5 (%) and n of an exported model, with onnxruntime (CPU), on the test set of the data set
+    named in its metadata."""
+    model_path = Path(model_path)
+    check_onnx_file(model_path)
+    meta = read_metadata(model_path)
+    if not meta.get("dataset"):
+        raise UserError(f"{model_path} has no 'dataset' in its metadata; evaluate models written by "
+                        "`ipasdctl export --onnx`")
+    config = DataConfig(name=meta["dataset"], root=str(data_root) if data_root is not None else None)
+    if meta.get("data_image_size"):
+        config = replace(config, image_size=int(meta["data_image_size"]))
+    data = build_data(config)
+    expected = meta.get("input_size")
+    if expected and list(data.image_shape) != list(expected):
+        raise UserError(f"{model_path} takes {expected} images but data set '{meta['dataset']}' has "
+                        f"{list(data.image_shape)}; give the data set it was trained on")
+    return session_accuracy(ort_session(model_path), data, batch_size)

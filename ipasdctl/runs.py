@@ -1,0 +1,354 @@
+"""The run folder: the interface between every command, and the one module that knows its layout.
+
+    <run>/config.yaml            the fully resolved recipe (a run can be repeated from its folder alone)
+    <run>/metrics.csv            one row per finished epoch
+    <run>/summary.json           written when the run finishes ("finished": true)
+    <run>/checkpoints/last.pt    every epoch end (and every checkpoint.every_steps steps)
+    <run>/checkpoints/best.pt    the epoch with the best test top-1 so far
+    <run>/.lock                  held (flock) by the one process that trains into the folder
+    <run>/eval.json, ...         written by `ipasdctl eval` (analysis/evaluation.py names its files)
+
+A comparison holds one run folder per method and seed, named `<method>-s<seed>` (`comparison_run_name`).
+Training writes a run folder through `RunFolder`; every other command reads it through `RunFolder` too, and
+builds the evaluated network with `load_model` (weights-only, from `models`).
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Optional
+
+from .config import Recipe, dump_recipe, recipe_from_dict
+from .errors import UserError
+from .files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .models import build_model
+from .runtime import resolve_device
+
+CHECKPOINTS = ("best", "last")
+# the columns of a comparison's results.csv (and of a report's runs): what a finished run's summary holds
+RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
+                  "params", "macs", "train_seconds", "images_per_second", "run_dir"]
+
+
+def default_run_name(recipe: Recipe) -> str:
+    return f"{recipe.data.name}-{recipe.model.arch}-{recipe.method['name']}-s{recipe.train.seed}"
+
+
+def comparison_run_name(method: str, seed: int) -> str:
+    return f"{method}-s{seed}"
+
+
+class RunFolder:
+    """One run folder: where each of its files is, and how it is read and written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # -------------------------------------------------------------------------------- layout
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, which: str = "last") -> Path:
+        return self.checkpoints / f"{which}.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint("last")
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint("best")
+
+    def lock(self) -> "RunLock":
+        return RunLock(self.path)
+
+    # -------------------------------------------------------------------------------- reading
+    def is_run(self) -> bool:
+        return self.path.is_dir() and self.config.is_file() and self.checkpoints.is_dir()
+
+    def check(self) -> "RunFolder":
+        """Itself, or a UserError saying why the path is no run folder."""
+        if not self.path.exists():
+            raise UserError(f"{self.path} does not exist; pass a run folder written by `ipasdctl train` or a .onnx file")
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is neither a run folder nor a .onnx model; pass a folder written by "
+                            "`ipasdctl train` or an exported .onnx file")
+        if not self.is_run():
+            raise UserError(f"{self.path} is not a run folder (no config.yaml and checkpoints/ in it); pass a folder "
+                            "written by `ipasdctl train`")
+        return self
+
+    def read_summary(self) -> Optional[dict]:
+        """summary.json as a dict; None when missing or unreadable."""
+        return read_json(self.summary)
+
+    def state(self) -> str:
+        """'finished' (summary.json says so), 'resumable' (checkpoints/last.pt exists) or 'new'."""
+        summary = self.read_summary()
+        if summary is not None and summary.get("finished") is True:
+            return "finished"
+        if self.last.is_file():
+            return "resumable"
+        return "new"
+
+    def epochs_done(self) -> int:
+        if not self.metrics.is_file():
+            return 0
+        return max(len(self.metrics.read_text().strip().splitlines()) - 1, 0)
+
+    def read_config(self) -> Optional[dict]:
+        """config.yaml as a plain dict; None when missing; a UserError when it is not YAML."""
+        import yaml
+
+        if not self.config.is_file():
+            return None
+        try:
+            return yaml.safe_load(self.config.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            raise UserError(f"{self.config} is not readable YAML; is {self.path} a run folder? remove it, or "
+                            "train it again") from None
+
+    def load_state(self, which: str = "best") -> dict:
+        """A checkpoint's state, loaded weights-only."""
+        if which not in CHECKPOINTS:
+            raise UserError(f"--checkpoint must be best or last, got '{which}'")
+        path = self.checkpoint(which)
+        if not path.is_file():
+            raise UserError(f"{self.path} has no checkpoints/{which}.pt; is it a run folder of a finished "
+                            "`ipasdctl train`?")
+        return load_checkpoint(path)
+
+    def result_row(self) -> dict:
+        """The RESULT_COLUMNS of this run, from summary.json (or config.yaml + metrics.csv if unfinished)."""
+        summary = self.read_summary() or {}
+        if not summary:
+            config = self.read_config() or {}
+            summary = {"method": (config.get("method") or {}).get("name"),
+                       "seed": (config.get("train") or {}).get("seed"),
+                       "arch": (config.get("model") or {}).get("arch"),
+                       "dataset": (config.get("data") or {}).get("name"),
+                       "epochs": (config.get("train") or {}).get("epochs")}
+            if self.metrics.is_file():
+                import pandas as pd
+
+                frame = pd.read_csv(self.metrics)
+                if len(frame):
+                    best = frame["test_top1"].idxmax()
+                    summary.update(best_top1=frame["test_top1"].max(), last_top1=frame["test_top1"].iloc[-1],
+                                   best_epoch=int(frame["epoch"][best]), best_top5=frame["test_top5"][best])
+        row = {column: summary.get(column) for column in RESULT_COLUMNS}
+        row["run_dir"] = str(self.path)
+        return row
+
+    # -------------------------------------------------------------------------------- writing
+    def write_config(self, recipe: Recipe) -> None:
+        atomic_write_text(self.config, dump_recipe(recipe))
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        write_metrics_csv(self.metrics, rows)
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.summary, summary)
+
+    def save_checkpoint(self, state: dict, best: bool = False) -> None:
+        save_checkpoint(self.last, state)
+        if best:
+            save_checkpoint(self.best, state)
+
+    def remove_partial(self, created: bool) -> None:
+        """Leave no half run: the whole folder if this run created it, else the files a run writes."""
+        if created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for path in (self.config, self.metrics, self.summary):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON object file as a dict; None when missing, unreadable or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def load_model(run_dir: Path, checkpoint: str = "best", device: str = "cpu"):
+    """(model in eval mode, checkpoint state, recipe) of a run folder, weights loaded weights-only."""
+    state = RunFolder(run_dir).load_state(checkpoint)
+    recipe = recipe_from_dict(state["config"])
+    model = build_model(state.get("arch", recipe.model.arch), int(state["num_classes"]))
+    model.load_state_dict(state["model"])
+    model.to(resolve_device(device)).eval()
+    return model, state, recipe
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------ creation
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be a writable folder, or creatable below its nearest existing parent folder."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == out:
+            raise UserError(f"--out {out} is a file, not a folder; choose a folder for the run folders")
+        raise UserError(f"cannot create output folder {out}: {existing} is a file, not a folder; "
+                        "choose a writable --out")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        what = "output folder" if existing == out else f"output folder {out} cannot be created: its parent"
+        raise UserError(f"{what} {existing} is not writable; choose another --out")
+
+
+def create_run_dir(out: Path, name: str) -> Path:
+    """out/name, or out/name-2, -3, ... if taken; created atomically (two runs never share one)."""
+    n = 1
+    while True:
+        candidate = out / (name if n == 1 else f"{name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+        except OSError as exc:
+            raise UserError(f"cannot create run folder {candidate}: {exc.strerror}; choose a writable --out") from None
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: fall back to the owner's pid
+    fcntl = None
+
+
+class RunLock:
+    """run_dir/.lock: held (flock) by the one process that trains into the folder; holds its pid and host.
+
+    The kernel releases a flock when its process ends, however it ends, so the lock file of a crashed or
+    SIGKILLed run is free at once and the next `--resume` takes it over; nothing is ever stale for good.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UserError(f"cannot lock run folder {self.path.parent}: {exc.strerror}; "
+                                "make it writable or choose another folder") from None
+            if not self._lock(fd):
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise UserError(f"run folder {self.path.parent} is in use by {owner}; wait for that run to "
+                                "finish or stop it first (its lock goes away when it ends)")
+            try:  # a releasing owner unlinks the file: make sure we locked the file that is at the path now
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            self._fd = fd
+            return
+
+    def _lock(self, fd: int) -> bool:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return False
+                # no flock on this file system: fall through to the pid check
+        pid = _owner_fields(fd)[0]
+        return not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)))
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                self.path.unlink()  # while still locked, so a waiter that opened it retries (see acquire)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
+def _owner_fields(fd: int) -> list[str]:
+    """[pid, host] as the lock's holder wrote them ('' where missing)."""
+    try:
+        fields = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        fields = []
+    return (fields + ["", ""])[:2]
+
+
+def _read_owner(fd: int) -> str:
+    pid, host = _owner_fields(fd)
+    return f"process {pid} on {host}" if pid and host else f"process {pid}" if pid else "another process"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

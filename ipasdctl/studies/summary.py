@@ -1,0 +1,129 @@
+"""The tables of a comparison: results.csv (one row per run), summary.csv and summary.md (per method: mean and
+sample std over seeds, difference of means to ce, rank)."""
+
+from __future__ import annotations
+
+import math
+
+from ..analysis.tables import count_noun
+from ..errors import UserError
+from ..files import atomic_write_text
+from ..methods import method_class
+from ..runs import RESULT_COLUMNS, RunFolder
+from .compare import REFERENCE, ComparisonPlan, reference_run
+
+SUMMARY_COLUMNS = ["method", "runs", "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
+                   "delta_best_top1", "delta_last_top1", "train_seconds_mean", "rank"]
+
+
+def results_table(comparison: ComparisonPlan):
+    """One row per planned run, from its summary.json."""
+    import pandas as pd
+
+    rows = []
+    for planned in comparison.runs:
+        summary = RunFolder(planned.run_dir).read_summary()
+        if summary is None or summary.get("finished") is not True:
+            raise UserError(f"{planned.run_dir} has no finished summary.json; rerun the comparison to train it")
+        row = {column: summary.get(column) for column in RESULT_COLUMNS}
+        row.update(method=planned.method, seed=planned.seed, run_dir=str(planned.run_dir))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def summary_table(results, reference: str = REFERENCE):
+    """Per method: runs, mean and sample std (n - 1; empty for one run) of best- and last-epoch top-1, the
+    difference of means to `reference`, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank,
+    then by best-epoch mean."""
+    import pandas as pd
+
+    grouped = results.groupby("method", sort=False)
+    table = pd.DataFrame({
+        "runs": grouped.size(),
+        "best_top1_mean": grouped["best_top1"].mean(),
+        "best_top1_std": grouped["best_top1"].std(ddof=1),
+        "last_top1_mean": grouped["last_top1"].mean(),
+        "last_top1_std": grouped["last_top1"].std(ddof=1),
+    })
+    if reference not in table.index:
+        raise UserError(f"the comparison has no '{reference}' runs to compare with")
+    table["delta_best_top1"] = table["best_top1_mean"] - table.loc[reference, "best_top1_mean"]
+    table["delta_last_top1"] = table["last_top1_mean"] - table.loc[reference, "last_top1_mean"]
+    table["train_seconds_mean"] = grouped["train_seconds"].mean()
+    table["rank"] = table["last_top1_mean"].rank(ascending=False, method="min").astype(int)
+    table = table.rename_axis("method").reset_index()
+    table = table.sort_values(["rank", "best_top1_mean"], ascending=[True, False], kind="stable")
+    return table[SUMMARY_COLUMNS].reset_index(drop=True)
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _method_parameters(comparison: ComparisonPlan) -> list[str]:
+    lines, seen = [], set()
+    for planned in comparison.runs:
+        if planned.method in seen:
+            continue
+        seen.add(planned.method)
+        params = {k: v for k, v in planned.recipe.method.items() if k != "name"}
+        reference_key = method_class(planned.method).reference_run_param
+        if reference_key and params.get(reference_key) == reference_run(comparison.out, planned.seed):
+            params[reference_key] = f"{REFERENCE} run of the same seed"
+        text = ", ".join(f"{k}={v}" for k, v in params.items()) or "no parameters"
+        lines.append(f"- `{planned.method}`: {text}")
+    return lines
+
+
+def summary_markdown(comparison: ComparisonPlan, summary) -> str:
+    recipe = comparison.recipe
+    seeds = ", ".join(str(s) for s in comparison.seeds)
+    header = ["rank", "method", "runs", "last-epoch top-1 (%)", f"Δ last vs {REFERENCE}", "best-epoch top-1 (%)",
+              f"Δ best vs {REFERENCE}", "train s / run"]
+    lines = [
+        f"# Comparison: {recipe.name}",
+        "",
+        f"{recipe.data.name}, {recipe.model.arch}, {count_noun(recipe.train.epochs, 'epoch')}, batch {recipe.train.batch_size}, "
+        f"lr {recipe.optim.lr:g}; seeds {seeds}. Test top-1 accuracy, mean ± sample standard deviation over the "
+        "seeds; ranked by last-epoch top-1.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---:", ":---", "---:", "---:", "---:", "---:", "---:", "---:"]) + "|",
+    ]
+    for row in summary.itertuples(index=False):
+        reference = row.method == REFERENCE
+        cells = [
+            str(row.rank), f"`{row.method}`", str(row.runs),
+            _mean_std(row.last_top1_mean, row.last_top1_std),
+            "(reference)" if reference else f"{row.delta_last_top1:+.2f}",
+            _mean_std(row.best_top1_mean, row.best_top1_std),
+            "(reference)" if reference else f"{row.delta_best_top1:+.2f}",
+            f"{row.train_seconds_mean:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "- **Last-epoch top-1** is the test accuracy of the model the run ends with: the honest number, the model "
+        "you would ship.",
+        "- **Best-epoch top-1** is the highest test accuracy over all epochs. Choosing the epoch on the test set "
+        "makes it optimistic; it is what most papers report.",
+        f"- Δ is the difference of means to `{REFERENCE}` (plain cross-entropy), in percentage points. A "
+        "difference smaller than the standard deviations is within seed-to-seed noise.",
+        "- Method parameters (`--set method.x=...` applies to the main method only; the others use their "
+        "defaults):",
+        *[f"  {line}" for line in _method_parameters(comparison)],
+        "- Per-run numbers: `results.csv`; run folders: `<method>-s<seed>/`; the recipe: `comparison.yaml`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_tables(comparison: ComparisonPlan):
+    """Write results.csv, summary.csv and summary.md into the comparison folder; return (results, summary)."""
+    results = results_table(comparison)
+    summary = summary_table(results)
+    out = comparison.out
+    atomic_write_text(out / "results.csv", results.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "summary.md", summary_markdown(comparison, summary))
+    return results, summary

@@ -1,0 +1,339 @@
+"""The training loop: device, precision, schedule, metrics, checkpoints and resume. Knows no method by name.
+
+Everything random is a function of the seed, the epoch and the step, and the checkpoint carries the optimizer,
+the method's state, the epoch's running sums and every RNG, so a resumed run continues exactly where it
+stopped: on CPU a run killed mid-epoch and resumed ends with the same metrics and bitwise the same weights
+(tests/test_resume.py). On CUDA the data order, RNG streams and state are just as exact, but cuDNN autotuning
+and atomic-add kernels (index_add_, scatter, conv backward) may round differently from run to run, so metrics
+agree to float noise unless `train.deterministic` is set.
+
+Checkpoints (runs.py names the files): last.pt at every epoch end and, with checkpoint.every_steps=N, every N
+steps, so a kill loses at most N steps; best.pt at the epoch with the best test top-1. Stops (signals,
+non-finite loss) are in stopping.py.
+
+Several processes (torchrun, DistributedDataParallel; the choices are argued in distributed.py): the
+recipe's batch size is the global batch, each rank trains on its share; rank 0 creates the run folder (its
+name is broadcast), holds the lock and writes every file; a checkpoint holds full memories and global sums,
+so any number of processes resumes it; the ranks agree on stopping (signals, non-finite loss) at the same
+steps: every step on CPU, every FINITE_CHECK_STEPS steps on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import runtime
+from ..config import Recipe
+from ..data import RandomBatches, build_data
+from ..errors import UserError
+from ..methods import Method, MethodContext, TrainingNet, build_method
+from ..models import build_model, count_macs, count_params
+from ..runs import RunFolder
+from . import distributed
+from .checks import check_labels, check_recipe
+from .meters import EpochMeter, test_metrics
+from .progress import Progress
+from .schedule import lr_at
+from .stopping import FINITE_CHECK_STEPS, StopControl, anomaly_detection
+
+CHECKPOINT_FORMAT = "ipasdctl-checkpoint-1"
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: Optional[Path] = None, progress: Optional[Progress] = None):
+        check_recipe(recipe)
+        self.recipe = recipe
+        self.progress = progress or Progress()
+        t = recipe.train
+        distributed.init_process_group(distributed.context_from_env())  # a no-op unless under torchrun
+        self.dist = distributed.current()
+        if self.dist.enabled and t.batch_size < self.dist.world_size:
+            raise UserError(f"batch size {t.batch_size} is smaller than the number of processes "
+                            f"({self.dist.world_size}): it is the global batch, shared out among them; "
+                            f"use --batch-size {self.dist.world_size} or more")
+        if not self.dist.is_main:
+            self.progress = Progress(enabled=False)  # rank 0 reports for all
+        self.device = distributed.device_for_rank(runtime.resolve_device(t.device), self.dist)
+        if t.sync_bn and self.device.type != "cuda":
+            raise UserError(distributed.SYNC_BN_NEEDS_CUDA)
+        self.dtype = runtime.resolve_precision(t.precision, self.device)
+        self.channels_last = bool(t.channels_last)  # CPU too: oneDNN trains every model here 1.02-1.58x faster in NHWC
+        runtime.seed_everything(t.seed)
+        runtime.configure_determinism(self.device, bool(t.deterministic))
+        self.data = build_data(recipe.data)
+        check_labels(self.data, recipe.data.name)
+        if t.batch_size > self.data.num_train:
+            raise UserError(f"batch size {t.batch_size} is larger than the training set ({self.data.num_train} images); "
+                            "lower --batch-size or use more data")
+        self.model = self._on_device(build_model(recipe.model.arch, self.data.num_classes))
+        # per-sample memories, prototypes, stored logits reach the other ranks through these (identity on one)
+        self.collectives = distributed.collectives_for(self.dist)
+        self.method: Method = build_method(recipe.method, self._method_context())
+        extra = self.method.extra_module()
+        self.net = TrainingNet(self.model, self._on_device(extra) if extra is not None else None)
+        if t.sync_bn and self.dist.enabled:  # in place: self.model's BatchNorm layers are replaced too
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+        self._build_batches()
+        # how often (steps) the ranks agree on stopping: every step costs nothing on CPU, but on CUDA each
+        # agreement is a host read, so it waits for FINITE_CHECK_STEPS as the non-finite check does
+        self.agree_every = FINITE_CHECK_STEPS if self.device.type == "cuda" else 1
+        self._build_optimizer()
+        self.params = count_params(self.model)
+        self.macs = count_macs(self.model, self.data.image_shape, self.device)
+        self.stops = StopControl(self.dist, self.device)
+        self.folder: Optional[RunFolder] = RunFolder(run_dir) if run_dir is not None else None
+
+        # progress of the run (all of it restored on resume)
+        self.epoch = 0  # the epoch in progress (or next to start)
+        self.step_in_epoch = 0  # steps of that epoch already done
+        self.global_step = 0
+        self.rows: list[dict] = []
+        self.best_top1 = -1.0
+        self.best_epoch = -1
+        self.best_top5 = 0.0
+        self.train_seconds = 0.0  # training steps only, all epochs
+        self.epoch_seconds = 0.0  # training steps of the epoch in progress
+        self.wall_seconds = 0.0  # earlier sessions of this run (before the last resume)
+        self.meter = EpochMeter(self.device, self.dist)
+        self._session_started: Optional[float] = None
+
+    # -------------------------------------------------------------------------------- construction
+    def _on_device(self, module: nn.Module) -> nn.Module:
+        """A module on the training device, in the batches' memory layout."""
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def _method_context(self) -> MethodContext:
+        t = self.recipe.train
+        return MethodContext(
+            num_classes=self.data.num_classes, num_train=self.data.num_train,
+            train_labels=self.data.train_labels.to(self.device), embed_dim=self.model.embed_dim,
+            stage_channels=list(self.model.stage_channels), epochs=t.epochs, batch_size=t.batch_size,
+            seed=t.seed, device=self.device, channels_last=self.channels_last, collectives=self.collectives,
+        )
+
+    def _build_batches(self) -> None:
+        """The method's sampler (or the default order), this rank's share of it, and the device loader.
+        The recipe's batch size is the global batch: each rank trains on its share of every batch."""
+        t = self.recipe.train
+        plan = self.method.batch_plan(self.data.train_labels, t.batch_size, t.seed) or \
+            RandomBatches(self.data.train_labels, t.batch_size, t.seed)
+        self.batches = distributed.shard_batches(plan, self.dist)
+        self.loader = self.data.train_loader(self.batches, distributed.rank_seed(t.seed, self.dist), self.device,
+                                             self.channels_last, self.recipe.data.augment)
+        self.steps_per_epoch = self.loader.steps(0)
+
+    def _build_optimizer(self) -> None:
+        optim, t = self.recipe.optim, self.recipe.train
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                         nesterov=optim.nesterov and optim.momentum > 0,
+                                         weight_decay=optim.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.train_step_fn = self.net
+        if self.dist.enabled:  # broadcasts rank 0's weights and buffers; averages gradients in backward
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_step_fn = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.train_step_fn = torch.compile(self.train_step_fn)
+
+    # -------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        wall = self.wall_seconds + (time.time() - self._session_started if self._session_started else 0.0)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.recipe.to_dict(),
+            "model": self.model.state_dict(),
+            "extra": self.net.extra.state_dict() if self.net.extra is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "meter": self.meter.state_dict(),
+            "rows": self.rows,
+            "best": {"top1": self.best_top1, "epoch": self.best_epoch, "top5": self.best_top5},
+            "train_seconds": self.train_seconds,
+            "epoch_seconds": self.epoch_seconds,
+            "wall_seconds": wall,
+            "rng": runtime.rng_state(),
+            "num_classes": self.data.num_classes,
+            "class_names": list(self.data.class_names),
+            "arch": self.recipe.model.arch,
+            "world_size": self.dist.world_size,  # for the record: any number of processes can resume it
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_classes") != self.data.num_classes:
+            raise UserError(f"the checkpoint has {state.get('num_classes')} classes but data set "
+                            f"'{self.recipe.data.name}' has {self.data.num_classes}; point --data at the data the run "
+                            "was trained on")
+        self.model.load_state_dict(state["model"])
+        if self.net.extra is not None:
+            self.net.extra.load_state_dict(state["extra"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.meter = EpochMeter(self.device, self.dist)
+        self.meter.load_state_dict(state["meter"])
+        self.rows = list(state["rows"])
+        self.best_top1 = float(state["best"]["top1"])
+        self.best_epoch = int(state["best"]["epoch"])
+        self.best_top5 = float(state["best"]["top5"])
+        self.train_seconds = float(state["train_seconds"])
+        self.epoch_seconds = float(state.get("epoch_seconds", 0.0))
+        self.wall_seconds = float(state.get("wall_seconds", 0.0))
+        runtime.set_rng_state(state["rng"])
+
+    def save(self, best: bool = False) -> None:
+        """Every rank builds the state (it gathers the method's and the meter's over ranks); rank 0 writes it."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            self.folder.save_checkpoint(state, best)
+
+    # -------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        """Train to the last epoch (from wherever the state says), writing the run folder as it goes."""
+        assert self.folder is not None
+        self._session_started = time.time()
+        with self.stops.handling_signals():
+            if self.rows and self.dist.is_main:  # resumed: metrics.csv may lag behind (or run ahead of) the state
+                self.folder.write_metrics(self.rows)
+            while self.epoch < self.recipe.train.epochs:
+                self._train_epoch()
+        return self._write_summary(self.wall_seconds + time.time() - self._session_started)
+
+    def train_step(self, batch, lr: float) -> None:
+        """One optimisation step on a batch; everything stays on the device (no host synchronisation)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with runtime.autocast(self.device, self.dtype):
+            result = self.method.loss(self.train_step_fn, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(result["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.meter.update(result, result.get("labels", batch.labels), batch.step)
+
+    def _check_finite(self, epoch: int) -> None:
+        self.stops.check_finite(self.meter, epoch, self.folder.last if self.folder is not None else None)
+
+    def _train_epoch(self) -> None:
+        epoch, recipe = self.epoch, self.recipe
+        if self.step_in_epoch == 0:
+            self.meter = EpochMeter(self.device, self.dist)
+            self.epoch_seconds = 0.0
+            self.method.on_epoch_start(epoch)
+        if self.dist.enabled:  # the memories' gathers pad to the epoch's largest rank batch (one host read)
+            largest = max((batch.numel() for batch in self.batches(epoch)), default=0)
+            self.collectives.capacity = int(distributed.all_reduce_max(
+                torch.tensor(largest, device=self.device)).item())
+        self.net.train()
+        bar = self.progress.bar(epoch, recipe.train.epochs, self.steps_per_epoch, self.step_in_epoch)
+        every = recipe.checkpoint.every_steps
+        check_every = self.agree_every if self.dist.enabled else FINITE_CHECK_STEPS
+        started = time.perf_counter()
+        with anomaly_detection(recipe.train.detect_anomaly):
+            for batch in self.loader.epoch(epoch, self.step_in_epoch):
+                self.train_step(batch, lr_at(self.global_step, self.steps_per_epoch, recipe))
+                self.step_in_epoch = batch.step + 1
+                self.global_step += 1
+                self.stops.after_step(self.global_step)
+                if self.global_step % check_every == 0:
+                    self._check_finite(epoch)  # several processes: also where they agree on a stop
+                if bar is not None and (self.step_in_epoch % self.progress.refresh_steps == 0):
+                    self.progress.refresh(bar, self.meter.read(), self.step_in_epoch)
+                if self.stops.requested is not None or (every and self.global_step % every == 0):
+                    self._check_finite(epoch)  # never checkpoint weights a non-finite step has updated
+                    started = self._count_time(started)
+                    self.save()
+                    if self.stops.requested is not None:
+                        self.stops.stop(bar, self.folder.path)
+        self._count_time(started)
+        self._check_finite(epoch)
+        self.method.on_epoch_end(epoch)
+        self._end_epoch(epoch, bar)
+
+    def _end_epoch(self, epoch: int, bar) -> None:
+        """Evaluate, record the epoch's row, checkpoint (last, and best if it is), write metrics.csv."""
+        recipe = self.recipe
+        train_stats = self.meter.read(over_ranks=True)
+        images = self.meter.totals()[2].item()
+        # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
+        distributed.broadcast_buffers(self.net, self.dist)
+        test_stats = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
+                                  self.channels_last, self.dist)
+        seconds = self.epoch_seconds
+        row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
+        row.update({"train_loss": train_stats.pop("train_loss")})
+        row.update({k: v for k, v in train_stats.items() if k != "train_top1"})
+        row["train_top1"] = train_stats["train_top1"]
+        row.update(test_stats)
+        row["epoch_seconds"] = seconds
+        row["images_per_second"] = images / seconds if seconds > 0 else float("nan")
+        self.rows.append(row)
+        is_best = test_stats["test_top1"] > self.best_top1
+        if is_best:
+            self.best_top1, self.best_epoch, self.best_top5 = test_stats["test_top1"], epoch + 1, test_stats["test_top5"]
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_seconds = 0.0
+        self.save(best=is_best)  # the checkpoint first: it is what a resume trusts (and rewrites metrics.csv from)
+        if self.dist.is_main:
+            self.folder.write_metrics(self.rows)
+        self.progress.epoch_line(bar, row, recipe.train.epochs)
+        if self.dist.enabled:
+            self.stops.agree(self.meter)  # a signal that came during the evaluation
+        if self.stops.requested is not None:
+            self.stops.stop(None, self.folder.path)
+
+    def _count_time(self, started: float) -> float:
+        """Add the training time since `started` to the epoch's and the run's; returns now."""
+        now = time.perf_counter()
+        self.epoch_seconds += now - started
+        self.train_seconds += now - started
+        return now
+
+    # -------------------------------------------------------------------------------- summary
+    def _write_summary(self, wall_seconds: float) -> dict:
+        """summary.json; wall_seconds adds up every session of the run (it is kept in the checkpoint)."""
+        last = self.rows[-1]
+        summary = {
+            "name": self.folder.name,
+            "method": self.recipe.method["name"],
+            "arch": self.recipe.model.arch,
+            "dataset": self.recipe.data.name,
+            "num_classes": self.data.num_classes,
+            "train_images": self.data.num_train,
+            "epochs": self.recipe.train.epochs,
+            "seed": self.recipe.train.seed,
+            "best_top1": self.best_top1,
+            "best_top5": self.best_top5,
+            "best_epoch": self.best_epoch,
+            "last_top1": last["test_top1"],
+            "last_top5": last["test_top5"],
+            "params": self.params,
+            "macs": self.macs,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": wall_seconds,
+            "images_per_second": sum(r["images_per_second"] for r in self.rows) / len(self.rows),
+            "device": runtime.device_description(self.device),
+            "precision": str(self.dtype).replace("torch.", ""),
+            "torch": torch.__version__,
+            "git_commit": runtime.git_commit(),
+            "finished": True,
+            "processes": self.dist.world_size,  # of the last session
+        }
+        if self.dist.is_main:
+            self.folder.write_summary(summary)
+        return summary
