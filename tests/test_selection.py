@@ -30,17 +30,17 @@ RUNS = [
     ("ipasd", "resnet110", "cifar100", 0, 50.0, 1_700_000, 250_000_000),
 ]
 
-# export name -> (run name, precision, p50 latency at batch 1, file size, own top-1 for int8)
+# export name -> (run name, precision, p50 latency at batch 1, file size, own onnxruntime top-1)
 EXPORTS = {
-    "ce-r8-s0": ("ce-resnet8-s0", "fp32", 1.0, 300_000, None),
-    "ce-r8-s1": ("ce-resnet8-s1", "fp32", 1.0, 300_000, None),
-    "ipasd-r8-s0": ("ipasd-resnet8-s0", "fp32", 0.9, 300_000, None),
-    "ipasd-r8-s1": ("ipasd-resnet8-s1", "fp32", 1.1, 300_000, None),
+    "ce-r8-s0": ("ce-resnet8-s0", "fp32", 1.0, 300_000, 70.0),
+    "ce-r8-s1": ("ce-resnet8-s1", "fp32", 1.0, 300_000, 72.0),
+    "ipasd-r8-s0": ("ipasd-resnet8-s0", "fp32", 0.9, 300_000, 75.0),
+    "ipasd-r8-s1": ("ipasd-resnet8-s1", "fp32", 1.1, 300_000, 77.0),
     "ipasd-r8-s0-int8": ("ipasd-resnet8-s0", "int8", 0.5, 90_000, 75.5),
-    "ipasd-r20-s0": ("ipasd-resnet20-s0", "fp32", 3.0, 1_000_000, None),
-    "ipasd-r56-s0": ("ipasd-resnet56-s0", "fp32", 5.0, 3_300_000, None),
-    "cs_kd-r20-s0": ("cs_kd-resnet20-s0", "fp32", 3.0, 1_000_000, None),
-    "ipasd-r110-s0": ("ipasd-resnet110-s0", "fp32", 10.0, 6_800_000, None),
+    "ipasd-r20-s0": ("ipasd-resnet20-s0", "fp32", 3.0, 1_000_000, 80.0),
+    "ipasd-r56-s0": ("ipasd-resnet56-s0", "fp32", 5.0, 3_300_000, 79.0),
+    "cs_kd-r20-s0": ("cs_kd-resnet20-s0", "fp32", 3.0, 1_000_000, 80.0),
+    "ipasd-r110-s0": ("ipasd-resnet110-s0", "fp32", 10.0, 6_800_000, 50.0),
 }
 
 
@@ -74,9 +74,7 @@ def workspace(tmp_path) -> dict:
         dataset_folder = comparisons[1] if "r110" in name else comparisons[0]
         record = {"format": "ipasdctl-export-1", "name": name, "onnx_file": f"{name}.onnx", "precision": precision,
                   "run_dir": str(dataset_folder / run), "file_size_bytes": size}
-        if own_top1 is not None:
-            record["test_top1"] = own_top1
-            record["onnx_test"] = {"top1": own_top1, "top5": 95.0, "n": 10000}
+        record["onnx_test"] = {"top1": own_top1, "top5": own_top1 + 15, "n": 10000}
         (exports / f"{name}.json").write_text(json.dumps(record))
         (exports / f"{name}.onnx").write_bytes(b"\0" * 8)
         for backend, provider, batch, value in (("onnxruntime", "CPUExecutionProvider", 1, p50),
@@ -107,7 +105,8 @@ def test_accuracy_is_the_mean_over_seeds_and_exports_join_by_run_dir(workspace):
     ce = row(table, "ce", "resnet8")
     assert ce["top1"] == pytest.approx(71.0) and ce["seeds"] == 2
     assert ce["top1_std"] == pytest.approx(math.sqrt(((70 - 71) ** 2 + (72 - 71) ** 2) / 1))
-    assert ce["top5"] == pytest.approx(86.0) and ce["last_top1"] == pytest.approx(70.0)
+    assert ce["top5"] == pytest.approx(86.0) and ce["pytorch_last_top1"] == pytest.approx(70.0)
+    assert ce["accuracy_source"].startswith("onnxruntime fp32") and ce["seeds_compared"] == 2
     assert ce["params"] == 78_000 and ce["macs"] == 12_000_000
     ipasd8 = row(table, "ipasd", "resnet8")
     assert ipasd8["latency_ms"] == pytest.approx((0.9 + 1.1) / 2)  # mean over the seeds' exports, batch 1, ORT CPU
@@ -116,6 +115,7 @@ def test_accuracy_is_the_mean_over_seeds_and_exports_join_by_run_dir(workspace):
     assert set(ipasd8["exports"].split(";")) == {"ipasd-r8-s0.onnx", "ipasd-r8-s1.onnx"}
     int8 = row(table, "ipasd", "resnet8", "int8")
     assert int8["top1"] == pytest.approx(75.5) and int8["latency_ms"] == pytest.approx(0.5) and int8["seeds"] == 1
+    assert int8["seeds_compared"] == 2 and not int8["slower_than_fp32"]
     assert int8["file_size_mb"] == pytest.approx(0.09)
     never_exported = row(table, "ps_kd", "resnet32")
     assert math.isnan(never_exported["latency_ms"]) and never_exported["exports"] == ""
@@ -210,3 +210,51 @@ def test_bad_inputs(workspace, tmp_path):
         selection_table(workspace["comparisons"], tmp_path / "no-exports", None)
     with pytest.raises(UserError, match="budget"):
         selection_table(workspace["comparisons"], None, -1.0)
+
+
+def test_like_with_like_recommends_the_fast_fp32_where_the_old_table_picked_a_slower_int8(tmp_path, capsys):
+    """The case a user met: the old table set PyTorch's best-epoch top-1 of every seed (fp32 rows) beside one
+    exported seed's onnxruntime top-1 (int8 row), and under 2 ms recommended the int8 model although the fp32
+    export of the same model ran faster. Now both rows are onnxruntime top-1 over their own seeds, the slower
+    int8 is flagged and never recommended, and an export of no compared run is named."""
+    from ipasdctl.analysis.report import selection_section
+
+    comparison = tmp_path / "cmp"
+    comparison.mkdir()
+    rows = []
+    for seed, best in ((0, 91.0), (1, 91.4)):
+        (comparison / f"cs-kd-s{seed}").mkdir()
+        rows.append({"method": "cs-kd", "seed": seed, "arch": "resnet8", "dataset": "cifar10", "epochs": 30,
+                     "best_top1": best, "last_top1": best - 0.5, "best_epoch": 29, "best_top5": 99.0,
+                     "params": 78_000, "macs": 12_000_000, "train_seconds": 1.0, "images_per_second": 1.0,
+                     "run_dir": f"cs-kd-s{seed}"})
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(comparison / "results.csv", index=False)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    latency = []
+    # (name, seed, precision, onnxruntime top-1, p50 ms); the int8 model: one seed, more accurate, but slower
+    for name, seed, precision, top1, p50 in (("s0", 0, "fp32", 91.90, 0.228), ("s1", 1, "fp32", 92.00, 0.228),
+                                             ("s0-int8", 0, "int8", 92.10, 0.3947), ("stray", 7, "fp32", 99.0, 0.1)):
+        run = comparison / f"cs-kd-s{seed}" if name != "stray" else tmp_path / "elsewhere"
+        (exports / f"{name}.json").write_text(json.dumps({
+            "onnx_file": f"{name}.onnx", "precision": precision, "run_dir": str(run), "checkpoint": "best",
+            "file_size_bytes": 1000, "onnx_test": {"top1": top1, "top5": 99.0, "n": 10000}}))
+        (exports / f"{name}.onnx").write_bytes(b"\0")
+        latency.append({"model": f"{name}.onnx", "backend": "onnxruntime", "provider": "CPUExecutionProvider",
+                        "batch_size": 1, "threads": 2, "p50_ms": p50, "p90_ms": p50, "p99_ms": p50,
+                        "throughput_ips": 1000 / p50, "cpu_model": "Test CPU", "model_path": str(exports / f"{name}.onnx")})
+    pd.DataFrame(latency).to_csv(exports / "latency.csv", index=False)
+
+    table = selection_table([comparison], exports, 2.0)
+    fp32, int8 = row(table, "cs-kd", "resnet8"), row(table, "cs-kd", "resnet8", "int8")
+    assert fp32["top1"] == pytest.approx(91.95) and fp32["seeds"] == 2 and fp32["seeds_compared"] == 2
+    assert int8["top1"] == pytest.approx(92.10) and int8["seeds"] == 1 and int8["slower_than_fp32"]
+    assert fp32["pytorch_best_top1"] == pytest.approx(91.2)  # what the old table put in the fp32 row
+    pick = best_under_budget(table, 2.0).iloc[0]
+    assert pick["precision"] == "fp32" and pick["latency_ms"] == pytest.approx(0.228)
+    assert table.attrs["unmatched_exports"] == ["stray.onnx"]
+
+    lines = "\n".join(selection_section([comparison], exports, 2.0, tmp_path))
+    assert "cs-kd / resnet8 (fp32)" in lines and "over 2 seed(s)" in lines
+    assert "int8 is slower than its fp32 export" in lines and "stray.onnx" in lines
+    assert "stray.onnx" in capsys.readouterr().err

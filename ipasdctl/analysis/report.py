@@ -53,8 +53,9 @@ def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list
     return header, rows, records
 
 
-SELECTION_SHOWN = ["dataset", "method", "arch", "precision", "seeds", "top1", "top1_std", "params", "macs",
-                   "file_size_mb", "latency_ms", "pareto_optimal", "within_budget"]
+SELECTION_SHOWN = ["dataset", "method", "arch", "precision", "checkpoint", "seeds", "seeds_compared", "top1",
+                   "top1_std", "params", "macs", "file_size_mb", "latency_ms", "slower_than_fp32", "pareto_optimal",
+                   "within_budget"]
 
 
 def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Optional[float], out: Path) -> list[str]:
@@ -66,8 +67,14 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
     write_selection(table, out / "selection.csv")
     budget = f" under {max_latency_ms:g} ms" if max_latency_ms is not None else ""
     shown = [c for c in SELECTION_SHOWN if c in table.columns]
-    lines += [f"From `{exports}`: test top-1 (%, mean over seeds), latency (ms, onnxruntime CPU, batch 1, p50), "
-              "Pareto-optimal per data set on (top-1, latency). Every column: selection.csv.", "",
+    unmatched = table.attrs.get("unmatched_exports", [])
+    if unmatched:
+        print(f"warning: {len(unmatched)} export(s) in {exports} match no compared run and are left out of the "
+              f"selection: {', '.join(unmatched)}", file=sys.stderr)
+    lines += [f"From `{exports}`: top-1 (%) is the test top-1 of the model that ships, measured by the runtime it "
+              "ships in (onnxruntime for exported models, on the whole test set), averaged over `seeds` of the "
+              "`seeds_compared` seeds; latency (ms, onnxruntime CPU, batch 1, p50); Pareto-optimal per data set on "
+              "(top-1, latency). Every column, with PyTorch's best- and last-epoch top-1: selection.csv.", "",
               markdown_table(shown, [[human_count(v) if c in ("params", "macs") else format_cell(v) for c, v in zip(shown, row)]
                                      for row in table[shown].itertuples(index=False)]), ""]
     if max_latency_ms is not None:
@@ -77,7 +84,14 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
         else:
             for row in best.to_dict("records"):
                 lines += [f"**Best{budget} on {row['dataset']}:** {row['method']} / {row['arch']} ({row['precision']}): "
-                          f"top-1 {format_cell(row['top1'])} %, {format_cell(row['latency_ms'])} ms", ""]
+                          f"top-1 {format_cell(row['top1'])} % over {row['seeds']} seed(s), "
+                          f"{format_cell(row['latency_ms'])} ms", ""]
+    slower = table[table["slower_than_fp32"]]
+    for row in slower.to_dict("records"):
+        lines += [f"- {row['method']} / {row['arch']} {row['precision']} is slower than its fp32 export on this CPU "
+                  f"({format_cell(row['latency_ms'])} ms): it is never recommended.", ""]
+    if unmatched:
+        lines += [f"- {len(unmatched)} export(s) match no compared run and are left out: {', '.join(unmatched)}.", ""]
     return lines
 
 

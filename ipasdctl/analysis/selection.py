@@ -3,10 +3,15 @@
 `selection_table` joins each comparison's `results.csv` (one row per trained run) with the exports of those
 runs (`<name>.json` written by `ipasdctl export`, matched to runs by the `run_dir` recorded in the json) and
 their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, epochs,
-precision): fp32 rows carry the PyTorch test top-1 of the runs (`best_top1` mean and std over seeds); int8 rows
-carry the INT8 models' own top-1 measured with onnxruntime (mean over the exported seeds). Latency is the
-`latency_stat` (p50 by default) of onnxruntime's CPU provider at `latency_batch_size` (1), averaged over the
-group's exported models.
+precision), and every row's `top1` has one definition: the test top-1 of the model that would ship, measured
+by the runtime it ships in. For an exported precision that is the exported models' own onnxruntime top-1 on
+the whole test set, averaged over the seeds that were exported (`seeds` of `seeds_compared`; fp32 and int8 of
+the same exports stand on the same seeds); a group without exports gets one fp32 row with the PyTorch top-1 of
+the same checkpoint kind (`accuracy_source` says which). PyTorch's best- and last-epoch top-1 over all compared
+seeds stand in their own columns. Latency is the `latency_stat` (p50 by default) of onnxruntime's CPU provider
+at `latency_batch_size` (1), averaged over the group's exported models of that precision. An INT8 row slower
+than its group's fp32 row is flagged (`slower_than_fp32`) and never recommended. Exports that match no
+compared run are listed in `table.attrs["unmatched_exports"]`.
 
 Pareto optimality is judged within each data set, on (top-1 up, latency down): a row is Pareto-optimal when
 no other row has top-1 >= its top-1 and latency <= its latency with at least one of the two strict. Rows
@@ -29,10 +34,10 @@ from ..files import atomic_write_text
 
 GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
-COLUMNS = ["dataset", "method", "arch", "epochs", "precision", "seeds", "top1", "top1_std", "top5", "last_top1",
-           "accuracy_source", "params", "macs", "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms",
-           "throughput_ips", "latency_batch_size", "threads", "cpu_model", "exports", "comparisons",
-           "pareto_optimal"]
+COLUMNS = ["dataset", "method", "arch", "epochs", "precision", "checkpoint", "seeds", "seeds_compared", "top1",
+           "top1_std", "top5", "accuracy_source", "pytorch_best_top1", "pytorch_last_top1", "params", "macs",
+           "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "latency_batch_size",
+           "threads", "cpu_model", "slower_than_fp32", "exports", "comparisons", "pareto_optimal"]
 
 
 def _key(path: Path) -> str:
@@ -102,11 +107,11 @@ def load_exports(exports_dir: Path) -> pd.DataFrame:
             "export": record["onnx_file"],
             "model_key": _key(onnx_path),
             "file_size_bytes": record.get("file_size_bytes", onnx_path.stat().st_size if onnx_path.exists() else np.nan),
-            "export_top1": (record.get("onnx_test") or {}).get("top1", record.get("test_top1")),
+            "checkpoint": record.get("checkpoint", "best"),
+            "export_top1": (record.get("onnx_test") or {}).get("top1"),
             "export_top5": (record.get("onnx_test") or {}).get("top5"),
         })
-    return pd.DataFrame(rows, columns=["run_key", "precision", "export", "model_key", "file_size_bytes",
-                                       "export_top1", "export_top5"])
+    return pd.DataFrame(rows, columns=EXPORT_COLUMNS)
 
 
 def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str = "onnxruntime",
@@ -136,6 +141,10 @@ def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str 
         if column not in table.columns:
             table[column] = np.nan
     return table[columns]
+
+
+EXPORT_COLUMNS = ["run_key", "precision", "export", "model_key", "file_size_bytes", "checkpoint", "export_top1",
+                  "export_top5"]
 
 
 def pareto_mask(accuracy: Sequence[float], latency: Sequence[float]) -> np.ndarray:
@@ -173,55 +182,29 @@ def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_l
         latencies = load_latencies(exports_dir, latency_batch_size, backend, provider, latency_stat)
         exports = exports.merge(latencies, on="model_key", how="left")
     else:
-        exports = pd.DataFrame(columns=["run_key", "precision", "export", "file_size_bytes", "export_top1",
-                                        "export_top5", "latency_ms"])
+        exports = pd.DataFrame(columns=EXPORT_COLUMNS + ["latency_ms"])
 
     rows = []
     for key, group in results.groupby(GROUP_KEYS, dropna=False, sort=True):
-        base = dict(zip(GROUP_KEYS, key))
-        runs = set(group["run_key"])
-        matched = exports[exports["run_key"].isin(runs)]
+        matched = exports[exports["run_key"].isin(set(group["run_key"]))]
         shared = {
+            **dict(zip(GROUP_KEYS, key)),
+            "seeds_compared": group["seed"].nunique(),
+            "pytorch_best_top1": group["best_top1"].mean(),
+            "pytorch_last_top1": group["last_top1"].mean() if "last_top1" in group else np.nan,
             "params": group["params"].mean() if "params" in group else np.nan,
             "macs": group["macs"].mean() if "macs" in group else np.nan,
             "comparisons": _join_unique(group["comparison"]),
         }
-        seeds = group["seed"].nunique()
-        fp32 = {
-            "seeds": seeds,
-            "top1": group["best_top1"].mean(),
-            "top1_std": group["best_top1"].std(ddof=1) if seeds > 1 else np.nan,
-            "top5": group["best_top5"].mean() if "best_top5" in group else np.nan,
-            "last_top1": group["last_top1"].mean() if "last_top1" in group else np.nan,
-            "accuracy_source": "pytorch best_top1, mean over seeds",
-        }
-        precisions = list(dict.fromkeys(matched["precision"])) or ["fp32"]
-        for precision in sorted(precisions, key=lambda p: (p != "fp32", p)):
-            mine = matched[matched["precision"] == precision]
-            row = {**base, "precision": precision, **shared}
-            if precision == "fp32":
-                row.update(fp32)
-            else:
-                top1 = pd.to_numeric(mine["export_top1"], errors="coerce")
-                row.update({"seeds": int(top1.notna().sum()), "top1": top1.mean(),
-                            "top1_std": top1.std(ddof=1) if top1.notna().sum() > 1 else np.nan,
-                            "top5": pd.to_numeric(mine["export_top5"], errors="coerce").mean(),
-                            "last_top1": np.nan, "accuracy_source": f"{precision} onnxruntime, mean over exports"})
-            has = not mine.empty
-            row.update({
-                "file_size_mb": pd.to_numeric(mine["file_size_bytes"], errors="coerce").mean() / 1e6 if has else np.nan,
-                "latency_ms": pd.to_numeric(mine["latency_ms"], errors="coerce").mean() if has else np.nan,
-                "latency_p90_ms": pd.to_numeric(mine.get("latency_p90_ms"), errors="coerce").mean() if has else np.nan,
-                "latency_p99_ms": pd.to_numeric(mine.get("latency_p99_ms"), errors="coerce").mean() if has else np.nan,
-                "throughput_ips": pd.to_numeric(mine.get("throughput_ips"), errors="coerce").mean() if has else np.nan,
-                "latency_batch_size": latency_batch_size if has and mine["latency_ms"].notna().any() else np.nan,
-                "threads": _join_unique(mine["threads"]) if has else "",
-                "cpu_model": _join_unique(mine["cpu_model"]) if has else "",
-                "exports": _join_unique(mine["export"]) if has else "",
-            })
-            rows.append(row)
-
+        if matched.empty:
+            rows.append({**shared, **_pytorch_row(group, _common(exports["checkpoint"], "best"))})
+            continue
+        for precision in sorted(set(matched["precision"]), key=lambda p: (p != "fp32", p)):
+            rows.append({**shared, **_exported_row(matched[matched["precision"] == precision], precision,
+                                                   latency_batch_size)})
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "pareto_optimal"])
+    table["slower_than_fp32"] = _slower_than_fp32(table)
+    unmatched = sorted(exports.loc[~exports["run_key"].isin(set(results["run_key"])), "export"])
     table["pareto_optimal"] = False
     for _dataset, index in table.groupby("dataset", dropna=False).groups.items():
         part = table.loc[index]
@@ -229,7 +212,58 @@ def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_l
     if max_latency_ms is not None:
         table["within_budget"] = pd.to_numeric(table["latency_ms"], errors="coerce") <= max_latency_ms
     table = table.sort_values(["dataset", "top1", "latency_ms"], ascending=[True, False, True], kind="stable")
-    return table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    table.attrs["unmatched_exports"] = unmatched
+    return table
+
+
+def _common(values, default: str) -> str:
+    """The one value of a column (e.g. every export's checkpoint kind), else `default`."""
+    values = set(v for v in values if isinstance(v, str))
+    return values.pop() if len(values) == 1 else default
+
+
+def _pytorch_row(group: pd.DataFrame, checkpoint: str) -> dict:
+    """A group without exports: fp32, the PyTorch top-1 of the checkpoint kind the exports use, every seed."""
+    column = "best_top1" if checkpoint == "best" else "last_top1"
+    top1 = pd.to_numeric(group[column], errors="coerce")
+    return {"precision": "fp32", "checkpoint": checkpoint, "seeds": int(top1.notna().sum()), "top1": top1.mean(),
+            "top1_std": top1.std(ddof=1) if top1.notna().sum() > 1 else np.nan,
+            "top5": group["best_top5"].mean() if checkpoint == "best" and "best_top5" in group else np.nan,
+            "accuracy_source": f"pytorch, {checkpoint} epoch, not exported", "slower_than_fp32": False,
+            "file_size_mb": np.nan, "latency_ms": np.nan, "latency_p90_ms": np.nan, "latency_p99_ms": np.nan,
+            "throughput_ips": np.nan, "latency_batch_size": np.nan, "threads": "", "cpu_model": "", "exports": ""}
+
+
+def _exported_row(mine: pd.DataFrame, precision: str, latency_batch_size: int) -> dict:
+    """One precision of a group: the exported models' own onnxruntime top-1 and latency, over their seeds."""
+    top1 = pd.to_numeric(mine["export_top1"], errors="coerce")
+    checkpoint = _common(mine["checkpoint"], "mixed")
+    latency = pd.to_numeric(mine["latency_ms"], errors="coerce")
+    return {"precision": precision, "checkpoint": checkpoint, "seeds": int(top1.notna().sum()), "top1": top1.mean(),
+            "top1_std": top1.std(ddof=1) if top1.notna().sum() > 1 else np.nan,
+            "top5": pd.to_numeric(mine["export_top5"], errors="coerce").mean(),
+            "accuracy_source": f"onnxruntime {precision}, {checkpoint} checkpoint, test set",
+            "file_size_mb": pd.to_numeric(mine["file_size_bytes"], errors="coerce").mean() / 1e6,
+            "latency_ms": latency.mean(),
+            "latency_p90_ms": pd.to_numeric(mine.get("latency_p90_ms"), errors="coerce").mean(),
+            "latency_p99_ms": pd.to_numeric(mine.get("latency_p99_ms"), errors="coerce").mean(),
+            "throughput_ips": pd.to_numeric(mine.get("throughput_ips"), errors="coerce").mean(),
+            "latency_batch_size": latency_batch_size if latency.notna().any() else np.nan,
+            "threads": _join_unique(mine["threads"]), "cpu_model": _join_unique(mine["cpu_model"]),
+            "exports": _join_unique(mine["export"])}
+
+
+def _slower_than_fp32(table: pd.DataFrame) -> pd.Series:
+    """True for a non-fp32 row whose latency is above its group's fp32 row's (both measured)."""
+    fp32 = table[table["precision"] == "fp32"].set_index(GROUP_KEYS)["latency_ms"]
+    slower = []
+    for row in table.itertuples(index=False):
+        key = tuple(getattr(row, k) for k in GROUP_KEYS)
+        reference = fp32.get(key, np.nan) if row.precision != "fp32" else np.nan
+        reference = reference.iloc[0] if isinstance(reference, pd.Series) else reference
+        slower.append(bool(pd.notna(row.latency_ms) and pd.notna(reference) and row.latency_ms > reference))
+    return pd.Series(slower, index=table.index, dtype=bool)
 
 
 def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
@@ -243,7 +277,8 @@ def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
     if missing:
         raise UserError(f"the selection table lacks {', '.join(sorted(missing))}; build it with selection_table")
     latency = pd.to_numeric(df["latency_ms"], errors="coerce")
-    fits = df[(latency <= max_latency_ms) & df["top1"].notna()]
+    slower = df["slower_than_fp32"].astype(bool) if "slower_than_fp32" in df else False
+    fits = df[(latency <= max_latency_ms) & df["top1"].notna() & ~slower]
     if fits.empty:
         return fits.reset_index(drop=True)
     ranked = fits.assign(_lat=latency[fits.index]).sort_values(["dataset", "top1", "_lat"],

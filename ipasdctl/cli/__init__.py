@@ -1,4 +1,5 @@
-"""The `ipasdctl` command line: thin Typer commands over library functions, one module per command family.
+"""The `ipasdctl` command line: thin Typer commands over library functions, one module per command family;
+commands chain (`ipasdctl train ... export --onnx bench`, see chain.py).
 
 Every user error is one line on stderr and exit code 2; IPASDCTL_DEBUG=1 shows the traceback instead.
 """
@@ -12,7 +13,8 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from . import train, listing, compare, evaluate, export  # noqa: F401,I001  (each adds its commands, in --help order)
+from . import chain
+from . import train, listing, compare, evaluate, export, predict  # noqa: F401,I001  (each adds its commands, in --help order)
 from .app import app
 
 
@@ -22,8 +24,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     from ..training import Interrupted
     from ..training.launcher import hand_error_to_launcher
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, standalone_mode=False)
+        links = chain.split(argv, typer.main.get_command(app).commands)
+        if len(links) > 1:
+            chain.run(app, links)
+        else:
+            app(args=argv, standalone_mode=False)
     except UserError as exc:
         if debug_enabled():
             raise

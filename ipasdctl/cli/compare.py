@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import chain
 from .app import app
 from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
                       PrecisionOpt, QuietOpt, RecipeOpt, SetOpt, recipe_overrides)
@@ -37,7 +38,7 @@ def compare(
         help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "
              "<method>-s<seed>/.")] = None,
     quiet: QuietOpt = False,
-) -> None:
+) -> "chain.Outputs":
     """Train the main method (--method, default: the recipe's, ipasd), every baseline and ce on the same
     recipe and seeds, then write results.csv, summary.csv and summary.md; prints the comparison folder last.
 
@@ -65,3 +66,4 @@ def compare(
     if not quiet:
         comparing.say_on_stderr(f"tables: {comparison.out / 'summary.md'}, summary.csv, results.csv")
     typer.echo(str(comparison.out))
+    return chain.Outputs(run_dirs=[run.run_dir for run in comparison.runs], comparisons=[comparison.out])

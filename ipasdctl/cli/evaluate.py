@@ -7,13 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import chain
 from .app import app
 
 
 @app.command("eval")
 def eval_(
-    target: Annotated[Path, typer.Argument(metavar="RUN_FOLDER|MODEL.onnx",
-                                           help="A run folder written by `ipasdctl train`, or an exported .onnx model.")],
+    target: Annotated[Optional[Path], typer.Argument(
+        metavar="[RUN_FOLDER|MODEL.onnx]",
+        help="A run folder written by `ipasdctl train`, or an exported .onnx model (in a chain: default, every "
+             "run folder made before).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint of a run folder: best or last.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -24,29 +27,27 @@ def eval_(
     feature compactness, t-SNE of the embeddings. Writes eval.json, per_class.csv, reliability.png and
     embedding_tsne.png into the run folder (for a .onnx model: <model>.eval.json beside it)."""
     from ..analysis import evaluation
-    from ..errors import UserError
 
-    if batch_size is not None and batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
-    if tsne_points < 3:
-        raise UserError(f"--tsne-points must be at least 3, got {tsne_points}")
-    if target.suffix.lower() == ".onnx":
-        result = evaluation.eval_onnx_model(target, data, batch_size or 256)
-        typer.echo(json.dumps(result, indent=2, default=str))
-        typer.echo(str(target.with_suffix(".eval.json")))
-        return
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got '{checkpoint}'")
-    result = evaluation.eval_run(target, checkpoint, data, device, batch_size, tsne_points)
-    typer.echo(evaluation.format_summary(result))
-    typer.echo(str(target / "eval.json"))
+    _check_eval(locals())
+    for path in chain.inputs(target, "a run folder or a .onnx model", "eval", "run_dirs"):
+        if path.suffix.lower() == ".onnx":
+            result = evaluation.eval_onnx_model(path, data, batch_size or 256)
+            typer.echo(json.dumps(result, indent=2, default=str))
+            typer.echo(str(path.with_suffix(".eval.json")))
+            continue
+        result = evaluation.eval_run(path, checkpoint, data, device, batch_size, tsne_points)
+        typer.echo(evaluation.format_summary(result))
+        typer.echo(str(path / "eval.json"))
 
 
 @app.command("report")
 def report(
-    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Run folders and/or comparison folders (with results.csv).")],
+    dirs: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[DIR...]", help="Run folders and/or comparison folders (with results.csv) (in a chain: default, "
+                                 "the comparisons, else the run folders made before).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where report.md and its images go (default: the first DIR).")] = None,
-    exports: Annotated[Optional[Path], typer.Option(help="Folder of exported models: adds the selection table.")] = None,
+    exports: Annotated[Optional[Path], typer.Option(
+        help="Folder of exported models: adds the selection table (in a chain: default, the export folder).")] = None,
     max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Latency budget for the selection table (ms).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Data folder for runs that still need an eval.")] = None,
     device: Annotated[str, typer.Option(help="Device for runs that still need an eval: auto, cpu, cuda or cuda:N.")] = "auto",
@@ -54,10 +55,33 @@ def report(
 ) -> None:
     """Training curves, summary table, loss terms, calibration and embedding plots (and the selection
     table with --exports) of runs and comparisons, as report.md with its images; prints its path."""
-    from ..errors import UserError
     from ..analysis.report import build_report
 
-    if tsne_points < 3:
-        raise UserError(f"--tsne-points must be at least 3, got {tsne_points}")
+    _check_report(locals())
+    dirs = chain.inputs(dirs, "run folders or comparison folders", "report", "comparisons", "run_dirs")
+    if exports is None and chain.current() is not None:
+        exports = chain.current().exports_dir
     path = build_report(dirs, out, exports, max_latency_ms, data, device, tsne_points)
     typer.echo(str(path))
+
+
+@chain.precheck("eval")
+def _check_eval(params: dict) -> None:
+    from ..errors import UserError
+
+    if params["batch_size"] is not None and params["batch_size"] <= 0:
+        raise UserError(f"--batch-size must be positive, got {params['batch_size']}")
+    if params["tsne_points"] < 3:
+        raise UserError(f"--tsne-points must be at least 3, got {params['tsne_points']}")
+    if params["checkpoint"] not in ("best", "last"):
+        raise UserError(f"--checkpoint must be best or last, got '{params['checkpoint']}'")
+
+
+@chain.precheck("report")
+def _check_report(params: dict) -> None:
+    from ..errors import UserError
+
+    if params["tsne_points"] < 3:
+        raise UserError(f"--tsne-points must be at least 3, got {params['tsne_points']}")
+    if params["max_latency_ms"] is not None and not params["max_latency_ms"] > 0:
+        raise UserError(f"--max-latency-ms must be positive, got {params['max_latency_ms']}")

@@ -5,12 +5,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import chain
 from .app import app
 
 
 @app.command("export")
 def export(
-    run_folder: Annotated[Path, typer.Argument(help="Run folder of a finished `ipasdctl train`.")],
+    run_folder: Annotated[Optional[Path], typer.Argument(
+        help="Run folder of a finished `ipasdctl train` (in a chain: default, every run folder made before).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the one format so far).")] = False,
     out: Annotated[Path, typer.Option(help="Folder for <name>.onnx and <name>.json.")] = Path("exports"),
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
@@ -19,15 +21,44 @@ def export(
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
-) -> None:
-    """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch; prints the .onnx path last."""
+) -> "chain.Outputs":
+    """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch and measure its test
+    top-1 in onnxruntime; prints the .onnx path last. In a chain, an export whose source checkpoint is unchanged
+    is kept as it is."""
     from ..deploy import export_onnx
     from ..errors import UserError
 
-    if not onnx:
+    _check_export(locals())
+    run_folders = chain.inputs(run_folder, "a run folder", "export", "run_dirs")
+    if name is not None and len(run_folders) > 1:
+        raise UserError(f"--name names one export, but this chain exports {len(run_folders)} runs; drop --name")
+    made = chain.Outputs(exports_dir=out)
+    for folder in run_folders:
+        record = export_onnx(folder, out, opset=opset, int8=int8, calib_samples=calib_samples, checkpoint=checkpoint,
+                             data_root=str(data) if data is not None else None, name=name,
+                             skip_unchanged=chain.current() is not None)
+        _print_export(record)
+        made.models += [Path(record["onnx_path"])] + ([Path(record["int8"]["onnx_path"])] if "int8" in record else [])
+    return made
+
+
+@chain.precheck("export")
+def _check_export(params: dict) -> None:
+    from ..deploy.export import check_export_options
+    from ..errors import UserError
+
+    if not params["onnx"]:
         raise UserError("choose an export format: ipasdctl export RUN_FOLDER --onnx")
-    record = export_onnx(run_folder, out, opset=opset, int8=int8, calib_samples=calib_samples,
-                         checkpoint=checkpoint, data_root=str(data) if data is not None else None, name=name)
+    check_export_options(params["opset"], params["int8"], params["calib_samples"], params["checkpoint"])
+
+
+def _print_export(record: dict) -> None:
+    if record.get("skipped"):
+        typer.echo(f"{record['onnx_path']}: its checkpoint is unchanged since it was exported, kept")
+        if "int8" in record:
+            typer.echo(record["int8"]["onnx_path"])
+        typer.echo(record["onnx_path"])
+        return
     worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
     sizes = ",".join(str(b["batch_size"]) for b in record["validation"]["batches"])
     typer.echo(f"exporter: {record['exporter']} (opset {record['opset']})"
@@ -35,6 +66,7 @@ def export(
     typer.echo(f"validated against PyTorch at batch {sizes}: max |diff| {worst:.2e} "
                f"(atol {record['validation']['atol']:g}, rtol {record['validation']['rtol']:g})")
     typer.echo(f"size: {record['file_size_bytes'] / 1e6:.2f} MB")
+    typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): {record['onnx_test']['top1']:.2f}%")
     if "int8" in record:
         typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): fp32 {record['onnx_test']['top1']:.2f}%  "
                    f"int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)")
@@ -44,7 +76,8 @@ def export(
 
 @app.command("bench")
 def bench(
-    model: Annotated[Path, typer.Argument(help="An exported .onnx model.")],
+    model: Annotated[Optional[Path], typer.Argument(
+        help="An exported .onnx model (in a chain: default, every model exported before).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64",
     threads: Annotated[Optional[int], typer.Option(help="Threads for both backends (default: PyTorch's count).")] = None,
     runs: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 200,
@@ -52,16 +85,32 @@ def bench(
     torch_run: Annotated[Optional[Path], typer.Option("--torch", help="Run folder to time in PyTorch eager (default: the run recorded in the export's json).")] = None,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Time onnxruntime only.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder (or .csv path) for latency.csv (default: beside the model).")] = None,
-) -> None:
-    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput per batch size."""
+) -> "chain.Outputs":
+    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput per batch size.
+    In a chain, a model already measured on this CPU with the same settings is not measured again."""
     import sys
 
     from ..deploy.bench import bench as run_bench
     from ..deploy.bench import format_table
     from ..runtime import cpu_model
 
-    rows, csv_path = run_bench(model, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
-                               log=lambda line: print(line, file=sys.stderr))
-    typer.echo(f"{model.name}: {cpu_model()}, {int(rows['threads'].iloc[0])} threads, {runs} runs per size")
-    typer.echo(format_table(rows))
-    typer.echo(str(csv_path))
+    _check_bench(locals())  # before the first model
+    models = chain.inputs(model, "an exported .onnx model", "bench", "models")
+    made = chain.Outputs()
+    for path in models:
+        rows, csv_path = run_bench(path, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
+                                   log=lambda line: print(line, file=sys.stderr),
+                                   skip_measured=chain.current() is not None)
+        typer.echo(f"{path.name}: {cpu_model()}, {int(rows['threads'].iloc[0])} threads, {runs} runs per size"
+                   + (" (measured before on this CPU, kept)" if rows.attrs.get("skipped") else ""))
+        typer.echo(format_table(rows))
+        typer.echo(str(csv_path))
+        made.latency_tables.append(Path(csv_path))
+    return made
+
+
+@chain.precheck("bench")
+def _check_bench(params: dict) -> None:
+    from ..deploy.bench import check_bench_options
+
+    check_bench_options(params["batch_sizes"], params["runs"], params["threads"], params["warmup"])

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import chain
 from .app import app
 from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
                       MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, command_line, recipe_overrides)
@@ -36,10 +37,11 @@ def train(
              "torchrun. The batch size stays the global batch.")] = None,
     sync_bn: Annotated[bool, typer.Option(
         "--sync-bn", help="Several processes on CUDA: BatchNorm statistics over the global batch.")] = False,
-) -> None:
+) -> "chain.Outputs":
     """Train one model with one method on one recipe; prints the run folder's path last.
 
-    Several processes: `torchrun --nproc_per_node N -m ipasdctl train ...`, or `ipasdctl train --nproc N ...`."""
+    Several processes: `torchrun --nproc_per_node N -m ipasdctl train ...`, or `ipasdctl train --nproc N ...`.
+    In a chain (`train ... export --onnx bench`), a finished run of the same name and recipe is reused."""
     from .. import training
     from ..config import load_recipe
     from ..training import distributed, launcher
@@ -56,10 +58,21 @@ def train(
             given = training.resume_recipe(resume, recipe, overrides)
             run_dir = training.resume(resume, given, progress)
         else:
-            run_dir = training.train(load_recipe(recipe or DEFAULT_RECIPE, overrides), out, name, progress)
+            run_dir = training.train(load_recipe(recipe or DEFAULT_RECIPE, overrides), out, name, progress,
+                                     reuse=chain.current() is not None)
     except training.Interrupted as exc:
         if not rank.is_main:  # rank 0 says how to resume; the others stop quietly with the same status
             sys.exit(exc.code)
         raise
     if rank.is_main:  # the only line on stdout: the run folder
         typer.echo(str(run_dir))
+    return chain.Outputs(run_dirs=[Path(run_dir)])
+
+
+@chain.precheck("train")
+def _check_train_in_a_chain(params: dict) -> None:
+    from ..errors import UserError
+
+    if params["nproc"] not in (None, 1):
+        raise UserError("train --nproc runs in processes of its own and cannot start a chain; run it alone, then "
+                        "chain the next commands on its run folder (e.g. ipasdctl export RUN --onnx bench)")

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import runtime
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, sha256_of
 from ..runs import RunFolder, load_model, read_json
 from .onnx_files import check_onnx_file, decode_metadata, ort_session
 
@@ -26,7 +26,7 @@ LATENCY_CSV = "latency.csv"
 PERCENTILES = (50, 90, 99)
 COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
-           "torch", "created", "model_path"]
+           "torch", "created", "model_path", "model_sha256"]
 
 
 def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
@@ -42,6 +42,18 @@ def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
     if not sizes or min(sizes) <= 0:
         raise UserError(f"--batch-sizes must be positive integers (e.g. 1,8,64), got '{text}'")
     return list(dict.fromkeys(sizes))
+
+
+def check_bench_options(batch_sizes, runs: int, threads: Optional[int], warmup: Optional[int]) -> list[int]:
+    """The batch sizes, once every option is checked (before a chain trains anything)."""
+    sizes = parse_batch_sizes(batch_sizes)
+    if runs <= 0:
+        raise UserError(f"--runs must be positive, got {runs}")
+    if threads is not None and int(threads) <= 0:
+        raise UserError(f"--threads must be positive, got {threads}")
+    if warmup is not None and int(warmup) < 0:
+        raise UserError(f"--warmup must not be negative, got {warmup}")
+    return sizes
 
 
 def time_calls(call: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
@@ -77,7 +89,8 @@ def _input_shape(model_path: Path, meta: dict, proto) -> list[int]:
 
 def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Optional[int] = None,
           runs: int = 200, warmup: Optional[int] = None, torch_run: Optional[Path] = None,
-          out: Optional[Path] = None, with_torch: bool = True, log: Optional[Callable[[str], None]] = None):
+          out: Optional[Path] = None, with_torch: bool = True, log: Optional[Callable[[str], None]] = None,
+          skip_measured: bool = False):
     """Time `model_path` (and its PyTorch source) at each batch size; merge the rows into latency.csv.
 
     `torch_run` is the run folder whose checkpoint PyTorch eager times; without it the run recorded in the
@@ -90,16 +103,15 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     model_path = Path(model_path)
     proto = check_onnx_file(model_path)
     meta = decode_metadata({p.key: p.value for p in proto.metadata_props})
-    sizes = parse_batch_sizes(batch_sizes)
-    if runs <= 0:
-        raise UserError(f"--runs must be positive, got {runs}")
+    sizes = check_bench_options(batch_sizes, runs, threads, warmup)
     threads = int(threads) if threads is not None else torch.get_num_threads()
-    if threads <= 0:
-        raise UserError(f"--threads must be positive, got {threads}")
     warmup = max(5, runs // 10) if warmup is None else int(warmup)
-    if warmup < 0:
-        raise UserError(f"--warmup must not be negative, got {warmup}")
     csv_path = _csv_path(model_path, out)
+    model_sha256 = sha256_of(model_path)
+    if skip_measured:
+        kept = _measured_before(csv_path, model_sha256, sizes, threads, runs, warmup)
+        if kept is not None:
+            return kept, csv_path
     shape = _input_shape(model_path, meta, proto)
     record = read_json(model_path.with_suffix(".json")) or {}
     checkpoint = record.get("checkpoint") or meta.get("checkpoint") or "best"
@@ -163,7 +175,8 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
                        "runs": runs, "warmup": warmup, **summarize(times, b), "cpu_model": cpu,
                        "accelerator": accelerator if provider in ("cuda", "CUDAExecutionProvider") else "",
                        "onnxruntime": ort.__version__, "torch": torch.__version__,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(model_path.resolve())}
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(model_path.resolve()),
+                       "model_sha256": model_sha256}
                 if backend == "pytorch":
                     row["precision"] = "fp32"
                 rows.append(row)
@@ -176,6 +189,27 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     merged = _merge(csv_path, new)
     atomic_write_text(csv_path, merged.to_csv(index=False, float_format="%.6g"))
     return new, csv_path
+
+
+def _measured_before(csv_path: Path, model_sha256: str, sizes: Sequence[int], threads: int, runs: int, warmup: int):
+    """The rows of latency.csv that measured these model bytes on this CPU with these settings at every batch
+    size asked for (onnxruntime at least), or None."""
+    import onnxruntime as ort
+
+    if not csv_path.is_file():
+        return None
+    table = read_latency_csv(csv_path)
+    if "model_sha256" not in table.columns:
+        return None
+    mine = table[(table["model_sha256"] == model_sha256) & (table["cpu_model"] == runtime.cpu_model())
+                 & (table["threads"] == threads) & (table["runs"] == runs) & (table["warmup"] == warmup)
+                 & (table["onnxruntime"] == ort.__version__) & table["batch_size"].isin(list(sizes))]
+    measured = set(mine.loc[mine["backend"] == "onnxruntime", "batch_size"])
+    if not set(sizes) <= measured:
+        return None
+    mine = mine.reset_index(drop=True)
+    mine.attrs["skipped"] = True
+    return mine
 
 
 def _csv_path(model_path: Path, out: Optional[Path]) -> Path:

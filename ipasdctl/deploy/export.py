@@ -29,13 +29,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .. import __version__ as ipasdctl_version
+from ..version import __version__ as ipasdctl_version
 from .. import runtime
 from ..data import build_data
 from ..errors import UserError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, sha256_of
 from ..models import count_macs, count_params
-from ..runs import load_model
+from ..runs import RunFolder, load_model, read_json
 from .int8 import calibration_batches, quantize_int8
 from . import onnx_files
 from .onnx_files import (ATOL, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, RTOL,
@@ -142,6 +142,20 @@ def validate_against_torch(model: torch.nn.Module, onnx_path: Path, images: np.n
     return results
 
 
+def check_export_options(opset: Optional[int], int8: bool, calib_samples: int, checkpoint: str) -> None:
+    """The export options that are wrong whatever the run (checked before a chain trains anything)."""
+    import onnx
+
+    if opset is not None and not 7 <= opset <= onnx.defs.onnx_opset_version():
+        raise UserError(f"--opset must be between 7 and {onnx.defs.onnx_opset_version()}, got {opset}")
+    if int8 and opset is not None and opset < 13:
+        raise UserError(f"--int8 needs --opset 13 or newer (per-channel QDQ), got {opset}")
+    if int8 and calib_samples <= 0:
+        raise UserError(f"--calib-samples must be positive, got {calib_samples}")
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"--checkpoint must be best or last, got '{checkpoint}'")
+
+
 def _prepare_out(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     try:
@@ -163,18 +177,16 @@ def _checkpoint_top1(state: dict, checkpoint: str) -> Optional[float]:
 def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[int] = None, int8: bool = False,
                 calib_samples: int = 512, checkpoint: str = "best", data_root: Optional[str] = None,
                 name: Optional[str] = None, validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES,
-                eval_batch_size: int = 256) -> dict:
-    """Export, validate and (optionally) quantize one run; returns the fp32 model's json record."""
+                eval_batch_size: int = 256, skip_unchanged: bool = False) -> dict:
+    """Export, validate and (optionally) quantize one run; returns the fp32 model's json record.
+
+    `skip_unchanged`: when the output folder already holds this export (and its INT8 model, if asked for) made
+    from a checkpoint with the same bytes, return its record (with "skipped": True) instead of exporting again."""
     import onnx
     import onnxruntime
 
     run_dir = Path(run_dir)
-    if opset is not None and not 7 <= opset <= onnx.defs.onnx_opset_version():
-        raise UserError(f"--opset must be between 7 and {onnx.defs.onnx_opset_version()}, got {opset}")
-    if int8 and opset is not None and opset < 13:
-        raise UserError(f"--int8 needs --opset 13 or newer (per-channel QDQ), got {opset}")
-    if int8 and calib_samples <= 0:
-        raise UserError(f"--calib-samples must be positive, got {calib_samples}")
+    check_export_options(opset, int8, calib_samples, checkpoint)
     if not validation_batch_sizes or min(validation_batch_sizes) <= 0:
         raise UserError("validation batch sizes must be positive integers")
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
@@ -182,6 +194,11 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     name = name or (run_dir.resolve().name + ("" if checkpoint == "best" else f"-{checkpoint}"))
     if os.sep in name or name.startswith("."):
         raise UserError(f"--name '{name}' must be a plain file name (no folders, not hidden)")
+    source_sha256 = sha256_of(RunFolder(run_dir).checkpoint(checkpoint))
+    if skip_unchanged:
+        kept = _unchanged_export(out_dir, name, source_sha256, int8, opset)
+        if kept is not None:
+            return kept
     data_config = recipe.data if data_root is None else replace(recipe.data, root=str(data_root))
     data = build_data(data_config)
     if data.num_classes != int(state["num_classes"]):
@@ -244,12 +261,14 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                            "images": "test set", "batches": validation},
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
+            "source_checkpoint_sha256": source_sha256,
             "git_commit": runtime.git_commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        fp32_eval = session_accuracy(ort_session(fp32_path), data, eval_batch_size)
+        record["onnx_test"] = fp32_eval
         int8_record = None
         if int8:
-            fp32_eval = session_accuracy(ort_session(fp32_path), data, eval_batch_size)
             int8_path = staging / f"{name}-int8.onnx"
             settings = quantize_int8(fp32_path, int8_path, calibration_batches(data, calib_samples), staging)
             (staging / f"{fp32_path.stem}-preprocessed.onnx").unlink(missing_ok=True)
@@ -272,7 +291,6 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                                                      f"MinMax on {settings['calibration_samples']} training images",
                                      "calibration_samples": settings["calibration_samples"]})
             run_checker(int8_path)
-            record["onnx_test"] = fp32_eval
             int8_record = {
                 **record,
                 "name": f"{name}-int8",
@@ -309,5 +327,22 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     record["onnx_path"] = str(out_dir / f"{name}.onnx")
     record["json_path"] = str(out_dir / f"{name}.json")
     if int8_record is not None:
+        record["int8"]["onnx_path"] = str(out_dir / f"{name}-int8.onnx")
+    return record
+
+
+def _unchanged_export(out_dir: Path, name: str, source_sha256: str, int8: bool, opset: Optional[int]) -> Optional[dict]:
+    """The record of an export in `out_dir` made from the same checkpoint bytes with what is asked now, or None."""
+    record = read_json(out_dir / f"{name}.json")
+    if record is None or record.get("source_checkpoint_sha256") != source_sha256 or "onnx_test" not in record:
+        return None
+    if (opset is not None and record.get("opset") != opset) or not (out_dir / f"{name}.onnx").is_file():
+        return None
+    if int8 and ("int8" not in record or not (out_dir / f"{name}-int8.onnx").is_file()):
+        return None
+    record.update(onnx_path=str(out_dir / f"{name}.onnx"), json_path=str(out_dir / f"{name}.json"), skipped=True)
+    if not int8:
+        record.pop("int8", None)  # not asked for this time
+    if "int8" in record:
         record["int8"]["onnx_path"] = str(out_dir / f"{name}-int8.onnx")
     return record

@@ -25,6 +25,11 @@ class Progress:
         return tqdm(total=steps, initial=done, file=self.stream, leave=False, desc=f"epoch {epoch + 1}/{epochs}",
                     dynamic_ncols=True, mininterval=0.5)
 
+    def say(self, message: str) -> None:
+        """One line on the progress stream (nothing when progress is off)."""
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
     @staticmethod
     def refresh(bar, stats: dict, step: int) -> None:
         """The bar at `step`, with the epoch's running loss terms and accuracy (read from the device)."""

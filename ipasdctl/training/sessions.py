@@ -22,10 +22,18 @@ from .stopping import Interrupted
 from .trainer import Trainer
 
 
-def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optional[Progress] = None) -> Path:
+def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optional[Progress] = None,
+          reuse: bool = False) -> Path:
     """A new run: validate and build everything first, then create the run folder and train. Under torchrun
-    every rank calls this; rank 0 creates the run folder and the others learn its name from it."""
+    every rank calls this; rank 0 creates the run folder and the others learn its name from it.
+
+    `reuse`: when out/name already holds a run of exactly this recipe, return it if finished and resume it if
+    interrupted, instead of starting another (name-2) beside it (what a rerun chain wants)."""
     out = Path(out)
+    if reuse:
+        reused = _same_run(recipe, out / (name or default_run_name(recipe)), progress)
+        if reused is not None:
+            return reused
     with distributed.session(clean_exits=(Interrupted,)):
         check_out_folder(out)  # before the (slow) data loading: fail fast
         trainer = Trainer(recipe, None, progress)
@@ -40,6 +48,26 @@ def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optio
 
         run_dir = distributed.on_main(trainer.dist, create)
         return _train_new(trainer, run_dir, created=True)
+
+
+def _same_run(recipe: Recipe, run_dir: Path, progress: Optional[Progress]) -> Optional[Path]:
+    """run_dir when it holds a finished run of this recipe; resumed to the end when it holds an interrupted one;
+    else None."""
+    check_recipe(recipe)
+    folder = RunFolder(run_dir)
+    try:
+        saved = folder.read_config()
+    except UserError:
+        return None
+    if saved != recipe.to_dict():
+        return None
+    state = folder.state()
+    if state == "finished":
+        (progress or Progress()).say(f"{folder.path}: finished with this recipe, reused")
+        return folder.path
+    if state == "resumable":
+        return resume(folder.path, None, progress)
+    return None
 
 
 def train_into(recipe: Recipe, run_dir: Path, progress: Optional[Progress] = None) -> Path:

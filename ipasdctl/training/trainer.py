@@ -166,6 +166,9 @@ class Trainer:
             "rng": runtime.rng_state(),
             "num_classes": self.data.num_classes,
             "class_names": list(self.data.class_names),
+            # what `predict` needs to preprocess an image file as the test set was
+            "data_stats": {"mean": [float(v) for v in self.data.mean], "std": [float(v) for v in self.data.std],
+                           "image_shape": list(self.data.image_shape)},
             "arch": self.recipe.model.arch,
             "world_size": self.dist.world_size,  # for the record: any number of processes can resume it
         }

@@ -1,0 +1,68 @@
+"""The Python API: the functions behind the commands, returning paths, records and dataclasses (nothing printed
+unless `progress=True`). `from ipasdctl import train, compare, evaluate, export_onnx, bench, predict, load_model`.
+
+    from ipasdctl import train, export_onnx, predict
+    run = train("demo", out="runs", overrides={"train": {"epochs": 5}})
+    record = export_onnx(run, "exports", int8=True)
+    print(predict(record["onnx_path"], ["digit.png"])[0].classes)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from .analysis.evaluation import eval_onnx_model, eval_run
+from .config import Recipe, load_recipe
+from .deploy import bench, export_onnx
+from .deploy.predict import Prediction, predict
+from .runs import RunFolder, load_model
+from .studies import compare as comparing
+from .studies.summary import write_tables
+from . import training
+
+RecipeLike = Union[Recipe, str, Path]
+
+
+def recipe_of(recipe: RecipeLike = "demo", overrides: Optional[dict] = None) -> Recipe:
+    """A Recipe: one given (copied, with `overrides` merged over it), or a name in recipes/ or a YAML path."""
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return copy.deepcopy(recipe)
+        from .config import deep_merge, recipe_from_dict
+
+        return recipe_from_dict(deep_merge(recipe.to_dict(), overrides))
+    return load_recipe(str(recipe), overrides)
+
+
+def train(recipe: RecipeLike = "demo", out: Union[str, Path] = "runs", name: Optional[str] = None,
+          overrides: Optional[dict] = None, progress: bool = False) -> Path:
+    """Train one run; returns its run folder. `overrides`: nested recipe keys, e.g. {"train": {"epochs": 5}}."""
+    return Path(training.train(recipe_of(recipe, overrides), Path(out), name, training.Progress(enabled=progress)))
+
+
+def compare(recipe: RecipeLike = "demo", baselines: Union[str, Iterable[str]] = (), seeds: Iterable[int] = (0, 1, 2),
+            out: Optional[Union[str, Path]] = None, overrides: Optional[dict] = None,
+            progress: bool = False) -> Path:
+    """Train the recipe's method, the baselines and ce with every seed (resumable) and write the tables;
+    returns the comparison folder (results.csv, summary.csv, summary.md)."""
+    plan = comparing.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None)
+    comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None)
+    write_tables(plan)
+    return plan.out
+
+
+def evaluate(target: Union[str, Path], checkpoint: str = "best", data: Optional[Union[str, Path]] = None,
+             device: str = "auto") -> dict:
+    """eval.json of a run folder's checkpoint, or of an exported .onnx model (written beside it, and returned)."""
+    target = Path(target)
+    data = Path(data) if data is not None else None
+    if target.suffix.lower() == ".onnx":
+        return eval_onnx_model(target, data)
+    return eval_run(target, checkpoint, data, device)
+
+
+__all__ = ["Prediction", "Recipe", "RunFolder", "bench", "compare", "evaluate", "export_onnx", "load_model",
+           "load_recipe", "predict", "recipe_of", "train"]
+
