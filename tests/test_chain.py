@@ -45,6 +45,15 @@ def test_a_bad_option_in_a_later_link_stops_the_chain_before_anything_trains(tmp
         assert not (tmp_path / "runs").exists()
 
 
+def test_a_command_without_its_input_says_how_to_give_it(tmp_path, capsys):
+    for args, message in ((["export", "--onnx"], "`export` needs a run folder"),
+                          (["bench"], "`bench` needs an exported .onnx model"),
+                          (["report"], "`report` needs run folders or comparison folders"),
+                          (["train", "--nproc", "2", "export", "--onnx"], "cannot start a chain")):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (args, err)
+
+
 def test_train_export_bench_chain_writes_what_the_separate_commands_write_and_reruns_for_free(tmp_path, capsys):
     chained, alone = tmp_path / "chained", tmp_path / "alone"
     code, out, err = run_cli(["train", *TINY_TRAIN, "--out", str(chained / "runs"),
