@@ -3,7 +3,8 @@ processes on this machine (`compare --jobs N`), or as tasks on a Ray cluster (`c
 
 Each is an `Executor` with one small interface, which the comparison's scheduler (studies/scheduler.py) drives:
 `open(out)` / `close()` around the comparison, `slots` runs at once, `start(job)`, `wait()` for the outcomes
-of the jobs that ended (at least one), and `stopping` (the signal that asked every job to stop, if one did).
+of the jobs that ended (at least one; none right after a stop signal was passed on to the jobs), and
+`stopping` (the signal that asked every job to stop, if one did).
 
 - Sequential: trains in this process with the progress bar, as `compare` always did; an error or a Ctrl-C
   ends the comparison as it ends one run.
@@ -130,10 +131,14 @@ class _ForwardsSignals(Executor):
         if self.stopping is None:
             self.stopping = signum
 
-    def _forward_stop(self) -> None:
+    def _forward_stop(self) -> bool:
+        """Ask the jobs to stop if a signal came and they were not asked yet; whether they were asked now (wait()
+        then returns at once, with no outcome, so the scheduler can say so)."""
         if self.stopping is not None and not self._asked:
             self._asked = True
             self.stop_jobs(self.stopping)
+            return True
+        return False
 
     def stop_jobs(self, signum: int) -> None:
         raise NotImplementedError
@@ -169,8 +174,7 @@ class LocalProcesses(_ForwardsSignals):
         folder.mkdir()
         atomic_write_text(folder / "spec.json", json.dumps(job_spec(job.run_dir, job.resume, job.recipe, self.threads)))
         env = dict(os.environ)
-        package_root = str(Path(ipasdctl.__file__).resolve().parent.parent)  # the children run this very code
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = _child_pythonpath()
         env["OMP_NUM_THREADS"] = str(self.threads)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -183,7 +187,8 @@ class LocalProcesses(_ForwardsSignals):
 
     def wait(self) -> list[Outcome]:
         while True:
-            self._forward_stop()
+            if self._forward_stop():
+                return []
             ended = [process for process in self._running if process.poll() is not None]
             if ended:
                 return [self._outcome(process) for process in ended]
@@ -226,8 +231,11 @@ class RayTasks(_ForwardsSignals):
         self._owns = not ray.is_initialized()
         if self._owns:
             try:
-                ray.init(address=None if self.address == "local" else self.address, include_dashboard=False,
-                         log_to_driver=False, logging_level="ERROR")
+                local = self.address == "local"
+                # a local instance's workers import this very code, as the children of --jobs do
+                runtime_env = {"env_vars": {"PYTHONPATH": _child_pythonpath()}} if local else None
+                ray.init(address=None if local else self.address, include_dashboard=False, log_to_driver=False,
+                         logging_level="ERROR", runtime_env=runtime_env)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise UserError(f"--ray {self.address}: cannot connect to a Ray cluster ({_first_line(exc)}); "
                                 "start one with `ray start --head`, or use --ray local") from None
@@ -265,7 +273,8 @@ class RayTasks(_ForwardsSignals):
 
     def wait(self) -> list[Outcome]:
         while True:
-            self._forward_stop()
+            if self._forward_stop():
+                return []
             ready, _ = self.ray.wait(list(self._running), num_returns=1, timeout=POLL_SECONDS * 5)
             if ready:
                 return [self._outcome(ref) for ref in ready]
@@ -353,6 +362,12 @@ def make_executor(recipe: Recipe, jobs: Optional[int] = None, devices: Optional[
                                                            os.environ.get("CUDA_VISIBLE_DEVICES")))
         return LocalProcesses(len(gpus), threads or max(1, cpu_cores() // len(gpus)), gpus)
     return LocalProcesses(jobs, threads or default_threads)
+
+
+def _child_pythonpath() -> str:
+    """PYTHONPATH for a job's process: this package's folder first, so the job runs this very code."""
+    package_root = str(Path(ipasdctl.__file__).resolve().parent.parent)
+    return os.pathsep.join(path for path in (package_root, os.environ.get("PYTHONPATH")) if path)
 
 
 def _first_line(exc: BaseException) -> str:
