@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from ipasdctl import training
+from ipasdctl.analysis.collect import collect_runs
+from ipasdctl.analysis.selection import load_results
 from ipasdctl.errors import UserError
 from ipasdctl.runs import RunFolder
 from ipasdctl.studies import compare, executors
@@ -166,6 +168,7 @@ class Scripted(Executor):
         folder = RunFolder(job.run_dir)
         folder.checkpoints.mkdir(parents=True, exist_ok=True)
         folder.last.write_bytes(b"")
+        folder.write_config(job.recipe)
         if status == "finished":
             folder.write_summary({"finished": True, "method": job.recipe.method["name"], "seed": job.recipe.train.seed,
                                   "best_top1": 50.0, "last_top1": 40.0, "train_seconds": 1.0})
@@ -205,6 +208,10 @@ def test_a_crashed_run_is_retried_once_then_failed_while_the_others_finish(tmp_p
     assert summary["runs"].to_dict() == {"ce": 2, "ipasd": 1}
     markdown = (out / "summary.md").read_text()
     assert "**Partial table**: 3 of 4 runs finished." in markdown and "Failed: ipasd-s0: crashed on purpose" in markdown
+    # report and selection read the finished runs of a partial comparison only
+    runs, _ = collect_runs([out])
+    assert sorted(run.run_dir.name for run in runs) == ["ce-s0", "ce-s1", "ipasd-s1"]
+    assert load_results([out])["status"].tolist() == ["finished"] * 3
 
 
 def test_an_error_is_not_retried_and_a_run_that_needs_a_failed_run_is_not_trained(tmp_path):
