@@ -89,6 +89,8 @@ def test_ray_with_a_local_instance_gives_the_sequential_rows(sequential, tmp_pat
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         out = tmp_path / "c"
+        with pytest.raises(UserError, match="no node of the Ray cluster has that many CPUs .the largest has 2"):
+            executors.RayTasks("local", threads=3, gpu=False).open(tmp_path)  # it would wait for ever
         messages: list[str] = []
         comparison = compare.plan(tiny_two_epochs(), "", [0], out)
         compare.run(comparison, say=messages.append, executor=executors.RayTasks("local", threads=1, gpu=False),
@@ -171,7 +173,7 @@ class Scripted(Executor):
         folder.write_config(job.recipe)
         if status == "finished":
             folder.write_summary({"finished": True, "method": job.recipe.method["name"], "seed": job.recipe.train.seed,
-                                  "best_top1": 50.0, "last_top1": 40.0, "train_seconds": 1.0})
+                                  "best_top1": 50.0, "last_top1": 40.0, "train_seconds": 1.0, "macs": 3125888})
         self.events.append(("end", job.name, status))
         return [Outcome(job, status, f"{status} on purpose", seconds=2.0)]
 
@@ -204,6 +206,7 @@ def test_a_crashed_run_is_retried_once_then_failed_while_the_others_finish(tmp_p
     results = pd.read_csv(out / "results.csv")
     assert results["status"].tolist() == ["finished", "failed", "finished", "finished"]
     assert results["last_top1"].isna().tolist() == [False, True, False, False]
+    assert results["macs"].tolist()[2] == 3125888 and ",3125888," in (out / "results.csv").read_text()  # not 3.12589e+06
     summary = pd.read_csv(out / "summary.csv").set_index("method")
     assert summary["runs"].to_dict() == {"ce": 2, "ipasd": 1}
     markdown = (out / "summary.md").read_text()

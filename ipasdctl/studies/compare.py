@@ -18,6 +18,10 @@ A rerun is cheap: a finished run (summary.json says "finished") is skipped, an i
 checkpoints/last.pt) is resumed, a leftover folder without a checkpoint is removed and trained again. A rerun
 may name other methods or seeds (runs are added or reused; the tables describe the latest command), but a
 folder that already holds runs of another recipe is refused.
+
+The runs go through an executor (studies/executors.py: one after another in this process, processes on this
+machine, Ray tasks) driven by studies/scheduler.py (waits for reference runs, retries, progress); the tables
+are rewritten by this process as runs end, partial until every run has finished.
 """
 
 from __future__ import annotations

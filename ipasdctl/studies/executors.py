@@ -130,6 +130,8 @@ class _ForwardsSignals(Executor):
     def _on_signal(self, signum, _frame) -> None:
         if self.stopping is None:
             self.stopping = signum
+        elif self._asked:  # a second signal: passed on at once, so the jobs stop now (their last checkpoint stays)
+            self.stop_jobs(signum)
 
     def _forward_stop(self) -> bool:
         """Ask the jobs to stop if a signal came and they were not asked yet; whether they were asked now (wait()
@@ -215,7 +217,7 @@ class RayTasks(_ForwardsSignals):
     on this machine; 'auto': the cluster this machine belongs to; HOST:PORT). A Ray already initialised in
     this process (ray.init by the caller) is used as it is."""
 
-    def __init__(self, address: str, threads: int, gpu: bool):
+    def __init__(self, address: str, threads: Optional[int], gpu: bool, default_threads: int = 1):
         try:
             import ray
         except ImportError:
@@ -223,6 +225,7 @@ class RayTasks(_ForwardsSignals):
         self.ray = ray
         self.address = address
         self.threads = threads
+        self.default_threads = default_threads
         self.gpu = gpu
         self._running: dict = {}
 
@@ -246,6 +249,13 @@ class RayTasks(_ForwardsSignals):
                 raise UserError("the runs are on CUDA but the Ray cluster has no GPUs; add GPU nodes or use "
                                 "--device cpu")
         else:
+            largest = max([int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+                          or [1])
+            if self.threads is None:  # this machine's share, as far as the largest node has it
+                self.threads = min(self.default_threads, largest)
+            elif self.threads > largest:  # a task no node can hold would wait for ever
+                raise UserError(f"--threads-per-job {self.threads}: no node of the Ray cluster has that many CPUs "
+                                f"(the largest has {largest}); use --threads-per-job {largest} or fewer")
             self.slots = max(1, int(resources.get("CPU", 1)) // self.threads)
         self.marker = out.resolve() / f".ipasdctl-shared-{uuid.uuid4().hex}"
         atomic_write_text(self.marker, "written by the coordinating `ipasdctl compare`; every Ray task checks it sees it\n")
@@ -356,7 +366,7 @@ def make_executor(recipe: Recipe, jobs: Optional[int] = None, devices: Optional[
         return Sequential(progress, threads)
     default_threads = max(1, cpu_cores() // (jobs or 1))
     if ray is not None:
-        return RayTasks(ray, threads or default_threads, cuda)
+        return RayTasks(ray, threads, cuda, default_threads)
     if cuda:
         gpus = choose_gpus(devices, jobs, visible_gpus(torch.cuda.device_count(),
                                                            os.environ.get("CUDA_VISIBLE_DEVICES")))

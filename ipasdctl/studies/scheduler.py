@@ -174,7 +174,7 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
                     f"{summary.get('last_top1', float('nan')):.2f}%); {eta.line(left)}")
                 changed()
                 return
-        if status == "interrupted" and executor.stopping is not None:
+        if executor.stopping is not None:  # stopped by the user (a second signal may have cut it short)
             pending.insert(0, by_name[name])  # resumed by the next `compare`
             return
         if status == "error":

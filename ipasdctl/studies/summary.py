@@ -14,6 +14,7 @@ from ..methods import method_class
 from ..runs import RESULT_COLUMNS, RunFolder
 from .compare import REFERENCE, ComparisonPlan, reference_run
 
+INTEGER_COLUMNS = ["seed", "epochs", "best_epoch", "params", "macs"]
 SUMMARY_COLUMNS = ["method", "runs", "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
                    "delta_best_top1", "delta_last_top1", "train_seconds_mean", "rank"]
 
@@ -32,7 +33,9 @@ def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
         row.update(method=planned.method, seed=planned.seed, run_dir=str(planned.run_dir),
                    status="finished" if finished else "failed" if planned.name in failed else "pending")
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "status"])
+    table = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "status"])
+    # whole numbers stay whole when a pending row leaves them empty (not 3.12589e+06 for MACs)
+    return table.astype({column: "Int64" for column in INTEGER_COLUMNS})
 
 
 def summary_table(results, reference: str = REFERENCE, partial: bool = False):
