@@ -74,6 +74,11 @@ class Eta:
         return text
 
 
+def _accuracy(summary: dict) -> str:
+    return (f"best-epoch top-1 {summary.get('best_top1', float('nan')):.2f}%, "
+            f"last-epoch {summary.get('last_top1', float('nan')):.2f}%")
+
+
 def remove_partial(run_dir) -> None:
     """A folder without a checkpoint holds nothing worth keeping, unless another process is writing it."""
     lock = RunFolder(run_dir).lock()
@@ -133,10 +138,7 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
                 pending.remove(planned)
                 done.add(planned.name)
                 eta.finished()
-                summary = folder.read_summary()
-                say(f"{head(planned.name)} finished, skipped (best-epoch top-1 "
-                    f"{summary.get('best_top1', float('nan')):.2f}%, last-epoch "
-                    f"{summary.get('last_top1', float('nan')):.2f}%)")
+                say(f"{head(planned.name)} finished, skipped ({_accuracy(folder.read_summary())})")
                 continue
             if len(running) >= executor.slots:
                 break
@@ -169,9 +171,7 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
                 done.add(name)
                 eta.finished(outcome.seconds)
                 left = total - len(done) - len(failed)
-                say(f"{head(name)} finished in {duration(outcome.seconds)} (best-epoch top-1 "
-                    f"{summary.get('best_top1', float('nan')):.2f}%, last-epoch "
-                    f"{summary.get('last_top1', float('nan')):.2f}%); {eta.line(left)}")
+                say(f"{head(name)} finished in {duration(outcome.seconds)} ({_accuracy(summary)}); {eta.line(left)}")
                 changed()
                 return
         if executor.stopping is not None:  # stopped by the user (a second signal may have cut it short)
@@ -180,7 +180,8 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
         if status == "error":
             fail(name, message)
         elif outcome.job.attempt < ATTEMPTS:
-            say(f"{head(name)} {message}; trying once more from its last checkpoint")
+            where = "its last checkpoint" if RunFolder(by_name[name].run_dir).last.is_file() else "the start"
+            say(f"{head(name)} {message}; trying once more from {where}")
             pending.insert(0, by_name[name])
         else:
             fail(name, f"{message} (attempt {outcome.job.attempt} of {ATTEMPTS})")
