@@ -48,8 +48,8 @@ def compare(recipe: RecipeLike = "demo", baselines: Union[str, Iterable[str]] = 
     """Train the recipe's method, the baselines and ce with every seed (resumable) and write the tables;
     returns the comparison folder (results.csv, summary.csv, summary.md)."""
     plan = comparing.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None)
-    comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None)
-    write_tables(plan)
+    comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None,
+                  tables=write_tables)
     return plan.out
 
 

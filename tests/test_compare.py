@@ -68,11 +68,16 @@ def run_cli(args, capsys):
 
 def test_every_method_and_seed_gets_a_run_folder_and_a_results_row(finished):
     out, messages = finished
-    assert [m.split(":")[0] for m in messages] == ["[1/4] ce-s0", "[2/4] ipasd-s0", "[3/4] ce-s1", "[4/4] ipasd-s1"]
-    assert all("training" in m for m in messages)
+    names = ["[1/4] ce-s0", "[2/4] ipasd-s0", "[3/4] ce-s1", "[4/4] ipasd-s1"]
+    assert [m.split(":")[0] for m in messages] == [name for name in names for _ in range(2)]
+    assert all("training" in m for m in messages[::2])
+    # one line per finished run: its accuracy, runs done/total and the time left (from the finished runs)
+    assert all(" finished in " in m and "runs done" in m for m in messages[1::2])
+    assert "1/4 runs done, about" in messages[1] and messages[-1].endswith("4/4 runs done")
 
     results = pd.read_csv(out / "results.csv")
-    assert list(results.columns) == RESULT_COLUMNS
+    assert list(results.columns) == [*RESULT_COLUMNS, "status"]
+    assert results["status"].tolist() == ["finished"] * 4
     assert list(zip(results["method"], results["seed"])) == [("ce", 0), ("ipasd", 0), ("ce", 1), ("ipasd", 1)]
     for row in results.itertuples(index=False):
         run_dir = out / f"{row.method}-s{row.seed}"

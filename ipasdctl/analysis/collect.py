@@ -57,6 +57,8 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[Path]]:
                 raise UserError(f"{directory / 'results.csv'} lacks the columns {', '.join(sorted(missing))}; "
                                 "it is not a comparison written by `ipasdctl compare`")
             for record in table.to_dict("records"):
+                if record.get("status", "finished") != "finished":  # a partial comparison: pending or failed
+                    continue
                 run_dir = resolve_run_dir(directory, record)
                 if run_dir is None:
                     print(f"warning: {directory}: no run folder for {record.get('method')} seed "

@@ -71,7 +71,7 @@ def load_results(comparison_dirs: Sequence[Path]) -> pd.DataFrame:
         missing = REQUIRED_RESULT_COLUMNS - set(table.columns)
         if missing:
             raise UserError(f"{csv_path} lacks the columns {', '.join(sorted(missing))}; rerun the comparison")
-        table = table.copy()
+        table = table.copy() if "status" not in table.columns else table[table["status"] == "finished"].copy()
         if "epochs" not in table.columns:
             table["epochs"] = np.nan
         table["comparison"] = folder.name

@@ -38,16 +38,34 @@ def compare(
         help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "
              "<method>-s<seed>/.")] = None,
     quiet: QuietOpt = False,
+    jobs: Annotated[Optional[int], typer.Option(
+        help="Train up to N runs at once on this machine, each in its own process: on CPU each gets "
+             "cores / N threads, on CUDA its own GPU (default: 1, one run after another in this process; "
+             "with --devices: one job per GPU named).")] = None,
+    devices: Annotated[Optional[str], typer.Option(
+        help="CUDA: the GPUs the jobs share out, one job each, as indices of the visible GPUs (0,1,2,3; "
+             "default: all of them).")] = None,
+    threads_per_job: Annotated[Optional[int], typer.Option(
+        help="torch threads per run (default: cores / --jobs; sequentially: PyTorch's own). The same count "
+             "gives bitwise the same CPU results whatever the executor.")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        metavar="ADDRESS",
+        help="Run each run as a Ray task (one GPU, or --threads-per-job CPUs): 'local' (a Ray instance on "
+             "this machine), 'auto' (the cluster this machine belongs to) or HOST:PORT. --out must be on a "
+             "file system every node mounts. Needs pip install 'ipasdctl[ray]'.")] = None,
 ) -> "chain.Outputs":
     """Train the main method (--method, default: the recipe's, ipasd), every baseline and ce on the same
     recipe and seeds, then write results.csv, summary.csv and summary.md; prints the comparison folder last.
 
     A rerun skips finished runs and resumes interrupted ones. --set method.x=... sets the main method's
-    parameters only; baselines use their defaults. tf-kd-self distils from the ce run of the same seed.
+    parameters only; baselines use their defaults. tf-kd-self distils from the ce run of the same seed (and
+    waits for it). Many runs at once: --jobs N (this machine) or --ray ADDRESS (a cluster); a crashed run is
+    retried once from its checkpoint, then marked failed in the tables (exit status 1).
     """
     from .. import training
     from ..config import load_recipe
     from ..studies import compare as comparing
+    from ..studies.executors import make_executor
     from ..studies.summary import write_tables
 
     overrides = recipe_overrides(ctx.params)
@@ -55,14 +73,14 @@ def compare(
     base = load_recipe(recipe or DEFAULT_RECIPE, overrides)
     comparison = comparing.plan(base, baselines, seed_list, out)
     progress = training.Progress(enabled=not quiet)
+    executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)
     say = None if quiet else comparing.say_on_stderr
     try:
-        comparing.run(comparison, progress, say)
+        comparing.run(comparison, progress, say, executor, tables=write_tables)
     except training.Interrupted as exc:
         print(f"interrupted: checkpoint written in {exc.run_dir}; rerun the same `ipasdctl compare` command to "
               "continue", file=sys.stderr)
         raise SystemExit(exc.code) from None
-    write_tables(comparison)
     if not quiet:
         comparing.say_on_stderr(f"tables: {comparison.out / 'summary.md'}, summary.csv, results.csv")
     typer.echo(str(comparison.out))

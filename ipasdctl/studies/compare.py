@@ -18,12 +18,15 @@ A rerun is cheap: a finished run (summary.json says "finished") is skipped, an i
 checkpoints/last.pt) is resumed, a leftover folder without a checkpoint is removed and trained again. A rerun
 may name other methods or seeds (runs are added or reused; the tables describe the latest command), but a
 folder that already holds runs of another recipe is refused.
+
+The runs go through an executor (studies/executors.py: one after another in this process, processes on this
+machine, Ray tasks) driven by studies/scheduler.py (waits for reference runs, retries, progress); the tables
+are rewritten by this process as runs end, partial until every run has finished.
 """
 
 from __future__ import annotations
 
 import copy
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,8 @@ from ..files import atomic_write_text
 from ..analysis.tables import count_noun
 from ..methods import METHODS, method_class
 from ..runs import RunFolder, comparison_run_name
+from .executors import Executor, Sequential
+from .scheduler import RunsFailed, carry_out
 
 REFERENCE = "ce"
 ALL = "all"
@@ -207,40 +212,43 @@ def say_on_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _remove_partial(run_dir: Path) -> None:
-    """A folder without a checkpoint holds nothing worth keeping, unless another process is writing it."""
-    lock = RunFolder(run_dir).lock()
-    lock.acquire()  # a UserError when a live process holds the run
-    lock.release()
-    shutil.rmtree(run_dir)
+def prerequisites(comparison: ComparisonPlan) -> dict[str, str]:
+    """Run name -> the name of the planned run it needs first: a method's reference_run_param that names a run
+    folder of this comparison (tf-kd-self's teacher: the ce run of its seed)."""
+    names = {planned.run_dir.resolve(): planned.name for planned in comparison.runs}
+    needs = {}
+    for planned in comparison.runs:
+        key = method_class(planned.method).reference_run_param
+        value = planned.recipe.method.get(key) if key else None
+        if value and Path(value).resolve() in names:
+            needs[planned.name] = names[Path(value).resolve()]
+    return needs
 
 
 def run(comparison: ComparisonPlan, progress: Optional[training.Progress] = None,
-        say: Optional[Callable[[str], None]] = say_on_stderr) -> list[dict]:
-    """Prepare the folder, then train, resume or skip every planned run in order; their summaries in order."""
+        say: Optional[Callable[[str], None]] = say_on_stderr, executor: Optional[Executor] = None,
+        tables: Optional[Callable[[ComparisonPlan, dict], None]] = None) -> list[dict]:
+    """Prepare the folder, then train, resume or skip every planned run through `executor` (default: one after
+    another in this process, with `progress`); `tables(comparison, failed)` is called whenever a run ends
+    (studies.summary.write_tables: a partial table, then the whole one). The comparison folder is locked
+    meanwhile: a second `compare` on it is refused. Returns the summaries in plan order; RunsFailed when runs
+    failed after their retry (the others are in the tables)."""
     say = say or (lambda message: None)
     prepare(comparison)
-    summaries = []
-    total = len(comparison.runs)
-    for number, planned in enumerate(comparison.runs, 1):
-        run_dir, epochs = planned.run_dir, planned.recipe.train.epochs
-        head = f"[{number}/{total}] {planned.name}:"
-        folder = RunFolder(run_dir)
-        state = folder.state()
-        if state == "finished":
-            summary = folder.read_summary()
-            say(f"{head} finished, skipped (best-epoch top-1 {summary.get('best_top1', float('nan')):.2f}%, "
-                f"last-epoch {summary.get('last_top1', float('nan')):.2f}%)")
-        elif state == "resumable":
-            say(f"{head} resuming after epoch {folder.epochs_done()}/{epochs}")
-            training.resume(run_dir, None, progress)
-        else:
-            if run_dir.exists():
-                _remove_partial(run_dir)
-            say(f"{head} training {planned.method}, seed {planned.seed}, {count_noun(epochs, 'epoch')}")
-            training.train_into(copy.deepcopy(planned.recipe), run_dir, progress)
-        summary = folder.read_summary()
-        if summary is None or summary.get("finished") is not True:
-            raise UserError(f"{run_dir} did not finish (no finished summary.json); rerun the comparison")
-        summaries.append(summary)
-    return summaries
+    executor = executor or Sequential(progress)
+    lock = RunFolder(comparison.out).lock()
+    lock.acquire()
+    try:
+        executor.open(comparison.out)
+        try:
+            after_each = (lambda failed: tables(comparison, failed)) if tables is not None else None
+            failed = carry_out(comparison.runs, executor, say, prerequisites(comparison), after_each)
+        finally:
+            executor.close()
+    finally:
+        lock.release()
+    if failed:
+        names = ", ".join(failed)
+        raise RunsFailed(f"{count_noun(len(failed), 'run')} of {len(comparison.runs)} failed ({names}; reasons above); "
+                         "the tables mark them failed; rerun the same command to train them again")
+    return [RunFolder(planned.run_dir).read_summary() for planned in comparison.runs]

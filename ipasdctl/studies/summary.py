@@ -4,6 +4,8 @@ sample std over seeds, difference of means to ce, rank)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Optional
 
 from ..analysis.tables import count_noun
 from ..errors import UserError
@@ -12,29 +14,34 @@ from ..methods import method_class
 from ..runs import RESULT_COLUMNS, RunFolder
 from .compare import REFERENCE, ComparisonPlan, reference_run
 
+INTEGER_COLUMNS = ["seed", "epochs", "best_epoch", "params", "macs"]
 SUMMARY_COLUMNS = ["method", "runs", "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
                    "delta_best_top1", "delta_last_top1", "train_seconds_mean", "rank"]
 
 
-def results_table(comparison: ComparisonPlan):
-    """One row per planned run, from its summary.json."""
+def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
+    """One row per planned run, from its summary.json; `status` says finished, failed (named in `failed`) or
+    pending (not trained yet: its numbers are empty). A table with a run not finished is partial."""
     import pandas as pd
 
+    failed = failed or {}
     rows = []
     for planned in comparison.runs:
         summary = RunFolder(planned.run_dir).read_summary()
-        if summary is None or summary.get("finished") is not True:
-            raise UserError(f"{planned.run_dir} has no finished summary.json; rerun the comparison to train it")
-        row = {column: summary.get(column) for column in RESULT_COLUMNS}
-        row.update(method=planned.method, seed=planned.seed, run_dir=str(planned.run_dir))
+        finished = summary is not None and summary.get("finished") is True
+        row = {column: summary.get(column) for column in RESULT_COLUMNS} if finished else {}
+        row.update(method=planned.method, seed=planned.seed, run_dir=str(planned.run_dir),
+                   status="finished" if finished else "failed" if planned.name in failed else "pending")
         rows.append(row)
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    table = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "status"])
+    # whole numbers stay whole when a pending row leaves them empty (not 3.12589e+06 for MACs)
+    return table.astype({column: "Int64" for column in INTEGER_COLUMNS})
 
 
-def summary_table(results, reference: str = REFERENCE):
+def summary_table(results, reference: str = REFERENCE, partial: bool = False):
     """Per method: runs, mean and sample std (n - 1; empty for one run) of best- and last-epoch top-1, the
     difference of means to `reference`, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank,
-    then by best-epoch mean."""
+    then by best-epoch mean. A partial table (`partial`) may lack the reference: its differences are empty."""
     import pandas as pd
 
     grouped = results.groupby("method", sort=False)
@@ -45,10 +52,12 @@ def summary_table(results, reference: str = REFERENCE):
         "last_top1_mean": grouped["last_top1"].mean(),
         "last_top1_std": grouped["last_top1"].std(ddof=1),
     })
-    if reference not in table.index:
+    if reference not in table.index and not partial:
         raise UserError(f"the comparison has no '{reference}' runs to compare with")
-    table["delta_best_top1"] = table["best_top1_mean"] - table.loc[reference, "best_top1_mean"]
-    table["delta_last_top1"] = table["last_top1_mean"] - table.loc[reference, "last_top1_mean"]
+    has_reference = reference in table.index
+    for column in ["best_top1", "last_top1"]:
+        base = table.loc[reference, f"{column}_mean"] if has_reference else float("nan")
+        table[f"delta_{column}"] = table[f"{column}_mean"] - base
     table["train_seconds_mean"] = grouped["train_seconds"].mean()
     table["rank"] = table["last_top1_mean"].rank(ascending=False, method="min").astype(int)
     table = table.rename_axis("method").reset_index()
@@ -58,6 +67,10 @@ def summary_table(results, reference: str = REFERENCE):
 
 def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _delta(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:+.2f}"
 
 
 def _method_parameters(comparison: ComparisonPlan) -> list[str]:
@@ -75,7 +88,22 @@ def _method_parameters(comparison: ComparisonPlan) -> list[str]:
     return lines
 
 
-def summary_markdown(comparison: ComparisonPlan, summary) -> str:
+def _partial_notice(results, failed: dict) -> list[str]:
+    """The lines that mark a partial table: how many runs finished, which are pending, which failed and why."""
+    unfinished = results[results["status"] != "finished"]
+    if unfinished.empty:
+        return []
+    names = {status: [Path(d).name for d in unfinished.loc[unfinished["status"] == status, "run_dir"]]
+             for status in ("pending", "failed")}
+    lines = [f"**Partial table**: {len(results) - len(unfinished)} of {len(results)} runs finished."]
+    if names["pending"]:
+        lines.append(f"Pending (training, or not started): {', '.join(names['pending'])}.")
+    for name in names["failed"]:
+        lines.append(f"Failed: {name}: {failed.get(name, 'see the comparison output')}.")
+    return [" ".join(lines), ""]
+
+
+def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: Optional[dict] = None) -> str:
     recipe = comparison.recipe
     seeds = ", ".join(str(s) for s in comparison.seeds)
     header = ["rank", "method", "runs", "last-epoch top-1 (%)", f"Δ last vs {REFERENCE}", "best-epoch top-1 (%)",
@@ -83,6 +111,7 @@ def summary_markdown(comparison: ComparisonPlan, summary) -> str:
     lines = [
         f"# Comparison: {recipe.name}",
         "",
+        *(_partial_notice(results, failed or {}) if results is not None else []),
         f"{recipe.data.name}, {recipe.model.arch}, {count_noun(recipe.train.epochs, 'epoch')}, batch {recipe.train.batch_size}, "
         f"lr {recipe.optim.lr:g}; seeds {seeds}. Test top-1 accuracy, mean ± sample standard deviation over the "
         "seeds; ranked by last-epoch top-1.",
@@ -95,9 +124,9 @@ def summary_markdown(comparison: ComparisonPlan, summary) -> str:
         cells = [
             str(row.rank), f"`{row.method}`", str(row.runs),
             _mean_std(row.last_top1_mean, row.last_top1_std),
-            "(reference)" if reference else f"{row.delta_last_top1:+.2f}",
+            "(reference)" if reference else _delta(row.delta_last_top1),
             _mean_std(row.best_top1_mean, row.best_top1_std),
-            "(reference)" if reference else f"{row.delta_best_top1:+.2f}",
+            "(reference)" if reference else _delta(row.delta_best_top1),
             f"{row.train_seconds_mean:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -118,12 +147,16 @@ def summary_markdown(comparison: ComparisonPlan, summary) -> str:
     return "\n".join(lines)
 
 
-def write_tables(comparison: ComparisonPlan):
-    """Write results.csv, summary.csv and summary.md into the comparison folder; return (results, summary)."""
-    results = results_table(comparison)
-    summary = summary_table(results)
+def write_tables(comparison: ComparisonPlan, failed: Optional[dict] = None):
+    """Write results.csv, summary.csv and summary.md into the comparison folder, each atomically (readable at any
+    moment); runs not finished make them partial (results.csv: their status; summary.md: a notice). `failed`:
+    the runs that failed, with why. Returns (results, summary)."""
+    results = results_table(comparison, failed)
+    finished = results[results["status"] == "finished"].infer_objects()  # numbers, not the pending rows' None
+    partial = len(finished) < len(results)
+    summary = summary_table(finished, partial=partial)
     out = comparison.out
     atomic_write_text(out / "results.csv", results.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "summary.md", summary_markdown(comparison, summary))
+    atomic_write_text(out / "summary.md", summary_markdown(comparison, summary, results, failed))
     return results, summary
