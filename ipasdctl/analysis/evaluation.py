@@ -141,6 +141,9 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
              batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS) -> dict:
     """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json."""
     run_dir = RunFolder(run_dir).check().path
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # fail before the evaluation, not at its first file
+        raise UserError(f"{run_dir} is not writable, and eval writes its results into the run folder; make it "
+                        "writable, or evaluate a copy of the folder")
     started = time.perf_counter()
     torch_device = runtime.resolve_device(device)
     model, state, recipe = load_model(run_dir, checkpoint, str(torch_device))
@@ -188,6 +191,9 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
 def eval_onnx_model(model_path: Path, data_root: Optional[Path] = None, batch_size: int = 256) -> dict:
     """Top-1/top-5 of an exported model through onnxruntime; writes <model>.eval.json beside it."""
     model_path = Path(model_path)
+    if model_path.is_dir():
+        raise UserError(f"{model_path} is a folder, not a file; give an exported .onnx model, or a run folder "
+                        "without the .onnx in its name")
     if not model_path.is_file():
         raise UserError(f"{model_path} does not exist; export a run first (ipasdctl export RUN_FOLDER --onnx)")
     result = onnx_test_accuracy(model_path, data_root, batch_size)

@@ -119,7 +119,7 @@ class StopControl:
         raise UserError(f"non-finite loss at epoch {epoch + 1}, step {bad_step + 1} ({report}); "
                         f"{_kept(last_checkpoint)}; lower the lr, or set train.detect_anomaly=true to find the operation")
 
-    def check_weights(self, net: torch.nn.Module, epoch: int, step: int, last_checkpoint: Optional[Path]) -> None:
+    def check_weights(self, net: torch.nn.Module, where: str, last_checkpoint: Optional[Path]) -> None:
         """A UserError when a weight or a buffer (BatchNorm running statistics) is no longer finite: a loss
         can stay finite for a step while the statistics its forward pass updated have overflowed. One host
         read per checkpoint; under several processes the ranks agree (rank 0 writes what they all hold)."""
@@ -135,7 +135,7 @@ class StopControl:
         names = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") if names else \
             "on another process"
-        raise UserError(f"non-finite weights or BatchNorm statistics at epoch {epoch + 1}, step {step} ({shown}); "
+        raise UserError(f"non-finite weights or BatchNorm statistics {where} ({shown}); "
                         f"{_kept(last_checkpoint)}; lower the lr")
 
     def stop(self, bar, run_dir: Path) -> None:

@@ -213,8 +213,9 @@ class Trainer:
         """Every rank builds the state (it gathers the method's and the meter's over ranks); rank 0 writes it.
         Weights or BatchNorm statistics that are no longer finite are never written: the last good checkpoint
         stays the last good one."""
-        self.stops.check_weights(self.net, self.epoch, self.step_in_epoch,
-                                 self.folder.last if self.folder is not None else None)
+        where = (f"at epoch {self.epoch + 1}, step {self.step_in_epoch}" if self.step_in_epoch
+                 else f"at the end of epoch {self.epoch}")
+        self.stops.check_weights(self.net, where, self.folder.last if self.folder is not None else None)
         state = self.state_dict()
         if self.dist.is_main:
             self.folder.save_checkpoint(state, best)
