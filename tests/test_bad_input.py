@@ -85,7 +85,7 @@ ROWS = {
     "batch-size-negative": (lambda t, d: ["--batch-size", "-4"], "batch size must be a positive integer, got -4"),
     "lr-zero": (lambda t, d: ["--lr", "0"], "learning rate must be a positive number, got 0.0"),
     "lr-negative": (lambda t, d: ["--lr", "-0.1"], "learning rate must be a positive number, got -0.1"),
-    "lr-nan": (lambda t, d: ["--set", "optim.lr=.nan"], "learning rate must be a positive number, got nan"),
+    "lr-nan": (lambda t, d: ["--set", "optim.lr=.nan"], "optim.lr must be a finite number, got nan"),
     "batch-larger-than-data": (lambda t, d: ["--dataset", "cifar10", "--data", str(d), "--batch-size", "500"],
                                "batch size 500 is larger than the training set (200 images)"),
     "out-is-a-file": (lambda t, d: ["--out", str(t / "a-file")], "is a file, not a folder"),

@@ -102,17 +102,10 @@ def tsne_coordinates(embeddings: torch.Tensor, labels: torch.Tensor, max_points:
     perplexity = float(min(30.0, max(2.0, (points.shape[0] - 1) / 3.0)))
     # Half the cores: sklearn's OpenMP gradient spins when cores are oversubscribed and then runs 10-50x
     # slower (measured on a shared 2-core machine: 60 points 16 s with 2 threads, 0.2 s with 1).
-    with threadpool_limits(limits=max(1, available_cpus() // 2)):
+    with threadpool_limits(limits=max(1, runtime.available_cpus() // 2)):
         coords = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
                       random_state=seed).fit_transform(points)
     return coords.astype(np.float32), chosen_labels
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def per_class_csv(class_names: list[str], columns: dict) -> str:

@@ -8,6 +8,7 @@ these; rank 0 creates, locks and writes the run folder.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +79,7 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
                                 "first checkpoint); start a new run instead")
             state = folder.load_state("last")
             saved = recipe_from_dict(state["config"])
-            if distributed.on_main(ctx, lambda: _check_folder_agrees(folder, state)):
+            if distributed.on_main(ctx, functools.partial(_check_folder_agrees, folder, state)) and ctx.is_main:
                 folder.write_config(saved)  # config.yaml was missing: the checkpoint's recipe is the run's
             if recipe is not None:
                 check_recipe(recipe)
