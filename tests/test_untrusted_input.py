@@ -127,7 +127,7 @@ DAMAGES = {
                     "does not hold the weights of a resnet8 with 10 classes", "is not a complete training checkpoint"),
     "other-class-count": (lambda s: s.update(num_classes=7, class_names=[f"c{i}" for i in range(7)]),
                           "does not hold the weights of a resnet8 with 7 classes", "the checkpoint has 7 classes"),
-    "missing-key": (lambda s: s.pop("optimizer"), None, "is not a complete training checkpoint (KeyError: 'optimizer')"),
+    "missing-key": (lambda s: s.pop("optimizer"), None, "is not a complete training checkpoint of this recipe (KeyError: 'optimizer')"),
 }
 
 
