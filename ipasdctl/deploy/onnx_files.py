@@ -123,7 +123,7 @@ def decode_metadata(props: dict) -> dict:
         if key in _JSON_KEYS:
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON (or nested without end): kept as the string, then checked
                 pass
         out[key] = value
     return out
