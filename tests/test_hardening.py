@@ -73,6 +73,21 @@ def test_a_finished_run_whose_best_is_missing_gets_it_back_on_resume(finished, t
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
 
 
+def test_a_best_epoch_whose_weights_are_gone_is_replaced_by_the_last_with_a_warning(finished, tmp_path, capsys):
+    run_dir = copy_of(finished, tmp_path)
+    last = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["best"] = {"top1": 99.0, "epoch": 0, "top5": 99.0}  # as if an earlier epoch had been the best
+    save_checkpoint(last, state)
+    (run_dir / "checkpoints" / "best.pt").unlink()
+    training.resume(run_dir, None, training.Progress(enabled=False))
+    err = capsys.readouterr().err
+    assert "best.pt was missing and epoch 0's weights are gone; best.pt now holds the last epoch (1," in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["best_top1"] == summary["last_top1"]
+    assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["best"]["epoch"] == 1
+
+
 # ---------------------------------------------------------------------------------------- 2. report of a moved comparison
 
 
@@ -203,6 +218,17 @@ def test_resume_with_a_checkpoint_copied_from_another_arch_is_refused(finished, 
     before = snapshot(run_dir)
     line = run_cli(["train", "--resume", str(run_dir)], capsys)
     assert "config.yaml disagrees with the recipe in checkpoints/last.pt (" in line and "model.arch" in line
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_metrics_ahead_of_the_checkpoint_is_refused(finished, tmp_path, capsys):
+    """A last.pt older than the run (copied back from elsewhere) would rewrite metrics.csv shorter."""
+    run_dir = copy_of(finished, tmp_path)
+    metrics = run_dir / "metrics.csv"
+    metrics.write_text(metrics.read_text() + metrics.read_text().splitlines()[-1] + "\n")
+    before = snapshot(run_dir)
+    line = run_cli(["train", "--resume", str(run_dir)], capsys)
+    assert "metrics.csv records 2 epochs but checkpoints/last.pt only 1" in line
     assert snapshot(run_dir) == before
 
 
