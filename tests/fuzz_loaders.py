@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-import yaml
 from onnx import TensorProto, helper
 
 from ipasdctl.config import Recipe, load_recipe
@@ -140,13 +139,19 @@ def checkpoint_case(rng: random.Random, work: Path, state: dict):
 # ------------------------------------------------------------------------------------------------ ONNX metadata
 
 
-def onnx_case(rng: random.Random, work: Path):
+def tiny_onnx_model():
+    """A small valid ONNX model: the global average pool of 3 x 8 x 8 images, no metadata yet."""
     graph = helper.make_graph(
         [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["logits"])],
         "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model
+
+
+def onnx_case(rng: random.Random, work: Path):
+    model = tiny_onnx_model()
     keys = ["input_size", "data_image_size", "num_classes", "class_names", "mean", "std", "dataset", "checkpoint",
             "test_top1", "epoch", "precision", "source_run"]
     values = ["[3, 8, 8]", "[3, 100000, 100000]", "[3, 1e5, 1e5]", "[3, 8]", "[true, 8, 8]", "[3, -8, 8]", "nan",

@@ -14,29 +14,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
 from PIL import Image
 
 from ipasdctl.analysis.selection import load_exports
-from ipasdctl.config import load_recipe
 from ipasdctl.data.cifar import load_cifar10
 from ipasdctl.data.files import load_rgb
 from ipasdctl.data.imagefolder import load_image_folder
 from ipasdctl.deploy import onnx_test_accuracy
 from ipasdctl.errors import UserError
 from ipasdctl.files import load_checkpoint, save_checkpoint
+from fuzz_loaders import tiny_onnx_model
 from test_bad_input import run_cli
 from test_hardening import copy_of, finished  # noqa: F401  (the module's finished run)
 
 
 def tiny_onnx(path, metadata: dict) -> str:
     """A small valid ONNX model (global average pool of 3 x 8 x 8 images) with the given metadata strings."""
-    graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["logits"])],
-        "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = tiny_onnx_model()
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
