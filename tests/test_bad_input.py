@@ -97,6 +97,8 @@ ROWS = {
     "cuda-index-missing": (lambda t, d: ["--device", "cuda:1"], "--device cuda:1 was requested but CUDA is not available"),
     "fp16-on-cpu": (lambda t, d: ["--device", "cpu", "--precision", "fp16"], "precision fp16 needs a CUDA device"),
     "resume-missing-folder": (lambda t, d: ["--resume", str(t / "no-run")], "no such run folder"),
+    "method-name-not-a-string": (lambda t, d: ["--recipe", write_recipe(t, "method: {name: [ce]}\n")],
+                                 "the method must be a name, got list ['ce']"),
     "method-tau-zero": (lambda t, d: ["--method", "ipasd", "--set", "method.tau=0"], "method.tau must be positive, got 0"),
 }
 

@@ -194,7 +194,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         self.epoch = _whole(state["epoch"], "epoch", 0, self.recipe.train.epochs)
-        self.step_in_epoch = _whole(state["step_in_epoch"], "step_in_epoch", 0, self.steps_per_epoch)
+        self.step_in_epoch = _whole(state["step_in_epoch"], "step_in_epoch", 0, 2**62)  # a sampler's epochs may differ
         self.global_step = _whole(state["global_step"], "global_step", 0, 2**62)
         self.meter = EpochMeter(self.device, self.dist)
         self.meter.load_state_dict(state["meter"])
@@ -324,8 +324,8 @@ class Trainer:
         """A finished run has its best.pt. One missing at the end (removed, or lost by a version that wrote
         last.pt first) is the state itself when the last epoch was the best; otherwise the best epoch's
         weights are gone, and the last epoch becomes the best on record (said in a warning)."""
-        if self.folder is None or self.folder.best.is_file():
-            return
+        if self.folder is None or distributed.on_main(self.dist, self.folder.best.is_file):
+            return  # (rank 0 looks: every rank must then take part in the save, or none)
         if self.best_epoch != self.epoch and self.rows:
             last = self.rows[-1]
             if self.dist.is_main:
