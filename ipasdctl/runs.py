@@ -123,7 +123,10 @@ class RunFolder:
     def epochs_done(self) -> int:
         if not self.metrics.is_file():
             return 0
-        return max(len(self.metrics.read_text().strip().splitlines()) - 1, 0)
+        try:
+            return max(len(self.metrics.read_text(errors="replace").strip().splitlines()) - 1, 0)
+        except OSError:
+            return 0
 
     def read_config(self) -> Optional[dict]:
         """config.yaml as a plain dict; None when missing; a UserError when it is not YAML."""

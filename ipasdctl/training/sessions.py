@@ -126,12 +126,12 @@ def _check_folder_agrees(folder: RunFolder, state: dict) -> bool:
     try:
         on_disk = folder.read_config()
     except UserError:
+        on_disk = ""  # not YAML: as unreadable as YAML that is no mapping
+    if on_disk is not None and not isinstance(on_disk, dict):
         raise UserError(f"--resume {folder.path}: its config.yaml is not readable YAML, so the folder no longer "
                         "says what the run is; the recipe in checkpoints/last.pt is the run's: remove config.yaml "
-                        "(resume writes it again from the checkpoint) and resume") from None
-    if on_disk is None:
-        return True
-    diff = differing_keys(state["config"], on_disk)
+                        "(resume writes it again from the checkpoint) and resume")
+    diff = differing_keys(state["config"], on_disk) if on_disk is not None else []
     if diff:
         raise UserError(f"--resume {folder.path}: config.yaml disagrees with the recipe in checkpoints/last.pt "
                         f"({', '.join(diff[:5])}); was config.yaml edited, or last.pt copied from another run? The "
@@ -142,7 +142,7 @@ def _check_folder_agrees(folder: RunFolder, state: dict) -> bool:
         raise UserError(f"--resume {folder.path}: metrics.csv records {done} epochs but checkpoints/last.pt only "
                         f"{rows}; last.pt is older than the run (copied from elsewhere?): put the run's own last.pt "
                         "back, or start a new run")
-    return False
+    return on_disk is None
 
 
 def _train_new(trainer: Trainer, run_dir: Path, created: bool) -> Path:
