@@ -7,6 +7,8 @@ A recipe is plain nested YAML with the sections below. The fully resolved recipe
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,16 @@ import yaml
 from .errors import UserError, did_you_mean
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; a bigger file is not one
+INT_BOUND = 2**63  # every integer of a recipe fits a 64-bit signed integer (a tensor, a seed, a count)
+
+_short = reprlib.Repr()  # values in messages: bounded in length and depth, so a YAML alias bomb prints quickly
+_short.maxstring, _short.maxother, _short.maxlevel, _short.maxlist, _short.maxdict = 60, 60, 2, 4, 4
+
+
+def shown(value: Any) -> str:
+    """repr(value), at most a line: safe for any value a file or option brings (nested, shared, huge)."""
+    return _short.repr(value)
 
 
 @dataclass
@@ -99,28 +111,32 @@ def coerce(value: Any, tp, where: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where} must be a list, got {value!r}")
+            raise UserError(f"{where} must be a list, got {shown(value)}")
         return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where} must be a mapping, got {value!r}")
+            raise UserError(f"{where} must be a mapping, got {shown(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{where} must be true or false, got {value!r}")
+        raise UserError(f"{where} must be true or false, got {shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_BOUND <= value < INT_BOUND:
+                raise UserError(f"{where} must be an integer from -2^63 to 2^63-1, got {shown(value)}")
             return value
-        raise UserError(f"{where} must be an integer, got {value!r}")
+        raise UserError(f"{where} must be an integer, got {shown(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not (abs(value) < 1e300 and math.isfinite(value)):  # .nan, .inf, 2^1100
+                raise UserError(f"{where} must be a finite number, got {shown(value)}")
             return float(value)
-        raise UserError(f"{where} must be a number, got {value!r}")
+        raise UserError(f"{where} must be a number, got {shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise UserError(f"{where} must be a string, got {value!r}")
+        raise UserError(f"{where} must be a string, got {shown(value)}")
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, where)
     return value
@@ -133,7 +149,7 @@ def build_dataclass(cls, values: Any, where: str = ""):
     if isinstance(values, cls):
         return values
     if not isinstance(values, dict):
-        raise UserError(f"{where or 'recipe'} must be a mapping of keys to values, got {values!r}")
+        raise UserError(f"{where or 'recipe'} must be a mapping of keys to values, got {shown(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -168,9 +184,14 @@ def resolve_recipe_path(recipe: str) -> Path:
 
 def read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 1000} kB; a recipe is a short YAML "
+                            "file: give the right file")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

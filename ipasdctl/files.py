@@ -25,6 +25,7 @@ import torch
 
 from .errors import UserError
 
+TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -47,7 +48,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
             write(handle)
@@ -71,6 +72,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Remove the temporary files (.NAME.XXXX.tmp) a process killed while writing left in `folder`. Only for
+    a folder no one is writing to (a run folder whose lock the caller holds)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

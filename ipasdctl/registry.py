@@ -34,6 +34,9 @@ class Registry(Generic[T]):
         return obj
 
     def get(self, name: str) -> T:
+        if not isinstance(name, str):  # a recipe may hold anything there (a list, a mapping)
+            raise UserError(f"the {self.kind} must be a name, got {type(name).__name__} {str(name)[:60]}; "
+                            f"known: {', '.join(self.names())}")
         try:
             return self._items[name]
         except KeyError:

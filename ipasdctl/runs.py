@@ -25,9 +25,11 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from .config import Recipe, dump_recipe, recipe_from_dict
 from .errors import UserError
-from .files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .files import atomic_write_json, atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
 from .models import build_model
 from .runtime import resolve_device
 
@@ -121,7 +123,10 @@ class RunFolder:
     def epochs_done(self) -> int:
         if not self.metrics.is_file():
             return 0
-        return max(len(self.metrics.read_text().strip().splitlines()) - 1, 0)
+        try:
+            return max(len(self.metrics.read_text(errors="replace").strip().splitlines()) - 1, 0)
+        except OSError:
+            return 0
 
     def read_config(self) -> Optional[dict]:
         """config.yaml as a plain dict; None when missing; a UserError when it is not YAML."""
@@ -143,7 +148,7 @@ class RunFolder:
         if not path.is_file():
             raise UserError(f"{self.path} has no checkpoints/{which}.pt; is it a run folder of a finished "
                             "`ipasdctl train`?")
-        return load_checkpoint(path)
+        return check_state(load_checkpoint(path), path)
 
     def result_row(self) -> dict:
         """The RESULT_COLUMNS of this run, from summary.json (or config.yaml + metrics.csv if unfinished)."""
@@ -178,9 +183,17 @@ class RunFolder:
         atomic_write_json(self.summary, summary)
 
     def save_checkpoint(self, state: dict, best: bool = False) -> None:
-        save_checkpoint(self.last, state)
+        """best.pt before last.pt: a kill or a full disk between the two leaves last.pt at the previous
+        checkpoint, so the resumed run repeats the epoch and writes best.pt again; never a last.pt that says
+        finished beside a missing best.pt."""
         if best:
             save_checkpoint(self.best, state)
+        save_checkpoint(self.last, state)
+
+    def remove_stale_temporaries(self) -> None:
+        """The temporary files a killed writer left (call it holding the lock: no writer is alive then)."""
+        for folder in (self.path, self.checkpoints):
+            remove_temporaries(folder)
 
     def remove_partial(self, created: bool) -> None:
         """Leave no half run: the whole folder if this run created it, else the files a run writes."""
@@ -207,12 +220,56 @@ def read_json(path: Path) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
+MAX_CLASSES = 1_000_000
+
+
+def check_state(state: dict, path: Path) -> dict:
+    """The checkpoint's fields every command reads, with their types: a hand-made or damaged checkpoint is
+    one line naming what is wrong, never a KeyError deep inside a command."""
+    def problem() -> Optional[str]:
+        if not isinstance(state.get("config"), dict):
+            return "it holds no recipe ('config')"
+        num_classes = state.get("num_classes")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+            return f"'num_classes' is {num_classes!r:.40}, not an integer from 1 to {MAX_CLASSES}"
+        if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+            return "'model' is not a mapping of names to tensors"
+        epoch = state.get("epoch", 0)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            return f"'epoch' is {epoch!r:.40}, not a whole number of epochs"
+        if not isinstance(state.get("arch", ""), str):
+            return "'arch' is not a name"
+        names = state.get("class_names")
+        if names is not None and (not isinstance(names, list) or len(names) != num_classes):
+            return f"'class_names' is not a list of {num_classes} names"
+        return None
+
+    what = problem()
+    if what:
+        raise UserError(f"{path} is not a checkpoint ipasdctl can use: {what}; use a checkpoint written by "
+                        "`ipasdctl train`")
+    return state
+
+
 def load_model(run_dir: Path, checkpoint: str = "best", device: str = "cpu"):
-    """(model in eval mode, checkpoint state, recipe) of a run folder, weights loaded weights-only."""
-    state = RunFolder(run_dir).load_state(checkpoint)
+    """(model in eval mode, checkpoint state, recipe) of a run folder, weights loaded weights-only; weights that
+    do not fit the architecture, or are not finite, are one line."""
+    folder = RunFolder(run_dir)
+    state = folder.load_state(checkpoint)
+    path = folder.checkpoint(checkpoint)
     recipe = recipe_from_dict(state["config"])
-    model = build_model(state.get("arch", recipe.model.arch), int(state["num_classes"]))
-    model.load_state_dict(state["model"])
+    arch, num_classes = state.get("arch", recipe.model.arch), state["num_classes"]
+    model = build_model(arch, num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # missing or unexpected keys, tensors of another shape (another class count)
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path} does not hold the weights of a {arch} with {num_classes} classes ({detail}); "
+                        "use a checkpoint written by `ipasdctl train`") from None
+    bad = [name for name, value in state["model"].items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise UserError(f"{path} holds non-finite weights ({', '.join(bad[:3])}); the run diverged: use the run's "
+                        "other checkpoint, or train again with a lower lr")
     model.to(resolve_device(device)).eval()
     return model, state, recipe
 
@@ -249,6 +306,14 @@ def check_out_folder(out: Path) -> None:
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
         what = "output folder" if existing == out else f"output folder {out} cannot be created: its parent"
         raise UserError(f"{what} {existing} is not writable; choose another --out")
+
+
+def check_run_name(name: str) -> str:
+    """A run folder name must be a plain folder name: never a path that leads out of --out."""
+    if not name or name.startswith(".") or any(sep in name for sep in ("/", "\0", os.sep, os.altsep or "/")):
+        raise UserError(f"--name {name!r} must be a plain folder name (no '/', not '..', not hidden); "
+                        "the run folder is created inside --out")
+    return name
 
 
 def create_run_dir(out: Path, name: str) -> Path:

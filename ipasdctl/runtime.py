@@ -101,6 +101,14 @@ def git_commit() -> str | None:
         return None
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

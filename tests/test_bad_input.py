@@ -85,7 +85,7 @@ ROWS = {
     "batch-size-negative": (lambda t, d: ["--batch-size", "-4"], "batch size must be a positive integer, got -4"),
     "lr-zero": (lambda t, d: ["--lr", "0"], "learning rate must be a positive number, got 0.0"),
     "lr-negative": (lambda t, d: ["--lr", "-0.1"], "learning rate must be a positive number, got -0.1"),
-    "lr-nan": (lambda t, d: ["--set", "optim.lr=.nan"], "learning rate must be a positive number, got nan"),
+    "lr-nan": (lambda t, d: ["--set", "optim.lr=.nan"], "optim.lr must be a finite number, got nan"),
     "batch-larger-than-data": (lambda t, d: ["--dataset", "cifar10", "--data", str(d), "--batch-size", "500"],
                                "batch size 500 is larger than the training set (200 images)"),
     "out-is-a-file": (lambda t, d: ["--out", str(t / "a-file")], "is a file, not a folder"),
@@ -97,6 +97,9 @@ ROWS = {
     "cuda-index-missing": (lambda t, d: ["--device", "cuda:1"], "--device cuda:1 was requested but CUDA is not available"),
     "fp16-on-cpu": (lambda t, d: ["--device", "cpu", "--precision", "fp16"], "precision fp16 needs a CUDA device"),
     "resume-missing-folder": (lambda t, d: ["--resume", str(t / "no-run")], "no such run folder"),
+    "method-name-not-a-string": (lambda t, d: ["--recipe", write_recipe(t, "method: {name: [ce]}\n")],
+                                 "the method must be a name, got list ['ce']"),
+    "method-tau-zero": (lambda t, d: ["--method", "ipasd", "--set", "method.tau=0"], "method.tau must be positive, got 0"),
 }
 
 

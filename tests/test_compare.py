@@ -204,11 +204,14 @@ def test_rerun_with_another_recipe_is_refused_before_anything_changes(finished, 
 def test_interrupted_comparison_resumes_its_run_and_retrains_a_partial_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "c"
     args = ["compare", "--method", "ce", "--seeds", "0,1", *TINY, "--epochs", "2", "--out", str(out)]
-    real_evaluate = trainer_module.test_metrics
+    real_evaluate, evaluations = trainer_module.test_metrics, []
 
     def evaluate_then_press_ctrl_c(*args, **kwargs):
-        # Ctrl-C during the first epoch's evaluation: the trainer finishes the epoch, checkpoints and stops
-        os.kill(os.getpid(), signal.SIGINT)
+        # Ctrl-C during the second epoch's evaluation: the trainer stops within the test pass and checkpoints
+        # the epoch's steps (epoch 1 is in metrics.csv; the resumed run evaluates epoch 2)
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "test_metrics", evaluate_then_press_ctrl_c)

@@ -28,15 +28,33 @@ def is_comparison_folder(path: Path) -> bool:
 
 
 def resolve_run_dir(comparison: Path, row: dict) -> Optional[Path]:
-    candidates = []
+    """The run folder of a results.csv row, found inside `comparison` (by the row's run_dir taken relative to
+    it, by that folder's name, or by the method and seed): a comparison renamed or moved keeps its runs, and a
+    new comparison at its old path never lends it its own. A row whose run_dir points outside the comparison
+    is named in a warning (that folder is not used); so is a row without a run folder (None)."""
     value = row.get("run_dir")
-    if isinstance(value, str) and value:
-        candidates += [Path(value), comparison / value, comparison / Path(value).name]
+    value = value if isinstance(value, str) and value else None
+    candidates = []
+    if value is not None:
+        candidates += [comparison / value] if not Path(value).is_absolute() else []
+        candidates.append(comparison / Path(value).name)
     candidates.append(comparison / comparison_run_name(row.get("method"), row.get("seed")))
-    for candidate in candidates:
-        if candidate.is_dir() and RunFolder(candidate).config.is_file():
-            return candidate
-    return None
+    found = next((c for c in candidates if _inside(c, comparison) and RunFolder(c).config.is_file()), None)
+    which = f"{row.get('method')} seed {row.get('seed')}"
+    if value is not None and Path(value).is_absolute() and not _inside(Path(value), comparison):
+        used = f"using {found} instead" if found is not None else "it is left out of the report"
+        print(f"warning: {comparison / 'results.csv'}: the row of {which} points at {value}, outside this "
+              f"comparison; {used}", file=sys.stderr)
+    elif found is None:
+        print(f"warning: {comparison}: no run folder for {which}; it is left out of the report", file=sys.stderr)
+    return found
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve()) and path.resolve() != folder.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[Path]]:
@@ -60,9 +78,7 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[Path]]:
                 if record.get("status", "finished") != "finished":  # a partial comparison: pending or failed
                     continue
                 run_dir = resolve_run_dir(directory, record)
-                if run_dir is None:
-                    print(f"warning: {directory}: no run folder for {record.get('method')} seed "
-                          f"{record.get('seed')}; it is left out of the report", file=sys.stderr)
+                if run_dir is None:  # resolve_run_dir said why
                     continue
                 row = {column: record.get(column) for column in RESULT_COLUMNS}
                 own = RunFolder(run_dir).result_row()

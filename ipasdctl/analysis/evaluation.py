@@ -102,17 +102,10 @@ def tsne_coordinates(embeddings: torch.Tensor, labels: torch.Tensor, max_points:
     perplexity = float(min(30.0, max(2.0, (points.shape[0] - 1) / 3.0)))
     # Half the cores: sklearn's OpenMP gradient spins when cores are oversubscribed and then runs 10-50x
     # slower (measured on a shared 2-core machine: 60 points 16 s with 2 threads, 0.2 s with 1).
-    with threadpool_limits(limits=max(1, available_cpus() // 2)):
+    with threadpool_limits(limits=max(1, runtime.available_cpus() // 2)):
         coords = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
                       random_state=seed).fit_transform(points)
     return coords.astype(np.float32), chosen_labels
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def per_class_csv(class_names: list[str], columns: dict) -> str:
@@ -141,6 +134,9 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
              batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS) -> dict:
     """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json."""
     run_dir = RunFolder(run_dir).check().path
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # fail before the evaluation, not at its first file
+        raise UserError(f"{run_dir} is not writable, and eval writes its results into the run folder; make it "
+                        "writable, or evaluate a copy of the folder")
     started = time.perf_counter()
     torch_device = runtime.resolve_device(device)
     model, state, recipe = load_model(run_dir, checkpoint, str(torch_device))
@@ -188,6 +184,9 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
 def eval_onnx_model(model_path: Path, data_root: Optional[Path] = None, batch_size: int = 256) -> dict:
     """Top-1/top-5 of an exported model through onnxruntime; writes <model>.eval.json beside it."""
     model_path = Path(model_path)
+    if model_path.is_dir():
+        raise UserError(f"{model_path} is a folder, not a file; give an exported .onnx model, or a run folder "
+                        "without the .onnx in its name")
     if not model_path.is_file():
         raise UserError(f"{model_path} does not exist; export a run first (ipasdctl export RUN_FOLDER --onnx)")
     result = onnx_test_accuracy(model_path, data_root, batch_size)

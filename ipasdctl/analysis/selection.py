@@ -98,20 +98,33 @@ def load_exports(exports_dir: Path) -> pd.DataFrame:
             record = json.loads(json_path.read_text())
         except (OSError, ValueError):
             continue  # not ours
-        if not isinstance(record, dict) or not record.get("run_dir") or not record.get("onnx_file"):
-            continue
+        if not isinstance(record, dict) or not _text(record.get("run_dir")) or not _text(record.get("onnx_file")):
+            continue  # not an export record (or one whose fields have other types: not ours either)
         onnx_path = json_path.parent / record["onnx_file"]
+        onnx_test = record.get("onnx_test") if isinstance(record.get("onnx_test"), dict) else {}
+        size = _number(record.get("file_size_bytes"))
         rows.append({
             "run_key": _key(Path(record["run_dir"])),
-            "precision": record.get("precision", "fp32"),
+            "precision": record.get("precision") if _text(record.get("precision")) else "fp32",
             "export": record["onnx_file"],
             "model_key": _key(onnx_path),
-            "file_size_bytes": record.get("file_size_bytes", onnx_path.stat().st_size if onnx_path.exists() else np.nan),
-            "checkpoint": record.get("checkpoint", "best"),
-            "export_top1": (record.get("onnx_test") or {}).get("top1"),
-            "export_top5": (record.get("onnx_test") or {}).get("top5"),
+            "file_size_bytes": size if not math.isnan(size) or not onnx_path.is_file() else onnx_path.stat().st_size,
+            "checkpoint": record.get("checkpoint") if _text(record.get("checkpoint")) else "best",
+            "export_top1": _number(onnx_test.get("top1")),  # the model's own onnxruntime top-1, nothing else
+            "export_top5": _number(onnx_test.get("top5")),
         })
     return pd.DataFrame(rows, columns=EXPORT_COLUMNS)
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and bool(value) and "\0" not in value
+
+
+def _number(value) -> float:
+    """A JSON number as a float; anything else (a string, a list, null) is NaN: missing, not a crash."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300:
+        return float(value)
+    return float("nan")
 
 
 def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str = "onnxruntime",

@@ -30,6 +30,15 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _plain_bytes(*args) -> bytes:
+    """How an empty numpy array's buffer is pickled: bytes() of nothing (never bytes(n), which allocates n)."""
+    if not args:
+        return b""
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytes(args[0])
+    raise _Refused("it calls bytes() with arguments a CIFAR file never holds")
+
+
 # (module, name) -> the object the pickle may name: numpy arrays (how NumPy 1.x and 2.x pickle them, protocol
 # 2 to 5), their dtypes, and bytes. Dicts, lists, str, bytes, ints and floats need no global at all.
 _ALLOWED = {
@@ -42,6 +51,8 @@ _ALLOWED = {
     ("numpy.core.numeric", "_frombuffer"): None,
     ("numpy._core.numeric", "_frombuffer"): None,
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _plain_bytes,
+    ("builtins", "bytes"): _plain_bytes,
 }
 
 _WHERE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -72,7 +83,7 @@ def read_pickle(path: Path) -> dict:
     except _Refused as exc:
         raise UserError(f"{path} is not a plain CIFAR file: {exc}; refusing to load it (get the data from {_WHERE})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError,
-            MemoryError, OSError) as exc:
+            MemoryError, OSError, OverflowError, RecursionError) as exc:
         raise UserError(f"{path} is truncated or corrupt ({type(exc).__name__}); download the data set again "
                         f"({_WHERE})") from None
     if not isinstance(data, dict):
@@ -85,14 +96,19 @@ def _images_labels(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tens
     batch = read_pickle(path)
     if "data" not in batch or label_key not in batch:
         raise UserError(f"{path} has no '{'data' if 'data' not in batch else label_key}' entry; is it a CIFAR file?")
-    data = np.asarray(batch["data"])
+    data = batch["data"]
     try:
         labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path} is corrupt: its '{label_key}' are not integers; download the data set again ({_WHERE})") from None
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        if labels.ndim != 1:
+            raise ValueError(labels.ndim)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise UserError(f"{path} is corrupt: its '{label_key}' are not a list of integers; download the data set "
+                        f"again ({_WHERE})") from None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
+            or data.shape[0] != labels.shape[0]:
+        found = f"{data.dtype} {tuple(data.shape)}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
         raise UserError(f"{path} is corrupt: expected uint8 N x 3072 images and N labels, "
-                        f"found {data.dtype} {tuple(data.shape)} and {labels.shape[0]} labels")
+                        f"found {found} and {labels.shape[0]} labels")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels)
 
@@ -115,8 +131,11 @@ def _require(folder: Path, names: list[str]) -> None:
         raise UserError(f"{folder} lacks {', '.join(missing)}; expected the full 'python version' layout from {_WHERE}")
 
 
-def _names(values) -> list[str]:
-    return [v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values]
+def _names(path: Path, values) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, (bytes, str)) for v in values):
+        raise UserError(f"{path} is corrupt: its class names are not a list of names; download the data set again "
+                        f"({_WHERE})")
+    return [v.decode("latin1") if isinstance(v, bytes) else v for v in values]
 
 
 def load_cifar10(root: str | None) -> ImageData:
@@ -127,7 +146,7 @@ def load_cifar10(root: str | None) -> ImageData:
     test_images, test_labels = _images_labels(folder / "test_batch", "labels")
     names = [f"class_{i}" for i in range(10)]
     if (folder / "batches.meta").is_file():
-        names = _names(read_pickle(folder / "batches.meta").get("label_names", names))
+        names = _names(folder / "batches.meta", read_pickle(folder / "batches.meta").get("label_names", names))
     return ImageData("cifar10", torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                      test_images, test_labels, names, CIFAR10_MEAN, CIFAR10_STD, pad=4, hflip=True)
 
@@ -139,7 +158,7 @@ def load_cifar100(root: str | None) -> ImageData:
     test_images, test_labels = _images_labels(folder / "test", "fine_labels")
     names = [f"class_{i}" for i in range(100)]
     if (folder / "meta").is_file():
-        names = _names(read_pickle(folder / "meta").get("fine_label_names", names))
+        names = _names(folder / "meta", read_pickle(folder / "meta").get("fine_label_names", names))
     return ImageData("cifar100", train_images, train_labels, test_images, test_labels, names,
                      CIFAR100_MEAN, CIFAR100_STD, pad=4, hflip=True)
 

@@ -42,6 +42,7 @@ from .base import Augment, Batch, LabelledSplits, balanced_subset, step_seed
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_WORKERS = 64  # DataLoader worker processes: more only stall the machine while they start
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -55,8 +56,9 @@ def load_rgb(path: str):
         with open(path, "rb") as handle:
             image = Image.open(handle)
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); "
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"cannot decode image {path} ({type(exc).__name__}: {detail}); "
                         "remove or replace the file") from None
 
 
@@ -155,8 +157,9 @@ class ResizeCenterCrop:
 
 
 def check_workers(num_workers: int) -> int:
-    if num_workers < 0:
-        raise UserError(f"data.num_workers must be 0 (decode in the training process) or more, got {num_workers}")
+    if not 0 <= num_workers <= MAX_WORKERS:
+        raise UserError(f"data.num_workers must be from 0 (decode in the training process) to {MAX_WORKERS}, "
+                        f"got {num_workers}")
     return num_workers
 
 
@@ -241,11 +244,20 @@ def is_image_file(name: str) -> bool:
 
 
 def list_images(folder: Path) -> list[str]:
-    """Image files under `folder` (recursively, symlinks followed), as sorted paths relative to it."""
+    """Image files under `folder` (recursively, symlinks followed), as sorted paths relative to it; a symlink
+    that leads back to a folder on its own path (a loop) is a UserError, not a scan without end."""
     found = []
+    root = os.path.realpath(folder)
     for directory, subdirs, names in os.walk(folder, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         rel = os.path.relpath(directory, folder)
+        parts = [] if rel == "." else rel.split(os.sep)
+        on_path = {os.path.realpath(os.path.join(folder, *parts[:i])) for i in range(len(parts) + 1)}
+        for sub in subdirs:
+            target = os.path.realpath(os.path.join(directory, sub))
+            if target in on_path or root.startswith(target.rstrip(os.sep) + os.sep):
+                raise UserError(f"{os.path.join(directory, sub)} is a symlink back to {target}, a folder on its "
+                                "own path: the image folder loops; remove the link")
         for name in sorted(names):
             if is_image_file(name):
                 found.append(name if rel == "." else os.path.join(rel, name))

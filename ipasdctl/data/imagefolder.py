@@ -23,18 +23,19 @@ from typing import Optional
 from ..errors import UserError
 from .base import DATASETS
 from .files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip, ResizeCenterCrop,
-                    SmallImageTransform, scan_image_folder, stratified_split)
+                    SmallImageTransform, check_workers, scan_image_folder, stratified_split)
 
 DEFAULT_IMAGE_SIZE = 224
 SMALL_IMAGE_SIZE = 64  # at or below: the small-image augmentation (pad-and-crop)
 SMALL_IMAGE_PAD = 4
+MAX_IMAGE_SIZE = 4096  # pixels a side: a batch of larger images would not fit any machine
 EVAL_CROP_FRACTION = 0.875  # 224 / 256
 
 
 def check_image_size(size: Optional[int], default: int) -> int:
     size = default if size is None else size
-    if size < 8:
-        raise UserError(f"data.image_size must be at least 8 pixels, got {size}")
+    if not 8 <= size <= MAX_IMAGE_SIZE:
+        raise UserError(f"data.image_size must be from 8 to {MAX_IMAGE_SIZE} pixels, got {size}")
     return size
 
 
@@ -58,6 +59,7 @@ def load_image_folder(root: Optional[str], image_size: Optional[int] = None, val
                       split_seed: int = 0, num_workers: int = 2, name: str = "imagefolder") -> FileImageData:
     folder = require_folder(root, name, "<class>/<images>, or train/<class>/ and val/<class>/")
     size = check_image_size(image_size, DEFAULT_IMAGE_SIZE)
+    check_workers(num_workers)  # before the scan: fail fast
     train_transform, eval_transform = transforms_for(size)
     held_out_dir = next((folder / n for n in ("val", "test") if (folder / n).is_dir()), None)
     if (folder / "train").is_dir() and held_out_dir is not None:

@@ -20,7 +20,7 @@ from .. import runtime
 from ..errors import UserError
 from ..files import atomic_write_text, sha256_of
 from ..runs import RunFolder, load_model, read_json
-from .onnx_files import check_onnx_file, decode_metadata, ort_session
+from .onnx_files import MAX_IMAGE_SIDE, check_onnx_file, metadata_of, ort_session
 
 LATENCY_CSV = "latency.csv"
 PERCENTILES = (50, 90, 99)
@@ -49,8 +49,10 @@ def check_bench_options(batch_sizes, runs: int, threads: Optional[int], warmup: 
     sizes = parse_batch_sizes(batch_sizes)
     if runs <= 0:
         raise UserError(f"--runs must be positive, got {runs}")
-    if threads is not None and int(threads) <= 0:
-        raise UserError(f"--threads must be positive, got {threads}")
+    max_threads = 4 * runtime.available_cpus()
+    if threads is not None and not 0 < int(threads) <= max_threads:
+        raise UserError(f"--threads must be from 1 to {max_threads} (4 x this machine's {runtime.available_cpus()} "
+                        f"CPUs), got {threads}")
     if warmup is not None and int(warmup) < 0:
         raise UserError(f"--warmup must not be negative, got {warmup}")
     return sizes
@@ -78,9 +80,12 @@ def summarize(times_ms: np.ndarray, batch_size: int) -> dict:
 
 def _input_shape(model_path: Path, meta: dict, proto) -> list[int]:
     if meta.get("input_size"):
-        return [int(v) for v in meta["input_size"]]
+        return list(meta["input_size"])  # checked by metadata_of
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value for d in dims[1:]]
+    if shape and max(shape) > MAX_IMAGE_SIDE:
+        raise UserError(f"{model_path} takes inputs of shape {shape}, larger than {MAX_IMAGE_SIDE} pixels a side; "
+                        "bench models exported by `ipasdctl export --onnx`")
     if not shape or any(v <= 0 for v in shape):
         raise UserError(f"{model_path} has no fixed image size in its input or metadata; export it with "
                         "`ipasdctl export --onnx`")
@@ -102,7 +107,7 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
 
     model_path = Path(model_path)
     proto = check_onnx_file(model_path)
-    meta = decode_metadata({p.key: p.value for p in proto.metadata_props})
+    meta = metadata_of(proto, model_path)
     sizes = check_bench_options(batch_sizes, runs, threads, warmup)
     threads = int(threads) if threads is not None else torch.get_num_threads()
     warmup = max(5, runs // 10) if warmup is None else int(warmup)
@@ -113,7 +118,8 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         if kept is not None:
             return kept, csv_path
     shape = _input_shape(model_path, meta, proto)
-    record = read_json(model_path.with_suffix(".json")) or {}
+    record = {k: v for k, v in (read_json(model_path.with_suffix(".json")) or {}).items()
+              if isinstance(v, str)}  # the json beside the model: only its strings are read, others ignored
     checkpoint = record.get("checkpoint") or meta.get("checkpoint") or "best"
     if torch_run is None and with_torch:
         recorded = record.get("run_dir") or meta.get("source_run")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..accuracy import topk_hits
-from ..config import DataConfig
+from ..config import DataConfig, shown
 from ..data import build_data
 from ..errors import UserError
 
@@ -30,6 +30,9 @@ VALIDATION_BATCH_SIZES = (1, 7, 64)  # batch 1, an odd batch, 64
 # protobuf cannot hold a model of 2 GiB or more in one file; stay well below it
 SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
 # metadata values that are JSON (lists, numbers); the rest are plain strings
+MAX_IMAGE_SIDE = 4096  # pixels: an input_size beyond it would allocate more than any machine holds
+MAX_CHANNELS = 4
+MAX_CLASSES = 1_000_000
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_classes", "epoch", "opset",
               "calibration_samples", "fp32_test_top1")
 
@@ -72,9 +75,46 @@ def check_onnx_file(model_path: Path):
 
 
 def read_metadata(model_path: Path) -> dict:
-    """The model's `metadata_props` as a dict, JSON-valued keys (lists, numbers) decoded."""
-    model = check_onnx_file(model_path)
-    return decode_metadata({p.key: p.value for p in model.metadata_props})
+    """The model's `metadata_props` as a dict, JSON-valued keys (lists, numbers) decoded and checked."""
+    return metadata_of(check_onnx_file(model_path), model_path)
+
+
+def metadata_of(proto, model_path: Path) -> dict:
+    """The decoded metadata of a loaded model, every key a command reads checked against its schema (a file
+    someone else made is untrusted input): a malformed value is one line naming the key."""
+    meta = decode_metadata({p.key: p.value for p in proto.metadata_props})
+    for key, problem in _metadata_problems(meta):
+        raise UserError(f"{model_path} has malformed metadata: '{key}' is {shown(meta[key])}, expected {problem}; "
+                        "export the model again with `ipasdctl export --onnx`")
+    return meta
+
+
+def _whole(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _metadata_problems(meta: dict):
+    """(key, what it should be) for each malformed value among the keys ipasdctl reads."""
+    size = meta.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and _whole(size[0], 1, MAX_CHANNELS)
+                                 and all(_whole(v, 1, MAX_IMAGE_SIDE) for v in size[1:])):
+        yield "input_size", f"[channels (1-{MAX_CHANNELS}), height, width (1-{MAX_IMAGE_SIDE} pixels)]"
+    image_size = meta.get("data_image_size")
+    if image_size is not None and not (isinstance(image_size, str) and image_size.isdigit()
+                                       and 1 <= int(image_size[:5]) <= MAX_IMAGE_SIDE):
+        yield "data_image_size", f"an image size from 1 to {MAX_IMAGE_SIDE} pixels"
+    if "num_classes" in meta and not _whole(meta["num_classes"], 1, MAX_CLASSES):
+        yield "num_classes", f"an integer from 1 to {MAX_CLASSES}"
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        yield "class_names", "a list of names"
+    for key in ("mean", "std"):
+        if key in meta and not (isinstance(meta[key], list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta[key])):
+            yield key, "a list of numbers"
+    for key in ("dataset", "checkpoint", "source_run", "precision"):
+        if key in meta and not isinstance(meta[key], str):
+            yield key, "a string"
 
 
 def decode_metadata(props: dict) -> dict:
@@ -83,7 +123,7 @@ def decode_metadata(props: dict) -> dict:
         if key in _JSON_KEYS:
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON (or nested without end): kept as the string, then checked
                 pass
         out[key] = value
     return out
@@ -181,7 +221,6 @@ def onnx_test_accuracy(model_path: Path, data_root: str | None, batch_size: int 
     """Top-1 / top-5 (%) and n of an exported model, with onnxruntime (CPU), on the test set of the data set
     named in its metadata."""
     model_path = Path(model_path)
-    check_onnx_file(model_path)
     meta = read_metadata(model_path)
     if not meta.get("dataset"):
         raise UserError(f"{model_path} has no 'dataset' in its metadata; evaluate models written by "

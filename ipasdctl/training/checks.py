@@ -32,7 +32,11 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def check_labels(data, name: str) -> None:
-    """Every label must name a class: a label outside 0..K-1 means corrupt files or mismatched class names."""
+    """Every label must name a class: a label outside 0..K-1 means corrupt files or mismatched class names.
+    And the test split must not be empty: a run is judged (best.pt, summary.json) on it."""
+    if data.num_test == 0:
+        raise UserError(f"data set '{name}' has no test images (its test split is empty: the CIFAR test file, or the "
+                        "class folders of val/); a run is judged on its test split: point --data at complete data")
     k = data.num_classes
     for split, labels in (("training", data.train_labels), ("test", data.test_labels)):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,9 @@ from .distributed import DistContext
 
 @torch.no_grad()
 def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channels_last: bool = False,
-                 dist_ctx: Optional[DistContext] = None) -> dict:
-    """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end.
+                 dist_ctx: Optional[DistContext] = None, stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
+    """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end. None when
+    `stop()` turns true between two batches (a signal: the loop checkpoints and stops within a batch).
 
     With `dist_ctx` of several processes (every rank holding the same model), rank r evaluates the test
     batches i with i mod W = r and the sums are added over ranks: every rank returns the same figures."""
@@ -26,6 +27,9 @@ def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channel
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
     for i, (x, y) in enumerate(data.test_batches(batch_size, device, channels_last)):
+        if stop is not None and stop():
+            model.train()
+            return None
         if i % world != rank:
             continue
         with runtime.autocast(device, dtype):

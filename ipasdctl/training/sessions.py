@@ -8,13 +8,13 @@ these; rank 0 creates, locks and writes the run folder.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
 from ..config import Recipe, deep_merge, differing_keys, load_recipe, recipe_from_dict
 from ..errors import UserError
-from ..files import load_checkpoint
-from ..runs import RunFolder, check_out_folder, create_run_dir, default_run_name
+from ..runs import RunFolder, check_out_folder, check_run_name, create_run_dir, default_run_name
 from . import distributed
 from .checks import check_recipe
 from .progress import Progress
@@ -35,6 +35,8 @@ def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optio
         if reused is not None:
             return reused
     with distributed.session(clean_exits=(Interrupted,)):
+        if name is not None:
+            check_run_name(name)
         check_out_folder(out)  # before the (slow) data loading: fail fast
         trainer = Trainer(recipe, None, progress)
 
@@ -103,8 +105,10 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
             if not folder.last.is_file():
                 raise UserError(f"--resume {folder.path}: it has no checkpoints/last.pt (the run stopped before its "
                                 "first checkpoint); start a new run instead")
-            state = load_checkpoint(folder.last)
+            state = folder.load_state("last")
             saved = recipe_from_dict(state["config"])
+            if distributed.on_main(ctx, functools.partial(_check_folder_agrees, folder, state)) and ctx.is_main:
+                folder.write_config(saved)  # config.yaml was missing: the checkpoint's recipe is the run's
             if recipe is not None:
                 check_recipe(recipe)
                 check_recipe(saved)
@@ -114,6 +118,8 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
                                     "resume without recipe options, or start a new run")
             trainer = Trainer(saved, folder.path, progress)
             trainer.load_state_dict(state)
+            if trainer.dist.is_main:
+                folder.remove_stale_temporaries()  # of a process killed mid-write (we hold the lock)
             del state
             trainer.run()
         finally:
@@ -129,17 +135,42 @@ def resume_recipe(run_dir: Path, recipe: Optional[str], overrides: Optional[dict
         return load_recipe(recipe, overrides)
     if not overrides:
         return None
-    try:
-        saved = RunFolder(run_dir).read_config()
-    except UserError:
-        return None
-    if saved is None:
+    folder = RunFolder(run_dir)
+    if not folder.last.is_file():
         return None  # resume() reports the missing run folder / checkpoint
+    saved = folder.load_state("last").get("config")  # the checkpoint's recipe is the run's (not config.yaml)
+    if not isinstance(saved, dict):
+        return None  # resume() reports the damaged checkpoint
     merged = deep_merge(saved, overrides)
     saved_method, new_method = (saved.get("method") or {}).get("name"), overrides.get("method")
     if isinstance(new_method, dict) and new_method.get("name", saved_method) != saved_method:
         merged["method"] = new_method  # another method: the saved one's parameters do not apply to it
     return recipe_from_dict(merged)
+
+
+def _check_folder_agrees(folder: RunFolder, state: dict) -> bool:
+    """The run folder must not contradict its checkpoint (the truth): config.yaml is the checkpoint's recipe
+    and metrics.csv holds no more epochs than it. True when config.yaml is missing (resume writes it)."""
+    try:
+        on_disk = folder.read_config()
+    except UserError:
+        on_disk = ""  # not YAML: as unreadable as YAML that is no mapping
+    if on_disk is not None and not isinstance(on_disk, dict):
+        raise UserError(f"--resume {folder.path}: its config.yaml is not readable YAML, so the folder no longer "
+                        "says what the run is; the recipe in checkpoints/last.pt is the run's: remove config.yaml "
+                        "(resume writes it again from the checkpoint) and resume")
+    diff = differing_keys(state["config"], on_disk) if on_disk is not None else []
+    if diff:
+        raise UserError(f"--resume {folder.path}: config.yaml disagrees with the recipe in checkpoints/last.pt "
+                        f"({', '.join(diff[:5])}); was config.yaml edited, or last.pt copied from another run? The "
+                        "checkpoint's recipe is the run's: remove config.yaml to have it written from the "
+                        "checkpoint, or start a new run")
+    done, rows = folder.epochs_done(), len(state.get("rows") or [])
+    if done > rows:
+        raise UserError(f"--resume {folder.path}: metrics.csv records {done} epochs but checkpoints/last.pt only "
+                        f"{rows}; last.pt is older than the run (copied from elsewhere?): put the run's own last.pt "
+                        "back, or start a new run")
+    return on_disk is None
 
 
 def _train_new(trainer: Trainer, run_dir: Path, created: bool) -> Path:
@@ -156,6 +187,7 @@ def _train_new(trainer: Trainer, run_dir: Path, created: bool) -> Path:
         raise
     try:
         if main:
+            folder.remove_stale_temporaries()  # a folder compare made earlier may hold some
             folder.write_config(trainer.recipe)
         trainer.run()
     except BaseException as exc:

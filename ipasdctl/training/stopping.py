@@ -116,10 +116,27 @@ class StopControl:
             if bad_step < 0:
                 return
             report = meter.nonfinite_report()
-        kept = (f"the last good checkpoint is kept in {last_checkpoint}"
-                if last_checkpoint is not None and last_checkpoint.is_file() else "no checkpoint had been written yet")
         raise UserError(f"non-finite loss at epoch {epoch + 1}, step {bad_step + 1} ({report}); "
-                        f"{kept}; lower the lr, or set train.detect_anomaly=true to find the operation")
+                        f"{_kept(last_checkpoint)}; lower the lr, or set train.detect_anomaly=true to find the operation")
+
+    def check_weights(self, net: torch.nn.Module, where: str, last_checkpoint: Optional[Path]) -> None:
+        """A UserError when a weight or a buffer (BatchNorm running statistics) is no longer finite: a loss
+        can stay finite for a step while the statistics its forward pass updated have overflowed. One host
+        read per checkpoint; under several processes the ranks agree (rank 0 writes what they all hold)."""
+        tensors = {name: t for name, t in net.state_dict().items() if t.is_floating_point() and t.numel()}
+        if not tensors:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+        bad = (~finite).any().long()
+        if self.dist.enabled:
+            bad = distributed.all_reduce_max(bad)
+        if not bad.item():
+            return
+        names = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") if names else \
+            "on another process"
+        raise UserError(f"non-finite weights or BatchNorm statistics {where} ({shown}); "
+                        f"{_kept(last_checkpoint)}; lower the lr")
 
     def stop(self, bar, run_dir: Path) -> None:
         """Raise Interrupted for the requested signal, once every rank is here (rank 0 has checkpointed)."""
@@ -128,6 +145,11 @@ class StopControl:
         distributed.barrier(self.dist)  # no rank ends before rank 0 has written the checkpoint
         code = 130 if self.requested == signal.SIGINT else 143
         raise Interrupted(code, run_dir)
+
+
+def _kept(last_checkpoint: Optional[Path]) -> str:
+    return (f"the last good checkpoint is kept in {last_checkpoint}"
+            if last_checkpoint is not None and last_checkpoint.is_file() else "no checkpoint had been written yet")
 
 
 def _test_signal_at_step() -> Optional[tuple[int, int, Optional[int]]]:

@@ -20,6 +20,7 @@ steps: every step on CPU, every FINITE_CHECK_STEPS steps on CUDA.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -178,20 +179,33 @@ class Trainer:
             raise UserError(f"the checkpoint has {state.get('num_classes')} classes but data set "
                             f"'{self.recipe.data.name}' has {self.data.num_classes}; point --data at the data the run "
                             "was trained on")
+        try:
+            self._load_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            # a hand-made or foreign checkpoint: a key missing, a tensor of another shape, a value of another type
+            where = self.folder.last if self.folder is not None else "the checkpoint"
+            detail = " ".join(str(exc).split())[:160]
+            raise UserError(f"{where} is not a complete training checkpoint of this recipe ({type(exc).__name__}: "
+                            f"{detail}); it cannot be resumed: use a checkpoint written by `ipasdctl train`, or "
+                            "start a new run") from None
+
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.net.extra is not None:
             self.net.extra.load_state_dict(state["extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
-        self.epoch = int(state["epoch"])
-        self.step_in_epoch = int(state["step_in_epoch"])
-        self.global_step = int(state["global_step"])
+        self.epoch = _whole(state["epoch"], "epoch", 0, self.recipe.train.epochs)
+        self.step_in_epoch = _whole(state["step_in_epoch"], "step_in_epoch", 0, 2**62)  # a sampler's epochs may differ
+        self.global_step = _whole(state["global_step"], "global_step", 0, 2**62)
         self.meter = EpochMeter(self.device, self.dist)
         self.meter.load_state_dict(state["meter"])
-        self.rows = list(state["rows"])
+        self.rows = [dict(row) for row in state["rows"]]
+        if len(self.rows) != self.epoch:
+            raise ValueError(f"{len(self.rows)} metrics rows for {self.epoch} finished epochs")
         self.best_top1 = float(state["best"]["top1"])
-        self.best_epoch = int(state["best"]["epoch"])
+        self.best_epoch = _whole(state["best"]["epoch"], "best epoch", -1, self.epoch)
         self.best_top5 = float(state["best"]["top5"])
         self.train_seconds = float(state["train_seconds"])
         self.epoch_seconds = float(state.get("epoch_seconds", 0.0))
@@ -199,7 +213,12 @@ class Trainer:
         runtime.set_rng_state(state["rng"])
 
     def save(self, best: bool = False) -> None:
-        """Every rank builds the state (it gathers the method's and the meter's over ranks); rank 0 writes it."""
+        """Every rank builds the state (it gathers the method's and the meter's over ranks); rank 0 writes it.
+        Weights or BatchNorm statistics that are no longer finite are never written: the last good checkpoint
+        stays the last good one."""
+        where = (f"at epoch {self.epoch + 1}, step {self.step_in_epoch}" if self.step_in_epoch
+                 else f"at the end of epoch {self.epoch}")
+        self.stops.check_weights(self.net, where, self.folder.last if self.folder is not None else None)
         state = self.state_dict()
         if self.dist.is_main:
             self.folder.save_checkpoint(state, best)
@@ -214,6 +233,7 @@ class Trainer:
                 self.folder.write_metrics(self.rows)
             while self.epoch < self.recipe.train.epochs:
                 self._train_epoch()
+            self._ensure_best()
         return self._write_summary(self.wall_seconds + time.time() - self._session_started)
 
     def train_step(self, batch, lr: float) -> None:
@@ -264,7 +284,6 @@ class Trainer:
                         self.stops.stop(bar, self.folder.path)
         self._count_time(started)
         self._check_finite(epoch)
-        self.method.on_epoch_end(epoch)
         self._end_epoch(epoch, bar)
 
     def _end_epoch(self, epoch: int, bar) -> None:
@@ -275,7 +294,11 @@ class Trainer:
         # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
         distributed.broadcast_buffers(self.net, self.dist)
         test_stats = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
-                                  self.channels_last, self.dist)
+                                  self.channels_last, self.dist, stop=lambda: self.stops.requested is not None)
+        if test_stats is None:  # a signal during the test pass: checkpoint the epoch's steps; resume evaluates
+            self.save()
+            self.stops.stop(bar, self.folder.path)
+        self.method.on_epoch_end(epoch)  # after the test pass, so a checkpoint written during it resumes exactly
         seconds = self.epoch_seconds
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
         row.update({"train_loss": train_stats.pop("train_loss")})
@@ -299,6 +322,21 @@ class Trainer:
             self.stops.agree(self.meter)  # a signal that came during the evaluation
         if self.stops.requested is not None:
             self.stops.stop(None, self.folder.path)
+
+    def _ensure_best(self) -> None:
+        """A finished run has its best.pt. One missing at the end (removed, or lost by a version that wrote
+        last.pt first) is the state itself when the last epoch was the best; otherwise the best epoch's
+        weights are gone, and the last epoch becomes the best on record (said in a warning)."""
+        if self.folder is None or distributed.on_main(self.dist, self.folder.best.is_file):
+            return  # (rank 0 looks: every rank must then take part in the save, or none)
+        if self.best_epoch != self.epoch and self.rows:
+            last = self.rows[-1]
+            if self.dist.is_main:
+                print(f"warning: {self.folder.best} was missing and epoch {self.best_epoch}'s weights are gone; "
+                      f"best.pt now holds the last epoch ({self.epoch}, test top-1 {last['test_top1']:.2f}%)",
+                      file=sys.stderr)
+            self.best_top1, self.best_epoch, self.best_top5 = last["test_top1"], self.epoch, last["test_top5"]
+        self.save(best=True)
 
     def _count_time(self, started: float) -> float:
         """Add the training time since `started` to the epoch's and the run's; returns now."""
@@ -340,3 +378,10 @@ class Trainer:
         if self.dist.is_main:
             self.folder.write_summary(summary)
         return summary
+
+
+def _whole(value, what: str, low: int, high: int) -> int:
+    """An integer field of a checkpoint, within [low, high]; a ValueError (resume's one line) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"'{what}' is {value!r}, not an integer from {low} to {high}")
+    return value
