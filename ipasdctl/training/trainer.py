@@ -251,8 +251,7 @@ class Trainer:
                 self.stops.after_step(self.global_step)
                 if self.global_step % check_every == 0:
                     self._check_finite(epoch)  # several processes: also where they agree on a stop
-                if bar is not None and (self.step_in_epoch % self.progress.refresh_steps == 0):
-                    self.progress.refresh(bar, self.meter.read(), self.step_in_epoch)
+                self.progress.advance(bar, self.step_in_epoch, self.meter.read)
                 if self.stops.requested is not None or (every and self.global_step % every == 0):
                     self._check_finite(epoch)  # never checkpoint weights a non-finite step has updated
                     started = self._count_time(started)
@@ -272,7 +271,7 @@ class Trainer:
         # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
         distributed.broadcast_buffers(self.net, self.dist)
         test_stats = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
-                                  self.channels_last, self.dist)
+                                  self.channels_last, self.dist, self.progress)
         seconds = self.epoch_seconds
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
         row.update({"train_loss": train_stats.pop("train_loss")})
