@@ -6,12 +6,13 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
+from .options import QuietOpt
 
 
 @app.command("export")
 def export(
     run_folder: Annotated[Path, typer.Argument(help="Run folder of a finished `ipasdctl train`.")],
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the one format so far).")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX: the default, and so far the one format.")] = True,
     out: Annotated[Path, typer.Option(help="Folder for <name>.onnx and <name>.json.")] = Path("exports"),
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write <name>-int8.onnx: static QDQ quantization, per-channel weights.")] = False,
@@ -19,25 +20,27 @@ def export(
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch; prints the .onnx path last."""
+    """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch; prints the .onnx path
+    last (with -q, only the path(s))."""
     from ..deploy import export_onnx
-    from ..errors import UserError
 
-    if not onnx:
-        raise UserError("choose an export format: ipasdctl export RUN_FOLDER --onnx")
     record = export_onnx(run_folder, out, opset=opset, int8=int8, calib_samples=calib_samples,
                          checkpoint=checkpoint, data_root=str(data) if data is not None else None, name=name)
-    worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
-    sizes = ",".join(str(b["batch_size"]) for b in record["validation"]["batches"])
-    typer.echo(f"exporter: {record['exporter']} (opset {record['opset']})"
-               + (f"; fallback because {record['fallback_reason']}" if record["fallback_reason"] else ""))
-    typer.echo(f"validated against PyTorch at batch {sizes}: max |diff| {worst:.2e} "
-               f"(atol {record['validation']['atol']:g}, rtol {record['validation']['rtol']:g})")
-    typer.echo(f"size: {record['file_size_bytes'] / 1e6:.2f} MB")
+    if not quiet:
+        worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
+        sizes = ",".join(str(b["batch_size"]) for b in record["validation"]["batches"])
+        typer.echo(f"exporter: {record['exporter']} (opset {record['opset']})"
+                   + (f"; fallback because {record['fallback_reason']}" if record["fallback_reason"] else ""))
+        typer.echo(f"validated against PyTorch at batch {sizes}: max |diff| {worst:.2e} "
+                   f"(atol {record['validation']['atol']:g}, rtol {record['validation']['rtol']:g})")
+        typer.echo(f"size: {record['file_size_bytes'] / 1e6:.2f} MB")
     if "int8" in record:
-        typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): fp32 {record['onnx_test']['top1']:.2f}%  "
-                   f"int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)")
+        if not quiet:
+            typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): fp32 "
+                       f"{record['onnx_test']['top1']:.2f}%  int8 {record['int8']['test_top1']:.2f}%  "
+                       f"({record['int8']['file_size_bytes'] / 1e6:.2f} MB)")
         typer.echo(record["int8"]["onnx_path"])
     typer.echo(record["onnx_path"])
 
@@ -52,16 +55,23 @@ def bench(
     torch_run: Annotated[Optional[Path], typer.Option("--torch", help="Run folder to time in PyTorch eager (default: the run recorded in the export's json).")] = None,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Time onnxruntime only.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder (or .csv path) for latency.csv (default: beside the model).")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput per batch size."""
+    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput (at the median
+    latency) per batch size. The table goes to stdout; progress and warnings (p99 > 5x p50) to stderr."""
     import sys
 
     from ..deploy.bench import bench as run_bench
-    from ..deploy.bench import format_table
+    from ..deploy.bench import format_table, unstable_rows
     from ..runtime import cpu_model
 
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     rows, csv_path = run_bench(model, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
-                               log=lambda line: print(line, file=sys.stderr))
+                               log=None if quiet else say)
+    for warning in unstable_rows(rows):
+        say(warning)
     typer.echo(f"{model.name}: {cpu_model()}, {int(rows['threads'].iloc[0])} threads, {runs} runs per size")
     typer.echo(format_table(rows))
     typer.echo(str(csv_path))
