@@ -40,6 +40,7 @@ from .meters import EpochMeter, test_metrics
 from .progress import Progress
 from .schedule import lr_at
 from .stopping import FINITE_CHECK_STEPS, StopControl, anomaly_detection
+from .tracking import NoTracker, open_tracker
 
 CHECKPOINT_FORMAT = "ipasdctl-checkpoint-1"
 
@@ -101,6 +102,7 @@ class Trainer:
         self.wall_seconds = 0.0  # earlier sessions of this run (before the last resume)
         self.meter = EpochMeter(self.device, self.dist)
         self._session_started: Optional[float] = None
+        self.tracker = NoTracker()  # run() opens the recipe's (train.track)
 
     # -------------------------------------------------------------------------------- construction
     def _on_device(self, module: nn.Module) -> nn.Module:
@@ -206,12 +208,20 @@ class Trainer:
         """Train to the last epoch (from wherever the state says), writing the run folder as it goes."""
         assert self.folder is not None
         self._session_started = time.time()
-        with self.stops.handling_signals():
-            if self.rows and self.dist.is_main:  # resumed: metrics.csv may lag behind (or run ahead of) the state
-                self.folder.write_metrics(self.rows)
-            while self.epoch < self.recipe.train.epochs:
-                self._train_epoch()
-        return self._write_summary(self.wall_seconds + time.time() - self._session_started)
+        self.tracker = open_tracker(self.recipe, self.folder, self.rows, self.dist.is_main)
+        failed = True
+        try:
+            with self.stops.handling_signals():
+                if self.rows and self.dist.is_main:  # resumed: metrics.csv may lag behind (or run ahead of) the state
+                    self.folder.write_metrics(self.rows)
+                while self.epoch < self.recipe.train.epochs:
+                    self._train_epoch()
+            summary = self._write_summary(self.wall_seconds + time.time() - self._session_started)
+            self.tracker.finish(summary)
+            failed = False
+        finally:
+            self.tracker.close(failed)
+        return summary
 
     def train_step(self, batch, lr: float) -> None:
         """One optimisation step on a batch; everything stays on the device (no host synchronisation)."""
@@ -290,6 +300,7 @@ class Trainer:
         self.save(best=is_best)  # the checkpoint first: it is what a resume trusts (and rewrites metrics.csv from)
         if self.dist.is_main:
             self.folder.write_metrics(self.rows)
+        self.tracker.log_epoch(row)
         self.progress.epoch_line(bar, row, recipe.train.epochs)
         if self.dist.enabled:
             self.stops.agree(self.meter)  # a signal that came during the evaluation
