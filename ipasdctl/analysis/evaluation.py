@@ -37,15 +37,12 @@ UNITS = {"top1": "%", "top5": "%", "nll": "nats per image", "ece": "fraction (0-
          "compactness": "on L2-normalised embeddings; distances Euclidean"}
 
 
-def batches_bar(total: int, enabled: bool, desc: str = "test"):
-    """A tqdm bar over the test batches on a terminal (stderr), or None."""
-    if not enabled:
-        return None
+def counted(batches, total: int, enabled: bool):
+    """`batches`, counted on a bar on stderr when `enabled` and stderr is a terminal."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5,
-               disable=None)  # None: off when stderr is not a terminal
-    return None if bar.disable else bar
+    return tqdm(batches, total=total, desc="test", file=sys.stderr, leave=False, dynamic_ncols=True,
+                mininterval=0.5, disable=None if enabled else True)  # None: off when not a terminal
 
 
 @torch.no_grad()
@@ -54,16 +51,11 @@ def collect_outputs(model, data, device: torch.device, batch_size: int,
     """(logits N x C, embeddings N x D, labels N) of the whole test set, left on the device."""
     model.eval()
     logits, embeddings, labels = [], [], []
-    bar = batches_bar(math.ceil(data.num_test / batch_size), progress)
-    for x, y in data.test_batches(batch_size, device):
+    for x, y in counted(data.test_batches(batch_size, device), math.ceil(data.num_test / batch_size), progress):
         batch_logits, batch_embeddings, _stages = model(x, with_features=True)
         logits.append(batch_logits.float())
         embeddings.append(batch_embeddings.float())
         labels.append(y)
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
     if not labels:
         raise UserError(f"data set '{data.name}' has no test images; check --data")
     return torch.cat(logits), torch.cat(embeddings), torch.cat(labels)
@@ -222,14 +214,10 @@ def eval_onnx_model(model_path: Path, data_root: Optional[Path] = None, batch_si
     data, meta = onnx_test_data(model_path, data_root)
     session = ort_session(model_path)
     logits, labels = [], []
-    bar = batches_bar(math.ceil(data.num_test / batch_size), progress)
-    for batch_logits, y in session_batches(session, data, batch_size):
+    for batch_logits, y in counted(session_batches(session, data, batch_size), math.ceil(data.num_test / batch_size),
+                                   progress):
         logits.append(batch_logits.float())
         labels.append(y)
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
     if not labels:
         raise UserError(f"data set '{data.name}' has no test images; check --data")
     labels_all = torch.cat(labels)

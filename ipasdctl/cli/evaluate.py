@@ -25,20 +25,22 @@ def eval_(
     feature compactness, t-SNE of the embeddings. Writes eval.json, per_class.csv, reliability.png and
     embedding_tsne.png into the run folder; a .onnx model (onnxruntime) gets the same but the embedding figures,
     as <model>.eval.json, <model>.per_class.csv and <model>.reliability.png beside it."""
-    from ..analysis import evaluation
     from ..errors import UserError
 
     if batch_size is not None and batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if tsne_points is not None and tsne_points < 3:
         raise UserError(f"--tsne-points must be at least 3, got {tsne_points}")
-    if target.suffix.lower() == ".onnx":
-        given = {"--checkpoint": checkpoint, "--device": device, "--tsne-points": tsne_points}
-        refused = [option for option, value in given.items() if value is not None]
-        if refused:
-            raise UserError(f"{', '.join(refused)} do{'es' if len(refused) == 1 else ''} not apply to a .onnx model "
-                            "(it holds one set of weights, runs on onnxruntime's CPU and gives logits only); "
-                            "leave it out, or evaluate the run folder")
+    onnx = target.suffix.lower() == ".onnx"
+    refused = [option for option, value in (("--checkpoint", checkpoint), ("--device", device),
+                                            ("--tsne-points", tsne_points)) if onnx and value is not None]
+    if refused:  # before the (slow) library import: a typo costs no wait
+        raise UserError(f"{', '.join(refused)} do{'es' if len(refused) == 1 else ''} not apply to a .onnx model "
+                        "(it holds one set of weights, runs on onnxruntime's CPU and gives logits only); "
+                        "leave it out, or evaluate the run folder")
+    from ..analysis import evaluation
+
+    if onnx:
         result = evaluation.eval_onnx_model(target, data, batch_size or 256, progress=not quiet)
         typer.echo(evaluation.format_summary(result))
         typer.echo(str(evaluation.onnx_eval_paths(target)["eval.json"]))
