@@ -58,11 +58,14 @@ def test_training_on_a_terminal_shows_step_and_test_bars_and_the_epoch_line(tmp_
     monkeypatch.setattr(meters.EpochMeter, "read", counting_read)
     monkeypatch.setattr(training.Progress, "test_bar", recording_test_bar)
     stream = Terminal()
-    training.train(tiny_recipe(epochs=2), tmp_path, progress=training.Progress(refresh_steps=4, stream=stream))
+    progress = training.Progress(refresh_steps=4, stream=stream, redraw_seconds=0)  # every update drawn
+    training.train(tiny_recipe(epochs=2), tmp_path, progress=progress)
     text = stream.getvalue()
     assert reads.count(False) == 4  # steps 4 and 8 of each epoch for the postfix; the epoch end reads over ranks
     assert test_bars == [4, 4]  # one test bar per epoch, over its 4 batches
-    assert "epoch 1/2" in text and "8/8" in text and "test" in text and "4/4" in text
+    for step in range(1, 9):  # every step drawn, in both epochs
+        assert text.count(f"| {step}/8 [") >= 2, step
+    assert "epoch 2/2: 100%" in text and "test: 100%" in text and "4/4" in text
     assert "epoch 1/2  loss=" in text and "epoch 2/2  loss=" in text  # the one line per epoch, after the bars
 
 

@@ -18,6 +18,7 @@ class Progress:
     enabled: bool = True
     refresh_steps: int = 20
     stream: object = field(default_factory=lambda: sys.stderr)
+    redraw_seconds: float = 0.5  # tqdm's mininterval: how often a bar is drawn at most
 
     def on_terminal(self) -> bool:
         return self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -26,7 +27,7 @@ class Progress:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=initial, file=self.stream, leave=False, desc=desc, dynamic_ncols=True,
-                    mininterval=0.5)
+                    mininterval=self.redraw_seconds, miniters=1)
 
     def bar(self, epoch: int, epochs: int, steps: int, done: int):
         """The epoch's bar, or None (progress off, or not a terminal)."""
