@@ -33,8 +33,6 @@ def list_(
     from ..errors import UserError
 
     if models:
-        from ..models.catalog import format_table
-
         typer.echo(format_table(cached("model_table", lambda: _model_table(quiet))))
         return
     groups = {**cached("names", _registered_names), "recipes": sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))}
@@ -43,6 +41,21 @@ def list_(
     for group, names in groups.items():
         if what in (None, group):
             typer.echo(f"{group}: {', '.join(names)}")
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: name, input, classes, params (M), MACs (M or G), embedding width, stages."""
+    def human(value: int) -> str:
+        return f"{value / 1e9:.2f}G" if value >= 1e9 else f"{value / 1e6:.1f}M"
+
+    header = ("model", "input", "classes", "params", "MACs", "embed", "stages")
+    lines = [(r["name"], f"{r['input_size']}x{r['input_size']}", str(r["num_classes"]), human(r["params"]),
+              human(r["macs"]), str(r["embed_dim"]), str(r["num_stages"])) for r in rows]
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    for line in lines:
+        out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
+    return "\n".join(out)
 
 
 def _registered_names() -> dict:
