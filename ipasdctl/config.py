@@ -74,6 +74,7 @@ class TrainConfig:
     detect_anomaly: bool = False
     deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (exact resume; slower)
     sync_bn: bool = False  # several processes on CUDA: BatchNorm statistics over the global batch (--sync-bn)
+    track: Optional[str] = None  # experiment tracking: tensorboard or mlflow (--track; training/tracking.py)
 
 
 @dataclass

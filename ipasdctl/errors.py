@@ -1,11 +1,14 @@
-"""One exception type for everything a user can get wrong.
+"""The exceptions the CLI formats: UserError, for everything a user can get wrong, and Interrupted.
 
 The CLI turns a UserError into one line on stderr and exit code 2 (a traceback only with IPASDCTL_DEBUG=1).
+Nothing here imports torch: the CLI's error formatter needs these before (or without) any command's library.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -18,3 +21,17 @@ def did_you_mean(name: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived during training; a checkpoint was written. `code` is the exit status (130 / 143)."""
+
+    def __init__(self, code: int, run_dir: Path):
+        super().__init__(code)
+        self.code = code
+        self.run_dir = run_dir
+
+
+def debug_enabled() -> bool:
+    """IPASDCTL_DEBUG set (and not 0): errors show their traceback instead of one line."""
+    return os.environ.get("IPASDCTL_DEBUG", "") not in ("", "0")

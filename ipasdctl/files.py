@@ -21,8 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-import torch
-
 from .errors import UserError
 
 TMP_SUFFIX = ".tmp"
@@ -113,6 +111,8 @@ def sha256_of(path: Path) -> str:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    import torch  # here, not at the top: the CLI writes its cache (atomic_write_json) without importing torch
+
     # serialise in memory first: torch's zip writer turns an OSError of the file into a RuntimeError
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -124,6 +124,8 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; train first (ipasdctl train) or name another run folder")
+    import torch
+
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

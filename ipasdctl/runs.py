@@ -6,6 +6,8 @@
     <run>/checkpoints/last.pt    every epoch end (and every checkpoint.every_steps steps)
     <run>/checkpoints/best.pt    the epoch with the best test top-1 so far
     <run>/.lock                  held (flock) by the one process that trains into the folder
+    <run>/tensorboard/           event files of `--track tensorboard`
+    <run>/../mlflow.db           `--track mlflow`'s default store, shared by the run folders beside it
     <run>/eval.json, ...         written by `ipasdctl eval` (analysis/evaluation.py names its files)
 
 A comparison holds one run folder per method and seed, named `<method>-s<seed>` (`comparison_run_name`).
@@ -76,6 +78,14 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def mlflow_store(self) -> Path:
+        return self.path.parent / "mlflow.db"
 
     def checkpoint(self, which: str = "last") -> Path:
         return self.checkpoints / f"{which}.pt"
@@ -206,6 +216,7 @@ class RunFolder:
             except OSError:
                 pass
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
 
 
 def read_json(path: Path) -> Optional[dict]:

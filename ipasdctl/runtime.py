@@ -123,7 +123,3 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("IPASDCTL_DEBUG", "") not in ("", "0")

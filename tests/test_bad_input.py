@@ -230,8 +230,13 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
-def test_data_whose_class_count_disagrees_with_the_checkpoint(finished_run, capsys):
-    run_dir, root = finished_run
+def test_data_whose_class_count_disagrees_with_the_checkpoint(finished_run, tmp_path, capsys):
+    finished, root = finished_run
+    # a finished run resumes without loading its data ("already finished"): take one that crashed after its
+    # last checkpoint, before summary.json, which --resume completes and so loads the data for
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "summary.json").unlink()
     before = snapshot(run_dir)
     meta = root / "cifar-10-batches-py" / "batches.meta"
     original = meta.read_bytes()

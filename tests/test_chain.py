@@ -37,7 +37,7 @@ def test_the_command_line_splits_where_a_command_name_stands_in_for_an_option_or
 
 
 def test_a_bad_option_in_a_later_link_stops_the_chain_before_anything_trains(tmp_path, capsys):
-    for bad, message in ((["export", "--onnx", "--opset", "3"], "--opset"), (["export", "--int8"], "--onnx"),
+    for bad, message in ((["export", "--onnx", "--opset", "3"], "--opset"), (["export", "--checkpoint", "x"], "best or last"),
                          (["export", "--onnx", "bench", "--batch-sizes", "0"], "--batch-sizes"),
                          (["export", "--onnx", "--no-such-option"], "no-such-option")):
         code, _, err = run_cli(["train", *TINY_TRAIN, "--out", str(tmp_path / "runs"), *bad], capsys)

@@ -6,6 +6,7 @@ One tiny run (resnet8, 1 epoch on 64 digits) is trained and exported (fp32 + INT
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from ipasdctl import cli
-from ipasdctl.deploy.bench import bench, parse_batch_sizes, summarize
+from ipasdctl.deploy.bench import bench, parse_batch_sizes, summarize, unstable_rows
 from ipasdctl.config import load_recipe
 from ipasdctl.data import build_data
 from ipasdctl.runs import load_model as load_run_model
@@ -96,6 +97,26 @@ def test_metadata_round_trips(exported, run_dir):
     saved = json.loads(exported["fp32"].with_suffix(".json").read_text())
     for key in ("method", "arch", "dataset", "class_names", "input_size", "mean", "std", "test_top1"):
         assert saved[key] == meta[key], key
+
+
+def test_model_proto_says_what_the_model_is_without_a_local_path(exported, run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    model = onnx.load(str(exported["fp32"]))
+    assert model.model_version == state["global_step"] > 0
+    for word in ("ipasd", "resnet8", "digits", f"{summary['best_top1']:.2f}%", run_dir.name):
+        assert word in model.doc_string, word
+    meta = read_metadata(exported["fp32"])
+    assert meta["source_run"] == run_dir.name  # the run's name, no absolute path of the exporting machine
+    assert os.sep not in meta["source_run"]
+    int8 = onnx.load(str(exported["int8"]))
+    assert int8.model_version == model.model_version and "int8" in int8.doc_string
+    assert f"{read_metadata(exported['int8'])['test_top1']:.2f}%" in int8.doc_string
+
+
+def test_bench_finds_the_pytorch_run_through_the_export_json(exported, tmp_path):
+    rows, _ = bench(exported["fp32"], [1], threads=1, runs=2, warmup=0, out=tmp_path)
+    assert "pytorch" in set(rows["backend"])  # no --torch: the json's run_dir, not metadata's source_run
 
 
 def test_evaluate_onnx_equals_pytorch_evaluation(exported, run_dir):
@@ -202,6 +223,18 @@ def test_summarize_percentiles_on_known_times():
     assert stats["throughput_ips"] == pytest.approx(4 * 1000 / 50.5)
 
 
+def test_throughput_follows_the_median_and_a_long_tail_is_reported_as_unstable():
+    calm = np.ones(100)  # 1 ms each
+    busy = np.r_[np.ones(97), [40.0, 60.0, 80.0]]  # three calls a busy machine slowed down
+    stats = summarize(busy, batch_size=8)
+    assert stats["throughput_ips"] == pytest.approx(8000.0)  # 8 images per 1 ms median, whatever the tail
+    assert stats["mean_ms"] > 2.0  # the mean would have halved it
+    rows = pd.DataFrame([{"backend": "onnxruntime", "provider": "CPUExecutionProvider", "batch_size": b,
+                          **summarize(times, b)} for b, times in ((1, calm), (8, busy))])
+    warnings = unstable_rows(rows)
+    assert len(warnings) == 1 and "batch 8" in warnings[0] and "--runs" in warnings[0] and "--threads" in warnings[0]
+
+
 def test_parse_batch_sizes():
     assert parse_batch_sizes("1, 8,64") == [1, 8, 64]
     for bad in ("1,x", "0,2", ""):
@@ -223,7 +256,7 @@ def test_bench_writes_latency_csv_with_percentiles(exported, run_dir, tmp_path):
         (backend, provider, b) for backend, provider in expected for b in (1, 2))
     assert (table["p50_ms"] <= table["p90_ms"]).all() and (table["p90_ms"] <= table["p99_ms"]).all()
     assert (table["threads"] == 1).all() and (table["runs"] == 4).all()
-    assert np.allclose(table["throughput_ips"], table["batch_size"] * 1000 / table["mean_ms"], rtol=1e-4)
+    assert np.allclose(table["throughput_ips"], table["batch_size"] * 1000 / table["p50_ms"], rtol=1e-4)
     # another model's rows are kept; a second bench of the same model replaces its own rows
     bench(exported["int8"], [1], threads=1, runs=2, warmup=0, out=tmp_path, with_torch=False)
     bench(exported["fp32"], [4], threads=1, runs=2, warmup=0, out=tmp_path, with_torch=False)
@@ -242,8 +275,12 @@ def test_bench_cli_prints_table_and_writes_csv_beside_the_model(exported, capsys
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", str(model), "--runs", "3", "--batch-sizes", "1,2", "--no-torch", "--threads", "1"])
     assert exit_info.value.code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "p50_ms" in out and "p99_ms" in out and out.strip().splitlines()[-1] == str(tmp_path / "latency.csv")
+    # the table once, on stdout; stderr has the progress (and warnings of unstable rows), no table rows
+    assert len(out.strip().splitlines()) == 1 + 1 + 2 + 1  # header line, column names, 2 rows, the csv path
+    assert captured.err and all(line.startswith(("timing ", "warning: ")) for line in captured.err.strip().splitlines())
     table = pd.read_csv(tmp_path / "latency.csv")
     assert sorted(table.loc[table["provider"] == "CPUExecutionProvider", "batch_size"]) == [1, 2]
     assert set(table["backend"]) == {"onnxruntime"}  # --no-torch
@@ -275,8 +312,13 @@ def test_unwritable_out(run_dir, tmp_path, capsys):
     assert "--out" in err
 
 
-def test_export_needs_a_format(run_dir, capsys):
-    assert "--onnx" in _one_line_error(capsys, ["export", str(run_dir)])
+def test_export_defaults_to_onnx_and_quiet_prints_only_the_path(run_dir, tmp_path, capsys, monkeypatch):
+    _failing_dynamo(monkeypatch)  # the TorchScript exporter is the quicker one
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(run_dir), "--out", str(tmp_path), "-q"])  # no --onnx: ONNX is the default
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0 and captured.err == ""
+    assert captured.out.splitlines() == [str(tmp_path / f"{run_dir.name}.onnx")]
 
 
 @pytest.mark.parametrize("content", [b"", b"hello, this is text\n", bytes(range(256)) * 4])

@@ -14,7 +14,8 @@ import torchvision
 
 from ipasdctl.models import build_model
 from ipasdctl.models import torchvision_models as tvm
-from ipasdctl.models.catalog import format_table, model_row, model_table
+from ipasdctl.cli.listing import format_table
+from ipasdctl.models.catalog import model_row, model_table
 from ipasdctl.models import MODELS
 
 NUM_CLASSES = 7

@@ -94,7 +94,7 @@ def test_eval_of_a_run_folder_writes_every_file(trained_run, capsys):
     assert len(tsne) == int(TSNE_POINTS) and set(tsne.columns) == {"x", "y", "label"}
 
 
-def test_eval_of_an_onnx_model_writes_its_eval_json_beside_it(trained_run, tmp_path, capsys):
+def test_eval_of_an_onnx_model_writes_what_eval_of_a_run_writes_beside_it(trained_run, tmp_path, capsys):
     from ipasdctl.deploy import export_onnx
 
     export_onnx(trained_run, tmp_path, validation_batch_sizes=(1,))
@@ -102,12 +102,35 @@ def test_eval_of_an_onnx_model_writes_its_eval_json_beside_it(trained_run, tmp_p
     capsys.readouterr()  # drop what the exporter printed
     code, out, err = run_cli(["eval", str(model), "--batch-size", "100"], capsys)
     assert code == 0, err
-    written = json.loads((tmp_path / f"{trained_run.name}.eval.json").read_text())
-    assert written["n"] == 359 and written["model"] == str(model)
-    summary = json.loads((trained_run / "summary.json").read_text())
-    assert abs(written["top1"] - summary["best_top1"]) <= 100 / 359 + 1e-9  # at most one near-tie flips
-    printed, path_line = out.strip().rsplit("\n", 1)
-    assert json.loads(printed) == written and path_line == str(tmp_path / f"{trained_run.name}.eval.json")
+    stem = tmp_path / trained_run.name
+    written = json.loads(stem.with_suffix(".eval.json").read_text())
+    assert written["num_test"] == 359 and written["model"] == str(model) and written["precision"] == "fp32"
+    # the keys of the run's eval.json, less those that need the embeddings an exported model does not expose
+    if not (trained_run / "eval.json").exists():
+        assert run_cli(["eval", str(trained_run), "--tsne-points", TSNE_POINTS, "-q"], capsys)[0] == 0
+    of_run = json.loads((trained_run / "eval.json").read_text())
+    assert set(of_run) - set(written) == {"run_dir", "seed", "compactness", "tsne_points"}
+    assert set(written) - set(of_run) == {"model", "source_run", "precision"}
+    # the same test outputs (fp32 onnxruntime vs PyTorch: at most a near-tie flips one image)
+    for key in ("top1", "top5"):
+        assert abs(written[key] - of_run[key]) <= 100 / 359 + 1e-9
+    assert written["nll"] == pytest.approx(of_run["nll"], abs=1e-3) and written["ece"] == pytest.approx(of_run["ece"], abs=0.01)
+    per_class = pd.read_csv(stem.with_suffix(".per_class.csv"))
+    assert per_class["count"].sum() == 359 and 100.0 * per_class["correct"].sum() / 359 == pytest.approx(written["top1"])
+    assert "mean_confidence" in per_class.columns and "mean_cosine_to_class_mean" not in per_class.columns
+    assert stem.with_suffix(".reliability.png").stat().st_size > 0
+    summary_line, path_line = out.strip().splitlines()
+    assert summary_line.startswith(f"top-1 {written['top1']:.2f}%") and path_line == str(stem.with_suffix(".eval.json"))
+
+
+@pytest.mark.parametrize("option", [["--checkpoint", "last"], ["--device", "cpu"], ["--tsne-points", "50"]])
+def test_eval_of_an_onnx_model_refuses_options_that_do_not_apply(option, tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"never read: the options are checked first")
+    code, out, err = run_cli(["eval", str(model), *option], capsys)
+    assert code == 2 and err.count("\n") == 1 and out == ""
+    assert err.startswith(f"error: {option[0]} does not apply to a .onnx model")
+    assert not (tmp_path / "model.eval.json").exists()
 
 
 @pytest.mark.parametrize("make", ["empty_folder", "file", "missing", "missing_onnx"])
@@ -221,3 +244,15 @@ def test_report_of_bad_input_is_one_line_exit_2(args, comparison, tmp_path, caps
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert out == ""
+
+
+def test_epoch_axes_tick_whole_epochs_only():
+    from matplotlib.figure import Figure
+
+    from ipasdctl.analysis.plots import integer_epochs
+
+    ax = Figure().subplots()
+    ax.plot([1, 2, 3, 4], [10.0, 20.0, 30.0, 40.0])
+    integer_epochs(ax)
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 4]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # not 1.25, 1.5, ...

@@ -27,6 +27,16 @@ def save_figure(figure, path: Path) -> Path:
     return Path(path)
 
 
+CONFIDENCE_LABEL = "confidence (max softmax probability), 15 equal-width bins"
+
+
+def integer_epochs(ax) -> None:
+    """Epoch ticks at whole epochs only (a 4-epoch run would get 1.25, 1.50, ... otherwise)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def draw_reliability(ax, ax_counts, bins: dict, ece_text: str) -> None:
     """Accuracy per confidence bin against the diagonal (top) and the share of images per bin (bottom)."""
     lower = np.asarray(bins["lower"], dtype=float)
@@ -52,7 +62,7 @@ def draw_reliability(ax, ax_counts, bins: dict, ece_text: str) -> None:
     share = 100.0 * count / max(count.sum(), 1.0)
     ax_counts.bar(lower, share, width=width, align="edge", color="0.5", edgecolor="white")
     ax_counts.set_xlim(0, 1)
-    ax_counts.set_xlabel("confidence (max softmax probability), 15 equal-width bins")
+    ax_counts.set_xlabel(CONFIDENCE_LABEL)
     ax_counts.set_ylabel("images (%)")
     ax_counts.grid(alpha=0.3)
 
@@ -131,6 +141,7 @@ def plot_training_curves(curves: dict, path: Path, title: str) -> Path:
         if len(frames) > 1:
             ax.fill_between(mean.index, low.values, high.values, color=colours[method], alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
+    integer_epochs(ax)
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(f"Test top-1 by epoch — {title}\n(line: mean over seeds; band: min–max over seeds)", fontsize=11)
     ax.grid(alpha=0.3)
@@ -160,6 +171,7 @@ def plot_loss_terms(curves: dict, path: Path, title: str) -> Path:
                     marker="o" if len(stacked) <= 12 else None, markersize=3)
         ax.set_title(f"{method} ({len(frames)} seed{'s' if len(frames) != 1 else ''})", fontsize=10)
         ax.set_xlabel("epoch")
+        integer_epochs(ax)
         ax.set_ylabel("loss (nats, epoch mean)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -179,12 +191,17 @@ def plot_eval_reliability(per_method: dict, path: Path, title: str) -> Path:
         ece_text = f"ECE {100 * np.mean(eces):.2f}" + (f" ± {100 * np.std(eces, ddof=1):.2f}" if len(eces) > 1 else "") + " %"
         draw_reliability(axes[0, i], axes[1, i], bins, f"{ece_text}\n{len(eces)} seed{'s' if len(eces) != 1 else ''}")
         axes[0, i].set_title(method, fontsize=10)
+        # side by side, the full label is wider than its panel and runs into the next one's: the short one here,
+        # the binning in the title
+        axes[1, i].set_xlabel("confidence (max softmax probability)", fontsize=9)
+        axes[1, i].set_xticks([0.0, 0.5, 1.0])
         if i > 0:
             axes[0, i].set_ylabel("")
             axes[1, i].set_ylabel("")
     figure.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=9,
                   frameon=False)
-    figure.suptitle(f"Reliability per method (bins pooled over seeds) — {title}", fontsize=11)
+    figure.suptitle(f"Reliability per method (15 equal-width confidence bins, pooled over seeds) — {title}",
+                    fontsize=11)
     return save_figure(figure, path)
 
 

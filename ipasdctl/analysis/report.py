@@ -97,7 +97,7 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
 
 def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Optional[Path] = None,
                  max_latency_ms: Optional[float] = None, data_root: Optional[Path] = None, device: str = "auto",
-                 tsne_points: Optional[int] = None) -> Path:
+                 tsne_points: Optional[int] = None, progress: bool = False) -> Path:
     """Write report.md and its images into `out` (default: the first folder); returns report.md's path."""
     if not dirs:
         raise UserError("report needs at least one run folder or comparison folder")
@@ -123,7 +123,8 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
             print(f"evaluating {run.run_dir} ...", file=sys.stderr)
             try:
                 run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device,
-                                                   tsne_points=tsne_points or evaluation.TSNE_POINTS)
+                                                   tsne_points=tsne_points or evaluation.TSNE_POINTS,
+                                                   progress=progress)
             except UserError as exc:
                 skipped.append(f"{run.run_dir}: {exc}")
                 print(f"warning: eval of {run.run_dir} skipped: {exc}", file=sys.stderr)

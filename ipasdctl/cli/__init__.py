@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError, debug_enabled
 from . import chain
 from . import train, listing, compare, evaluate, export, predict  # noqa: F401,I001  (each adds its commands, in --help order)
 from .app import app
@@ -20,10 +20,6 @@ from .app import app
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: the one error formatter (one line, exit 2; a traceback with IPASDCTL_DEBUG)."""
-    from ..runtime import debug_enabled
-    from ..training import Interrupted
-    from ..training.launcher import hand_error_to_launcher
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         links = chain.split(argv, typer.main.get_command(app).commands)
@@ -59,6 +55,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise
     else:
         sys.exit(0)
+
+
+def hand_error_to_launcher(message: str, exit_code: int, traceback_text: Optional[str] = None) -> bool:
+    """training.launcher's, once a command has imported it (every `train --nproc` worker has): importing it
+    here would import torch for every `--help` and every one-line error."""
+    launcher = sys.modules.get("ipasdctl.training.launcher")
+    return launcher is not None and launcher.hand_error_to_launcher(message, exit_code, traceback_text)
 
 
 def _click_exceptions():

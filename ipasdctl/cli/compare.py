@@ -10,7 +10,7 @@ import typer
 from . import chain
 from .app import app
 from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
-                      PrecisionOpt, QuietOpt, RecipeOpt, SetOpt, recipe_overrides)
+                      PrecisionOpt, QuietOpt, RecipeOpt, SetOpt, TrackOpt, recipe_overrides)
 
 
 @app.command()
@@ -33,6 +33,7 @@ def compare(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     compile: CompileOpt = None,
+    track: TrackOpt = None,
     set_: SetOpt = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "

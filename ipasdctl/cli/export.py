@@ -7,13 +7,14 @@ import typer
 
 from . import chain
 from .app import app
+from .options import QuietOpt
 
 
 @app.command("export")
 def export(
     run_folder: Annotated[Optional[Path], typer.Argument(
         help="Run folder of a finished `ipasdctl train` (in a chain: default, every run folder made before).")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the one format so far).")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX: the default, and so far the one format.")] = True,
     out: Annotated[Path, typer.Option(help="Folder for <name>.onnx and <name>.json.")] = Path("exports"),
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write <name>-int8.onnx: static QDQ quantization, per-channel weights.")] = False,
@@ -21,10 +22,11 @@ def export(
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
+    quiet: QuietOpt = False,
 ) -> "chain.Outputs":
     """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch and measure its test
-    top-1 in onnxruntime; prints the .onnx path last. In a chain, an export whose source checkpoint is unchanged
-    is kept as it is."""
+    top-1 in onnxruntime; prints the .onnx path last (with -q, only the path(s)). In a chain, an export whose
+    source checkpoint is unchanged is kept as it is."""
     from ..deploy import export_onnx
     from ..errors import UserError
 
@@ -37,7 +39,7 @@ def export(
         record = export_onnx(folder, out, opset=opset, int8=int8, calib_samples=calib_samples, checkpoint=checkpoint,
                              data_root=str(data) if data is not None else None, name=name,
                              skip_unchanged=chain.current() is not None)
-        _print_export(record)
+        _print_export(record, quiet)
         made.models += [Path(record["onnx_path"])] + ([Path(record["int8"]["onnx_path"])] if "int8" in record else [])
     return made
 
@@ -45,31 +47,28 @@ def export(
 @chain.precheck("export")
 def _check_export(params: dict) -> None:
     from ..deploy.export import check_export_options
-    from ..errors import UserError
 
-    if not params["onnx"]:
-        raise UserError("choose an export format: ipasdctl export RUN_FOLDER --onnx")
     check_export_options(params["opset"], params["int8"], params["calib_samples"], params["checkpoint"])
 
 
-def _print_export(record: dict) -> None:
+def _print_export(record: dict, quiet: bool) -> None:
+    """What the export did (unless quiet), then the model paths, the fp32 one last."""
     if record.get("skipped"):
-        typer.echo(f"{record['onnx_path']}: its checkpoint is unchanged since it was exported, kept")
-        if "int8" in record:
-            typer.echo(record["int8"]["onnx_path"])
-        typer.echo(record["onnx_path"])
-        return
-    worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
-    sizes = ",".join(str(b["batch_size"]) for b in record["validation"]["batches"])
-    typer.echo(f"exporter: {record['exporter']} (opset {record['opset']})"
-               + (f"; fallback because {record['fallback_reason']}" if record["fallback_reason"] else ""))
-    typer.echo(f"validated against PyTorch at batch {sizes}: max |diff| {worst:.2e} "
-               f"(atol {record['validation']['atol']:g}, rtol {record['validation']['rtol']:g})")
-    typer.echo(f"size: {record['file_size_bytes'] / 1e6:.2f} MB")
-    typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): {record['onnx_test']['top1']:.2f}%")
+        if not quiet:
+            typer.echo(f"{record['onnx_path']}: its checkpoint is unchanged since it was exported, kept")
+    elif not quiet:
+        worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
+        sizes = ",".join(str(b["batch_size"]) for b in record["validation"]["batches"])
+        typer.echo(f"exporter: {record['exporter']} (opset {record['opset']})"
+                   + (f"; fallback because {record['fallback_reason']}" if record["fallback_reason"] else ""))
+        typer.echo(f"validated against PyTorch at batch {sizes}: max |diff| {worst:.2e} "
+                   f"(atol {record['validation']['atol']:g}, rtol {record['validation']['rtol']:g})")
+        typer.echo(f"size: {record['file_size_bytes'] / 1e6:.2f} MB")
+        test = record["onnx_test"]
+        typer.echo(f"test top-1 (onnxruntime, {test['n']} images): fp32 {test['top1']:.2f}%"
+                   + (f"  int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)"
+                      if "int8" in record else ""))
     if "int8" in record:
-        typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): fp32 {record['onnx_test']['top1']:.2f}%  "
-                   f"int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)")
         typer.echo(record["int8"]["onnx_path"])
     typer.echo(record["onnx_path"])
 
@@ -85,22 +84,28 @@ def bench(
     torch_run: Annotated[Optional[Path], typer.Option("--torch", help="Run folder to time in PyTorch eager (default: the run recorded in the export's json).")] = None,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Time onnxruntime only.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder (or .csv path) for latency.csv (default: beside the model).")] = None,
+    quiet: QuietOpt = False,
 ) -> "chain.Outputs":
-    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput per batch size.
-    In a chain, a model already measured on this CPU with the same settings is not measured again."""
+    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput (at the median
+    latency) per batch size. The table goes to stdout; progress and warnings (p99 > 5x p50) to stderr. In a
+    chain, a model already measured on this CPU with the same settings is not measured again."""
     import sys
 
     from ..deploy.bench import bench as run_bench
-    from ..deploy.bench import format_table
+    from ..deploy.bench import format_table, unstable_rows
     from ..runtime import cpu_model
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
     _check_bench(locals())  # before the first model
     models = chain.inputs(model, "an exported .onnx model", "bench", "models")
     made = chain.Outputs()
     for path in models:
         rows, csv_path = run_bench(path, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
-                                   log=lambda line: print(line, file=sys.stderr),
-                                   skip_measured=chain.current() is not None)
+                                   log=None if quiet else say, skip_measured=chain.current() is not None)
+        for warning in unstable_rows(rows):
+            say(warning)
         typer.echo(f"{path.name}: {cpu_model()}, {int(rows['threads'].iloc[0])} threads, {runs} runs per size"
                    + (" (measured before on this CPU, kept)" if rows.attrs.get("skipped") else ""))
         typer.echo(format_table(rows))

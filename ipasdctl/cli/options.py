@@ -25,6 +25,7 @@ RECIPE_KEYS = {
     "precision": ("train", "precision"),
     "compile": ("train", "compile"),
     "sync_bn": ("train", "sync_bn"),
+    "track": ("train", "track"),
 }
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe: a YAML path or a name in recipes/ (default: demo).")]
@@ -40,7 +41,10 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe key: --set optim.lr=0.05 (repeatable).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+TrackOpt = Annotated[Optional[str], typer.Option(
+    help="Log the recipe, every epoch's metrics and the summary to tensorboard or mlflow (recipe key train.track; "
+         "needs pip install 'ipasdctl[tensorboard]' or 'ipasdctl[mlflow]').")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (results and errors still print).")]
 
 
 def recipe_overrides(params: dict) -> dict:

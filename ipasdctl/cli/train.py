@@ -9,7 +9,8 @@ import typer
 from . import chain
 from .app import app
 from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
-                      MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, command_line, recipe_overrides)
+                      MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, TrackOpt, command_line,
+                      recipe_overrides)
 
 
 @app.command()
@@ -27,6 +28,7 @@ def train(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     compile: CompileOpt = None,
+    track: TrackOpt = None,
     out: Annotated[Path, typer.Option(help="Folder where run folders are created.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default: dataset-arch-method-sSEED).")] = None,
     set_: SetOpt = None,

@@ -3,6 +3,7 @@ runs.py and builds the network from models; imports nothing of training or metho
 
 from .bench import bench
 from .export import ExportValidationError, export_onnx
-from .onnx_files import check_onnx_file, onnx_test_accuracy, read_metadata
+from .onnx_files import check_onnx_file, onnx_test_accuracy, onnx_test_data, ort_session, read_metadata, session_batches
 
-__all__ = ["ExportValidationError", "bench", "check_onnx_file", "export_onnx", "onnx_test_accuracy", "read_metadata"]
+__all__ = ["ExportValidationError", "bench", "check_onnx_file", "export_onnx", "onnx_test_accuracy", "onnx_test_data",
+           "ort_session", "read_metadata", "session_batches"]

@@ -2,7 +2,9 @@
 
 For every backend and batch size: `warmup` untimed calls, then `runs` calls each timed on its own
 (`time.perf_counter_ns` around one call; CUDA synchronised inside the call), summarised as p50 / p90 / p99 /
-mean latency in milliseconds and throughput = batch size / mean latency (images per second). A call goes from
+mean latency in milliseconds and throughput = batch size / median latency (images per second: the median, as
+the mean follows the few slow calls a busy machine makes; p99 above UNSTABLE_TAIL x p50 is reported as an
+unstable measurement by `unstable_rows`). A call goes from
 host memory to host memory on every backend (numpy in, numpy out for onnxruntime; a CPU tensor in and out
 for PyTorch, with the copies included on CUDA), so the backends are timed alike. The thread count (the same
 for both backends), the CPU model and the library versions go into every row of `latency.csv`.
@@ -24,6 +26,7 @@ from .onnx_files import MAX_IMAGE_SIDE, check_onnx_file, metadata_of, ort_sessio
 
 LATENCY_CSV = "latency.csv"
 PERCENTILES = (50, 90, 99)
+UNSTABLE_TAIL = 5.0  # p99 / p50 above this: other load disturbed the timing
 COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
            "torch", "created", "model_path", "model_sha256"]
@@ -71,11 +74,22 @@ def time_calls(call: Callable[[], object], runs: int, warmup: int) -> np.ndarray
 
 
 def summarize(times_ms: np.ndarray, batch_size: int) -> dict:
-    """p50 / p90 / p99 (linear interpolation between order statistics), mean, min, images per second."""
+    """p50 / p90 / p99 (linear interpolation between order statistics), mean, min, and images per second at the
+    median latency."""
     p50, p90, p99 = np.percentile(times_ms, PERCENTILES)
-    mean = float(times_ms.mean())
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": mean,
-            "min_ms": float(times_ms.min()), "throughput_ips": batch_size * 1000.0 / mean if mean > 0 else float("nan")}
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(times_ms.mean()),
+            "min_ms": float(times_ms.min()), "throughput_ips": batch_size * 1000.0 / p50 if p50 > 0 else float("nan")}
+
+
+def unstable_rows(rows) -> list[str]:
+    """One warning per row whose p99 exceeds UNSTABLE_TAIL x its p50 (the machine was busy meanwhile)."""
+    warnings = []
+    for row in rows.itertuples():
+        if row.p50_ms > 0 and row.p99_ms / row.p50_ms > UNSTABLE_TAIL:
+            warnings.append(f"warning: {row.backend} {row.provider} batch {row.batch_size}: p99 {row.p99_ms:.3f} ms is "
+                            f"{row.p99_ms / row.p50_ms:.0f}x the median {row.p50_ms:.3f} ms, an unstable measurement "
+                            "(a busy machine?); rerun with more --runs, or fewer --threads")
+    return warnings
 
 
 def _input_shape(model_path: Path, meta: dict, proto) -> list[int]:
@@ -175,6 +189,8 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         for backend, provider, run_one in backends:
             for b in sizes:
                 x = inputs[b]
+                if log:
+                    log(f"timing {backend} ({provider}) at batch {b}: {warmup} warm-up + {runs} timed calls")
                 times = time_calls(lambda: run_one(x), runs, warmup)
                 row = {"model": model_path.name, "precision": meta.get("precision", record.get("precision", "")),
                        "backend": backend, "provider": provider, "batch_size": b, "threads": threads,
@@ -186,9 +202,6 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
                 if backend == "pytorch":
                     row["precision"] = "fp32"
                 rows.append(row)
-                if log:
-                    log(f"{backend:<11} {provider:<20} batch {b:>4}: p50 {row['p50_ms']:.3f} ms  "
-                        f"p99 {row['p99_ms']:.3f} ms  {row['throughput_ips']:.0f} img/s")
     finally:
         torch.set_num_threads(previous_threads)
     new = pd.DataFrame(rows, columns=COLUMNS)

@@ -174,6 +174,15 @@ def _checkpoint_top1(state: dict, checkpoint: str) -> Optional[float]:
     return float(rows[-1]["test_top1"]) if rows else None
 
 
+def doc_string(meta: dict, precision: str) -> str:
+    """The model's one-paragraph description (ModelProto.doc_string): what it is and how good it is."""
+    top1 = f"test top-1 {meta['test_top1']:.2f}%" if meta.get("test_top1") is not None else "test top-1 unknown"
+    return (f"{meta['arch']} trained with {meta['method']} on {meta['dataset']} ({meta['num_classes']} classes), "
+            f"{precision}: {top1} ({meta['checkpoint']} checkpoint, epoch {meta['epoch']}). Input "
+            f"'{meta['input_name']}' float32 NCHW {meta['input_size']}, normalised (metadata: mean, std); output "
+            f"'{meta['output_name']}'. Exported by ipasdctl {meta['ipasdctl_version']} from run {meta['source_run']}.")
+
+
 def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[int] = None, int8: bool = False,
                 calib_samples: int = 512, checkpoint: str = "best", data_root: Optional[str] = None,
                 name: Optional[str] = None, validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES,
@@ -225,8 +234,10 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         "checkpoint": checkpoint,
         "epoch": int(state.get("epoch", 0)),
         "test_top1": _checkpoint_top1(state, checkpoint),
-        "source_run": str(run_dir.resolve()),
+        "source_run": run_dir.resolve().name,  # the run's name, not a path of this machine (the json has run_dir)
     }
+    # ModelProto.model_version: the checkpoint's training step, which grows as a run trains on
+    model_version = int(state.get("global_step", 0))
 
     images = _sample_images(data, max(validation_batch_sizes))
     try:
@@ -239,7 +250,7 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         exporter = export_model(model, torch.from_numpy(images[:2]), fp32_path, opset)
         export_seconds = time.perf_counter() - started
         set_metadata(fp32_path, {**base_meta, "precision": "fp32", "exporter": exporter["exporter"],
-                                 "opset": exporter["opset"]})
+                                 "opset": exporter["opset"]}, model_version, doc_string(base_meta, "fp32"))
         run_checker(fp32_path)
         validation = validate_against_torch(model, fp32_path, images, validation_batch_sizes)
 
@@ -289,7 +300,8 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                                      "fp32_test_top1": fp32_eval["top1"],
                                      "quantization": "static QDQ, per-channel int8 weights, int8 activations, "
                                                      f"MinMax on {settings['calibration_samples']} training images",
-                                     "calibration_samples": settings["calibration_samples"]})
+                                     "calibration_samples": settings["calibration_samples"]},
+                         model_version, doc_string({**base_meta, "test_top1": int8_eval["top1"]}, "int8"))
             run_checker(int8_path)
             int8_record = {
                 **record,

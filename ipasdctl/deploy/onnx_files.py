@@ -133,11 +133,17 @@ def encode_metadata(values: dict) -> dict[str, str]:
     return {k: (json.dumps(v) if k in _JSON_KEYS else str(v)) for k, v in values.items() if v is not None}
 
 
-def set_metadata(model_path: Path, values: dict) -> None:
-    """Replace the model-level metadata keys in `values` (file rewritten in place: it is a staging file)."""
+def set_metadata(model_path: Path, values: dict, model_version: Optional[int] = None,
+                 doc_string: Optional[str] = None) -> None:
+    """Replace the model-level metadata keys in `values`, and the ModelProto's own `model_version` and
+    `doc_string` when given (file rewritten in place: it is a staging file)."""
     import onnx
 
     model = onnx.load(str(model_path))
+    if model_version is not None:
+        model.model_version = int(model_version)
+    if doc_string is not None:
+        model.doc_string = doc_string
     props = {p.key: p.value for p in model.metadata_props}
     props.update(encode_metadata(values))
     del model.metadata_props[:]
@@ -200,16 +206,21 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[:300]}"
 
 
-def session_accuracy(session, data, batch_size: int = 256) -> dict:
-    """Top-1 / top-5 (%) and n of an onnxruntime session on the data set's whole test set."""
+def session_batches(session, data, batch_size: int = 256):
+    """(logits, labels) of an onnxruntime session on each batch of the data set's test set, as CPU tensors."""
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
-    hits = torch.zeros(2, dtype=torch.long)  # top-1, top-5
-    n = 0
     input_name = session.get_inputs()[0].name
     for x, y in data.test_batches(batch_size, torch.device("cpu")):
-        logits = session.run(None, {input_name: np.ascontiguousarray(x.float().numpy())})[0]
-        hits += topk_hits(torch.from_numpy(logits), y, (1, 5))
+        yield torch.from_numpy(session.run(None, {input_name: np.ascontiguousarray(x.float().numpy())})[0]), y
+
+
+def session_accuracy(session, data, batch_size: int = 256) -> dict:
+    """Top-1 / top-5 (%) and n of an onnxruntime session on the data set's whole test set."""
+    hits = torch.zeros(2, dtype=torch.long)  # top-1, top-5
+    n = 0
+    for logits, y in session_batches(session, data, batch_size):
+        hits += topk_hits(logits, y, (1, 5))
         n += y.shape[0]
     top1, topk = hits.tolist()
     if n == 0:
@@ -217,9 +228,8 @@ def session_accuracy(session, data, batch_size: int = 256) -> dict:
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * topk / n, "n": n}
 
 
-def onnx_test_accuracy(model_path: Path, data_root: str | None, batch_size: int = 256) -> dict:
-    """Top-1 / top-5 (%) and n of an exported model, with onnxruntime (CPU), on the test set of the data set
-    named in its metadata."""
+def onnx_test_data(model_path: Path, data_root: str | None):
+    """(the test data of the data set named in an exported model's metadata, that metadata)."""
     model_path = Path(model_path)
     meta = read_metadata(model_path)
     if not meta.get("dataset"):
@@ -233,4 +243,11 @@ def onnx_test_accuracy(model_path: Path, data_root: str | None, batch_size: int 
     if expected and list(data.image_shape) != list(expected):
         raise UserError(f"{model_path} takes {expected} images but data set '{meta['dataset']}' has "
                         f"{list(data.image_shape)}; give the data set it was trained on")
+    return data, meta
+
+
+def onnx_test_accuracy(model_path: Path, data_root: str | None, batch_size: int = 256) -> dict:
+    """Top-1 / top-5 (%) and n of an exported model, with onnxruntime (CPU), on the test set of the data set
+    named in its metadata."""
+    data, _ = onnx_test_data(model_path, data_root)
     return session_accuracy(ort_session(model_path), data, batch_size)

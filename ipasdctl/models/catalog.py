@@ -5,6 +5,7 @@ CIFAR-style models declare `default_input_size = 32`, the torchvision ImageNet m
 attribute is taken as 32). MACs come from `models.count_macs` (torch.utils.flop_counter: FLOPs / 2).
 The models are built and run on the `meta` device by default: shapes only, no weights initialised and no
 arithmetic done, so the whole table takes seconds; the counts are exactly those of a CPU run (the tests check).
+cli/listing.py prints the rows and keeps them in its cache.
 """
 
 from __future__ import annotations
@@ -64,18 +65,3 @@ def model_table(names: Optional[Sequence[str]] = None, num_classes: Optional[int
     (CIFAR-100 for the 32x32 models, ImageNet for the 224x224 ones), so the counts match published ones.
     """
     return [model_row(name, num_classes, device=device) for name in (names if names is not None else MODELS.names())]
-
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table: name, input, classes, params (M), MACs (M or G), embedding width, stages."""
-    def human(value: int) -> str:
-        return f"{value / 1e9:.2f}G" if value >= 1e9 else f"{value / 1e6:.1f}M"
-
-    header = ("model", "input", "classes", "params", "MACs", "embed", "stages")
-    lines = [(r["name"], f"{r['input_size']}x{r['input_size']}", str(r["num_classes"]), human(r["params"]),
-              human(r["macs"]), str(r["embed_dim"]), str(r["num_stages"])) for r in rows]
-    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    for line in lines:
-        out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
-    return "\n".join(out)

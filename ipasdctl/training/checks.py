@@ -7,6 +7,7 @@ import math
 from ..config import Recipe
 from ..errors import UserError
 from ..methods import resolved_method_config
+from .tracking import check_track
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -29,6 +30,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise UserError(f"optim.schedule must be multistep, cosine or constant, got '{o.schedule}'")
     if o.warmup_epochs < 0 or o.weight_decay < 0 or o.momentum < 0:
         raise UserError("optim.warmup_epochs, weight_decay and momentum must not be negative")
+    check_track(t.track)
 
 
 def check_labels(data, name: str) -> None:

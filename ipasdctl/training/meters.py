@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -12,22 +13,28 @@ from .. import runtime
 from ..accuracy import topk_hits
 from . import distributed
 from .distributed import DistContext
+from .progress import Progress
 
 
 @torch.no_grad()
 def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channels_last: bool = False,
-                 dist_ctx: Optional[DistContext] = None, stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
+                 dist_ctx: Optional[DistContext] = None, stop: Optional[Callable[[], bool]] = None,
+                 progress: Optional[Progress] = None) -> Optional[dict]:
     """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end. None when
     `stop()` turns true between two batches (a signal: the loop checkpoints and stops within a batch).
 
     With `dist_ctx` of several processes (every rank holding the same model), rank r evaluates the test
-    batches i with i mod W = r and the sums are added over ranks: every rank returns the same figures."""
+    batches i with i mod W = r and the sums are added over ranks: every rank returns the same figures.
+    `progress`: a bar of this process's batches on a terminal (counted on the host)."""
     model.eval()
     rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
+    bar = progress.test_bar(len(range(rank, math.ceil(data.num_test / batch_size), world))) if progress else None
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
     for i, (x, y) in enumerate(data.test_batches(batch_size, device, channels_last)):
         if stop is not None and stop():
+            if bar is not None:
+                bar.close()
             model.train()
             return None
         if i % world != rank:
@@ -37,6 +44,10 @@ def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channel
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         hits += topk_hits(logits, y, (1, 5))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     if world > 1:
         sums = torch.cat([loss_sum[None], hits.to(loss_sum.dtype)])
         distributed.all_reduce_sum(sums)

@@ -1,51 +1,64 @@
-"""How the trainer reports: a tqdm bar on a terminal, one line per epoch elsewhere."""
+"""How the trainer reports: tqdm bars on a terminal (training steps, then the test pass), one line per epoch
+everywhere (progress off: nothing)."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
 class Progress:
-    """How the trainer reports: a tqdm bar on a terminal, one line per epoch elsewhere."""
+    """How the trainer reports: tqdm bars on a terminal, one line per epoch elsewhere.
+
+    The bar moves every step, counted on the host; its postfix (running loss terms and accuracy) reads the
+    device every `refresh_steps` steps only, so the training step never waits for the device for a bar."""
 
     enabled: bool = True
     refresh_steps: int = 20
     stream: object = field(default_factory=lambda: sys.stderr)
+    redraw_seconds: float = 0.5  # tqdm's mininterval: how often a bar is drawn at most
+
+    def on_terminal(self) -> bool:
+        return self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def _bar(self, total: int, initial: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, file=self.stream, leave=False, desc=desc, dynamic_ncols=True,
+                    mininterval=self.redraw_seconds, miniters=1)
 
     def bar(self, epoch: int, epochs: int, steps: int, done: int):
         """The epoch's bar, or None (progress off, or not a terminal)."""
-        if not self.enabled:
-            return None
-        if not (hasattr(self.stream, "isatty") and self.stream.isatty()):
-            return None
-        from tqdm import tqdm
+        return self._bar(steps, done, f"epoch {epoch + 1}/{epochs}") if self.on_terminal() else None
 
-        return tqdm(total=steps, initial=done, file=self.stream, leave=False, desc=f"epoch {epoch + 1}/{epochs}",
-                    dynamic_ncols=True, mininterval=0.5)
+    def test_bar(self, batches: int):
+        """The bar of the test pass after an epoch (`batches` of this process), or None."""
+        return self._bar(batches, 0, "test") if self.on_terminal() else None
 
-    def say(self, message: str) -> None:
+    def advance(self, bar, step: int, read_stats: Callable[[], dict]) -> None:
+        """The bar at `step` of the epoch; every `refresh_steps` steps its postfix shows the epoch's running
+        loss terms and accuracy (`read_stats` reads them from the device: the only host read)."""
+        if bar is None:
+            return
+        if step % self.refresh_steps == 0:
+            stats = read_stats()
+            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in stats.items()
+                             if k.startswith("loss") or k == "train_loss"} | {"acc": f"{stats['train_top1']:.1f}"},
+                            refresh=False)
+        bar.update(step - bar.n)  # tqdm redraws at most every mininterval seconds
+
+    def note(self, text: str) -> None:
         """One line on the progress stream (nothing when progress is off)."""
         if self.enabled:
-            print(message, file=self.stream, flush=True)
-
-    @staticmethod
-    def refresh(bar, stats: dict, step: int) -> None:
-        """The bar at `step`, with the epoch's running loss terms and accuracy (read from the device)."""
-        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in stats.items()
-                         if k.startswith("loss") or k == "train_loss"} | {"acc": f"{stats['train_top1']:.1f}"},
-                        refresh=False)
-        bar.n = step
-        bar.refresh()
+            print(text, file=self.stream, flush=True)
 
     def epoch_line(self, bar, row: dict, epochs: int) -> None:
         """Close the epoch's bar; print its one line."""
         if bar is not None:
             bar.close()
-        if not self.enabled:
-            return
         terms = " ".join(f"{k.replace('loss_', '')}={row[k]:.3f}" for k in row if k.startswith("loss_"))
-        print(f"epoch {row['epoch']}/{epochs}  loss={row['train_loss']:.3f} {terms}  "
-              f"train={row['train_top1']:.1f}%  test={row['test_top1']:.2f}%  "
-              f"{row['images_per_second']:.0f} img/s", file=self.stream, flush=True)
+        self.note(f"epoch {row['epoch']}/{epochs}  loss={row['train_loss']:.3f} {terms}  "
+                  f"train={row['train_top1']:.1f}%  test={row['test_top1']:.2f}%  "
+                  f"{row['images_per_second']:.0f} img/s")

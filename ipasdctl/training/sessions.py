@@ -65,7 +65,7 @@ def _same_run(recipe: Recipe, run_dir: Path, progress: Optional[Progress]) -> Op
         return None
     state = folder.state()
     if state == "finished":
-        (progress or Progress()).say(f"{folder.path}: finished with this recipe, reused")
+        (progress or Progress()).note(f"{folder.path}: finished with this recipe, reused")
         return folder.path
     if state == "resumable":
         return resume(folder.path, None, progress)
@@ -116,6 +116,13 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
                     diff = sorted(differing_keys(saved.to_dict(), recipe.to_dict()))
                     raise UserError(f"--resume {folder.path}: the given recipe differs from the run's ({', '.join(diff)}); "
                                     "resume without recipe options, or start a new run")
+            summary = folder.read_summary() if folder.state() == "finished" else None
+            if summary is not None and int(state["epoch"]) >= saved.train.epochs:
+                if ctx.is_main:
+                    (progress or Progress()).note(
+                        f"{folder.path} already finished ({state['epoch']}/{saved.train.epochs} epochs, best test "
+                        f"top-1 {summary.get('best_top1', float('nan')):.2f}%): nothing to resume")
+                return folder.path
             trainer = Trainer(saved, folder.path, progress)
             trainer.load_state_dict(state)
             if trainer.dist.is_main:

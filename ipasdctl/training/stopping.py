@@ -19,21 +19,12 @@ from typing import Optional
 
 import torch
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError  # noqa: F401  (Interrupted: raised here, re-exported)
 from . import distributed
 from .distributed import DistContext
 
 TEST_SIGNAL_ENV = "IPASDCTL_TEST_SIGNAL_AT_STEP"
 FINITE_CHECK_STEPS = 20  # how often (steps) the loop reads the device to stop early on a non-finite loss
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was written. `code` is the exit status (130 / 143)."""
-
-    def __init__(self, code: int, run_dir: Path):
-        super().__init__(code)
-        self.code = code
-        self.run_dir = run_dir
 
 
 @contextlib.contextmanager

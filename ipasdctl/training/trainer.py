@@ -41,6 +41,7 @@ from .meters import EpochMeter, test_metrics
 from .progress import Progress
 from .schedule import lr_at
 from .stopping import FINITE_CHECK_STEPS, StopControl, anomaly_detection
+from .tracking import NoTracker, open_tracker
 
 CHECKPOINT_FORMAT = "ipasdctl-checkpoint-1"
 
@@ -102,6 +103,7 @@ class Trainer:
         self.wall_seconds = 0.0  # earlier sessions of this run (before the last resume)
         self.meter = EpochMeter(self.device, self.dist)
         self._session_started: Optional[float] = None
+        self.tracker = NoTracker()  # run() opens the recipe's (train.track)
 
     # -------------------------------------------------------------------------------- construction
     def _on_device(self, module: nn.Module) -> nn.Module:
@@ -228,13 +230,21 @@ class Trainer:
         """Train to the last epoch (from wherever the state says), writing the run folder as it goes."""
         assert self.folder is not None
         self._session_started = time.time()
-        with self.stops.handling_signals():
-            if self.rows and self.dist.is_main:  # resumed: metrics.csv may lag behind (or run ahead of) the state
-                self.folder.write_metrics(self.rows)
-            while self.epoch < self.recipe.train.epochs:
-                self._train_epoch()
-            self._ensure_best()
-        return self._write_summary(self.wall_seconds + time.time() - self._session_started)
+        self.tracker = open_tracker(self.recipe, self.folder, self.rows, self.dist.is_main)
+        failed = True
+        try:
+            with self.stops.handling_signals():
+                if self.rows and self.dist.is_main:  # resumed: metrics.csv may lag behind (or run ahead of) the state
+                    self.folder.write_metrics(self.rows)
+                while self.epoch < self.recipe.train.epochs:
+                    self._train_epoch()
+                self._ensure_best()
+            summary = self._write_summary(self.wall_seconds + time.time() - self._session_started)
+            self.tracker.finish(summary)
+            failed = False
+        finally:
+            self.tracker.close(failed)
+        return summary
 
     def train_step(self, batch, lr: float) -> None:
         """One optimisation step on a batch; everything stays on the device (no host synchronisation)."""
@@ -274,8 +284,7 @@ class Trainer:
                 self.stops.after_step(self.global_step)
                 if self.global_step % check_every == 0:
                     self._check_finite(epoch)  # several processes: also where they agree on a stop
-                if bar is not None and (self.step_in_epoch % self.progress.refresh_steps == 0):
-                    self.progress.refresh(bar, self.meter.read(), self.step_in_epoch)
+                self.progress.advance(bar, self.step_in_epoch, self.meter.read)
                 if self.stops.requested is not None or (every and self.global_step % every == 0):
                     self._check_finite(epoch)  # never checkpoint weights a non-finite step has updated
                     started = self._count_time(started)
@@ -294,7 +303,8 @@ class Trainer:
         # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
         distributed.broadcast_buffers(self.net, self.dist)
         test_stats = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
-                                  self.channels_last, self.dist, stop=lambda: self.stops.requested is not None)
+                                  self.channels_last, self.dist, stop=lambda: self.stops.requested is not None,
+                                  progress=self.progress)
         if test_stats is None:  # a signal during the test pass: checkpoint the epoch's steps; resume evaluates
             self.save()
             self.stops.stop(bar, self.folder.path)
@@ -317,6 +327,7 @@ class Trainer:
         self.save(best=is_best)  # the checkpoint first: it is what a resume trusts (and rewrites metrics.csv from)
         if self.dist.is_main:
             self.folder.write_metrics(self.rows)
+        self.tracker.log_epoch(row)
         self.progress.epoch_line(bar, row, recipe.train.epochs)
         if self.dist.enabled:
             self.stops.agree(self.meter)  # a signal that came during the evaluation
