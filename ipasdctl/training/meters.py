@@ -16,16 +16,17 @@ from .distributed import DistContext
 
 @torch.no_grad()
 def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channels_last: bool = False,
-                 dist_ctx: Optional[DistContext] = None) -> dict:
-    """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end.
+                 dist_ctx: Optional[DistContext] = None, split: str = "test") -> dict:
+    """Loss, top-1 and top-5 (%) of the plain model on the test (or the validation, `split="val"`) split, as
+    `<split>_loss`, `<split>_top1`, `<split>_top5`; sums stay on the device until the end.
 
-    With `dist_ctx` of several processes (every rank holding the same model), rank r evaluates the test
+    With `dist_ctx` of several processes (every rank holding the same model), rank r evaluates the
     batches i with i mod W = r and the sums are added over ranks: every rank returns the same figures."""
     model.eval()
     rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
-    for i, (x, y) in enumerate(data.test_batches(batch_size, device, channels_last)):
+    for i, (x, y) in enumerate(data.held_out_batches(split, batch_size, device, channels_last)):
         if i % world != rank:
             continue
         with runtime.autocast(device, dtype):
@@ -38,10 +39,10 @@ def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channel
         distributed.all_reduce_sum(sums)
         loss_sum, hits = sums[0], sums[1:]
     top1, topk = hits.unbind()
-    n = data.num_test
+    n = data.held_out_size(split)
     model.train()
-    return {"test_loss": (loss_sum / n).item(), "test_top1": (100.0 * top1 / n).item(),
-            "test_top5": (100.0 * topk / n).item()}
+    return {f"{split}_loss": (loss_sum / n).item(), f"{split}_top1": (100.0 * top1 / n).item(),
+            f"{split}_top5": (100.0 * topk / n).item()}
 
 
 class EpochMeter:

@@ -34,6 +34,11 @@ class Progress:
         bar.n = step
         bar.refresh()
 
+    def note(self, message: str) -> None:
+        """One line about the run (what its data is), before the epochs."""
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
     def epoch_line(self, bar, row: dict, epochs: int) -> None:
         """Close the epoch's bar; print its one line."""
         if bar is not None:
@@ -42,5 +47,6 @@ class Progress:
             return
         terms = " ".join(f"{k.replace('loss_', '')}={row[k]:.3f}" for k in row if k.startswith("loss_"))
         print(f"epoch {row['epoch']}/{epochs}  loss={row['train_loss']:.3f} {terms}  "
-              f"train={row['train_top1']:.1f}%  test={row['test_top1']:.2f}%  "
+              f"train={row['train_top1']:.1f}%  " + (f"val={row['val_top1']:.2f}%  " if "val_top1" in row else "")
+              + f"test={row['test_top1']:.2f}%  "
               f"{row['images_per_second']:.0f} img/s", file=self.stream, flush=True)
