@@ -31,17 +31,18 @@ REQUIRED_EVAL_KEYS = {"checkpoint", "epoch", "top1", "top5", "nll", "ece", "reli
 
 
 @torch.no_grad()
-def collect_outputs(model, data, device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits N x C, embeddings N x D, labels N) of the whole test set, left on the device."""
+def collect_outputs(model, data, device: torch.device, batch_size: int,
+                    split: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits N x C, embeddings N x D, labels N) of the whole test (or validation) split, left on the device."""
     model.eval()
     logits, embeddings, labels = [], [], []
-    for x, y in data.test_batches(batch_size, device):
+    for x, y in data.held_out_batches(split, batch_size, device):
         batch_logits, batch_embeddings, _stages = model(x, with_features=True)
         logits.append(batch_logits.float())
         embeddings.append(batch_embeddings.float())
         labels.append(y)
     if not labels:
-        raise UserError(f"data set '{data.name}' has no test images; check --data")
+        raise UserError(f"data set '{data.name}' has no {'validation' if split == 'val' else 'test'} images; check --data")
     return torch.cat(logits), torch.cat(embeddings), torch.cat(labels)
 
 
@@ -137,11 +138,9 @@ def read_tsne_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return frame[["x", "y"]].to_numpy(np.float32), frame["label"].to_numpy(np.int64)
 
 
-def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] = None, device: str = "auto",
-             batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS) -> dict:
-    """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json."""
+def load_run_and_data(run_dir: Path, checkpoint: str, data_root: Optional[Path], device: str):
+    """(run folder path, device, model in eval mode, checkpoint state, recipe, data set as the run derived it)."""
     run_dir = RunFolder(run_dir).check().path
-    started = time.perf_counter()
     torch_device = runtime.resolve_device(device)
     model, state, recipe = load_model(run_dir, checkpoint, str(torch_device))
     if data_root is not None:
@@ -151,6 +150,15 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
     if data.num_classes != num_classes:
         raise UserError(f"{run_dir} was trained on {num_classes} classes but the data set at "
                         f"{recipe.data.root or 'its default place'} has {data.num_classes}; pass the run's data with --data")
+    return run_dir, torch_device, model, state, recipe, data
+
+
+def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] = None, device: str = "auto",
+             batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS) -> dict:
+    """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json."""
+    started = time.perf_counter()
+    run_dir, torch_device, model, state, recipe, data = load_run_and_data(run_dir, checkpoint, data_root, device)
+    num_classes = int(state["num_classes"])
     class_names = list(state.get("class_names") or data.class_names)
     logits, embeddings, labels = collect_outputs(model, data, torch_device, batch_size or recipe.train.eval_batch_size)
     result, columns = compute_eval(logits, embeddings, labels, num_classes)

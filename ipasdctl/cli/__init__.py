@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from . import train, listing, compare, evaluate, export  # noqa: F401,I001  (each adds its commands, in --help order)
+from . import train, listing, compare, evaluate, calibrate, export  # noqa: F401,I001  (each adds its commands, in --help order)
 from .app import app
 
 
