@@ -137,15 +137,3 @@ def test_compare_summaries_say_which_split_chose_the_best_epoch(tmp_path, one_th
     table = pd.read_csv(tmp_path / "c" / "summary.csv")  # the same columns as the markdown, one seed: no verdict
     assert list(table.columns) == SUMMARY_COLUMNS and table["best_chosen_on"].tolist() == ["val", "val"]
     assert sorted(table["verdict_last_top1"]) == ["(reference)", "needs more seeds"]
-
-
-@pytest.mark.parametrize("setting, message", [
-    ("data.val_split=0", "data.val_split must be a positive number of training images, got 0"),
-    ("data.val_split=5000", "data.val_split=5000 leaves no training image (the training set has 1438)"),
-])
-def test_bad_split_sizes_are_one_line(tmp_path, capsys, setting, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path), "--set", setting])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {message}")
-    assert not any(tmp_path.iterdir())
