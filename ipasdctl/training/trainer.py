@@ -295,24 +295,24 @@ class Trainer:
         images = self.meter.totals()[2].item()
         # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
         distributed.broadcast_buffers(self.net, self.dist)
-        test_stats = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
+        held_out = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
                                   self.channels_last, self.dist)
         if self.data.num_val:
-            test_stats.update(test_metrics(self.model, self.data, self.device, self.dtype,
+            held_out.update(test_metrics(self.model, self.data, self.device, self.dtype,
                                            recipe.train.eval_batch_size, self.channels_last, self.dist, split="val"))
         seconds = self.epoch_seconds
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
         row.update({"train_loss": train_stats.pop("train_loss")})
         row.update({k: v for k, v in train_stats.items() if k != "train_top1"})
         row["train_top1"] = train_stats["train_top1"]
-        row.update(test_stats)
+        row.update(held_out)
         row["epoch_seconds"] = seconds
         row["images_per_second"] = images / seconds if seconds > 0 else float("nan")
         self.rows.append(row)
-        score = test_stats[f"{self.chosen_on}_top1"]
+        score = held_out[f"{self.chosen_on}_top1"]
         is_best = score > self.best_score
         if is_best:
-            self.best_top1, self.best_epoch, self.best_top5 = test_stats["test_top1"], epoch + 1, test_stats["test_top5"]
+            self.best_top1, self.best_epoch, self.best_top5 = held_out["test_top1"], epoch + 1, held_out["test_top5"]
             self.best_score = score
         self.epoch += 1
         self.step_in_epoch = 0
