@@ -137,3 +137,23 @@ def test_compare_summaries_say_which_split_chose_the_best_epoch(tmp_path, one_th
     table = pd.read_csv(tmp_path / "c" / "summary.csv")  # the same columns as the markdown, one seed: no verdict
     assert list(table.columns) == SUMMARY_COLUMNS and table["best_chosen_on"].tolist() == ["val", "val"]
     assert sorted(table["verdict_last_top1"]) == ["(reference)", "needs more seeds"]
+
+
+def test_a_comparison_recorded_before_the_new_keys_is_rerun_not_refused(tmp_path, one_thread):
+    """comparison.yaml and config.yaml written before data.val_split/val_seed/label_noise existed: the keys at
+    their defaults are no difference, so the rerun skips the finished runs."""
+    import yaml
+
+    overrides = {"train": {"epochs": 1, "batch_size": 32, "device": "cpu"}, "data": {"train_subset": 64}}
+    plan = compare.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c")
+    compare.run(plan, training.Progress(enabled=False), None)
+    for path in [tmp_path / "c" / "comparison.yaml", *(tmp_path / "c").glob("*/config.yaml")]:
+        record = yaml.safe_load(path.read_text())
+        data = record["recipe"]["data"] if "recipe" in record else record["data"]
+        for key in ("val_split", "val_seed", "label_noise"):
+            data.pop(key)
+        path.write_text(yaml.safe_dump(record, sort_keys=False))
+    messages: list[str] = []
+    compare.run(compare.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c"),
+                training.Progress(enabled=False), messages.append)
+    assert len(messages) == 2 and all("finished, skipped" in m for m in messages)
