@@ -33,6 +33,15 @@ def shown(value: Any) -> str:
 
 
 @dataclass
+class LabelNoiseConfig:
+    """Noisy training labels (test and validation labels stay clean): exactly round(rate * N) labels flipped."""
+
+    rate: float = 0.0  # the fraction of training labels flipped (0: none)
+    kind: str = "symmetric"  # symmetric: to one of the other classes, uniformly | pairflip: class c to c + 1 mod K
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"
     root: Optional[str] = None  # folder holding the data set's files (cifar-10-batches-py/, ...)
@@ -41,7 +50,12 @@ class DataConfig:
     augment: bool = True
     num_workers: int = 2  # image-file data sets only
     image_size: Optional[int] = None  # image-file data sets: resize/crop size
-    val_fraction: float = 0.2  # image folders without a val/ split
+    val_fraction: float = 0.2  # image folders without a val/ split: the share held out as their *test* set
+    # a class-balanced validation split of N training images (held out before train_subset draws), with its own
+    # seed: it chooses the best epoch (best.pt) and fits `ipasdctl calibrate`'s temperature; test stays reported
+    val_split: Optional[int] = None
+    val_seed: int = 0
+    label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
 
 
 @dataclass

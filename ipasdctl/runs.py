@@ -4,7 +4,9 @@
     <run>/metrics.csv            one row per finished epoch
     <run>/summary.json           written when the run finishes ("finished": true)
     <run>/checkpoints/last.pt    every epoch end (and every checkpoint.every_steps steps)
-    <run>/checkpoints/best.pt    the epoch with the best test top-1 so far
+    <run>/checkpoints/best.pt    the epoch with the best top-1 so far (validation split if any, else test)
+    <run>/splits.json            how the training split was derived: validation indices, label noise applied
+    <run>/temperature.json       `ipasdctl calibrate`: the fitted temperature per checkpoint (export folds it in)
     <run>/.lock                  held (flock) by the one process that trains into the folder
     <run>/tensorboard/           event files of `--track tensorboard`
     <run>/../mlflow.db           `--track mlflow`'s default store, shared by the run folders beside it
@@ -86,6 +88,14 @@ class RunFolder:
     @property
     def mlflow_store(self) -> Path:
         return self.path.parent / "mlflow.db"
+
+    @property
+    def splits(self) -> Path:
+        return self.path / "splits.json"
+
+    @property
+    def temperature(self) -> Path:
+        return self.path / "temperature.json"
 
     def checkpoint(self, which: str = "last") -> Path:
         return self.checkpoints / f"{which}.pt"
@@ -175,8 +185,9 @@ class RunFolder:
 
                 frame = pd.read_csv(self.metrics)
                 if len(frame):
-                    best = frame["test_top1"].idxmax()
-                    summary.update(best_top1=frame["test_top1"].max(), last_top1=frame["test_top1"].iloc[-1],
+                    chosen_on = "val_top1" if "val_top1" in frame else "test_top1"
+                    best = frame[chosen_on].idxmax()
+                    summary.update(best_top1=frame["test_top1"][best], last_top1=frame["test_top1"].iloc[-1],
                                    best_epoch=int(frame["epoch"][best]), best_top5=frame["test_top5"][best])
         row = {column: summary.get(column) for column in RESULT_COLUMNS}
         row["run_dir"] = str(self.path)
@@ -191,6 +202,18 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.summary, summary)
+
+    def write_splits(self, origin: dict) -> None:
+        atomic_write_json(self.splits, origin)
+
+    def read_temperature(self, checkpoint: str = "best") -> Optional[dict]:
+        """The temperature fitted for `checkpoint` ({"temperature", "epoch", ...}), or None when there is none."""
+        entry = (read_json(self.temperature) or {}).get(checkpoint)
+        return entry if isinstance(entry, dict) and isinstance(entry.get("temperature"), (int, float)) else None
+
+    def write_temperature(self, checkpoint: str, entry: dict) -> None:
+        """Record the temperature fitted for `checkpoint`, keeping the other checkpoint's."""
+        atomic_write_json(self.temperature, {**(read_json(self.temperature) or {}), checkpoint: entry})
 
     def save_checkpoint(self, state: dict, best: bool = False) -> None:
         """best.pt before last.pt: a kill or a full disk between the two leaves last.pt at the previous
@@ -210,7 +233,7 @@ class RunFolder:
         if created:
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        for path in (self.config, self.metrics, self.summary):
+        for path in (self.config, self.metrics, self.summary, self.splits, self.temperature):
             try:
                 path.unlink()
             except OSError:

@@ -100,6 +100,16 @@ ROWS = {
     "method-name-not-a-string": (lambda t, d: ["--recipe", write_recipe(t, "method: {name: [ce]}\n")],
                                  "the method must be a name, got list ['ce']"),
     "method-tau-zero": (lambda t, d: ["--method", "ipasd", "--set", "method.tau=0"], "method.tau must be positive, got 0"),
+    "val-split-zero": (lambda t, d: ["--set", "data.val_split=0"],
+                       "data.val_split must be a positive number of training images, got 0"),
+    "val-split-too-large": (lambda t, d: ["--set", "data.val_split=5000"],
+                            "data.val_split=5000 leaves no training image (the training set has 1438)"),
+    "label-noise-kind": (lambda t, d: ["--set", "data.label_noise.kind=uniform"],
+                         "data.label_noise.kind must be symmetric or pairflip, got 'uniform'"),
+    "label-noise-rate": (lambda t, d: ["--set", "data.label_noise.rate=1.5"],
+                         "data.label_noise.rate must be at least 0 and below 1"),
+    "label-noise-key": (lambda t, d: ["--set", "data.label_noise.rat=0.2"],
+                        "unknown recipe key 'data.label_noise.rat' (did you mean 'rate'?)"),
 }
 
 

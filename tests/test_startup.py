@@ -95,7 +95,7 @@ def test_every_command_takes_quiet():
     from ipasdctl.cli import app
 
     commands = typer.main.get_command(app).commands
-    assert set(commands) == {"train", "list", "compare", "eval", "report", "export", "bench"}
+    assert set(commands) == {"train", "list", "compare", "eval", "report", "export", "bench", "calibrate", "predict"}
     for name, command in commands.items():
         quiet = [p for p in command.params if p.name == "quiet"]
         assert quiet and set(quiet[0].opts) == {"--quiet", "-q"}, name

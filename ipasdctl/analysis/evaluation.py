@@ -47,17 +47,19 @@ def counted(batches, total: int, enabled: bool):
 
 @torch.no_grad()
 def collect_outputs(model, data, device: torch.device, batch_size: int,
-                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits N x C, embeddings N x D, labels N) of the whole test set, left on the device."""
+                    progress: bool = False, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits N x C, embeddings N x D, labels N) of the whole test (or validation) split, left on the device.
+    `progress`: a bar over the batches on a terminal."""
     model.eval()
     logits, embeddings, labels = [], [], []
-    for x, y in counted(data.test_batches(batch_size, device), math.ceil(data.num_test / batch_size), progress):
+    total = math.ceil(data.held_out_size(split) / batch_size)
+    for x, y in counted(data.held_out_batches(split, batch_size, device), total, progress):
         batch_logits, batch_embeddings, _stages = model(x, with_features=True)
         logits.append(batch_logits.float())
         embeddings.append(batch_embeddings.float())
         labels.append(y)
     if not labels:
-        raise UserError(f"data set '{data.name}' has no test images; check --data")
+        raise UserError(f"data set '{data.name}' has no {'validation' if split == 'val' else 'test'} images; check --data")
     return torch.cat(logits), torch.cat(embeddings), torch.cat(labels)
 
 
@@ -148,15 +150,9 @@ def read_tsne_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return frame[["x", "y"]].to_numpy(np.float32), frame["label"].to_numpy(np.int64)
 
 
-def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] = None, device: str = "auto",
-             batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS, progress: bool = False) -> dict:
-    """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json.
-    `progress`: a bar over the test batches on a terminal."""
+def load_run_and_data(run_dir: Path, checkpoint: str, data_root: Optional[Path], device: str):
+    """(run folder path, device, model in eval mode, checkpoint state, recipe, data set as the run derived it)."""
     run_dir = RunFolder(run_dir).check().path
-    if not os.access(run_dir, os.W_OK | os.X_OK):  # fail before the evaluation, not at its first file
-        raise UserError(f"{run_dir} is not writable, and eval writes its results into the run folder; make it "
-                        "writable, or evaluate a copy of the folder")
-    started = time.perf_counter()
     torch_device = runtime.resolve_device(device)
     model, state, recipe = load_model(run_dir, checkpoint, str(torch_device))
     if data_root is not None:
@@ -166,6 +162,20 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
     if data.num_classes != num_classes:
         raise UserError(f"{run_dir} was trained on {num_classes} classes but the data set at "
                         f"{recipe.data.root or 'its default place'} has {data.num_classes}; pass the run's data with --data")
+    return run_dir, torch_device, model, state, recipe, data
+
+
+def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] = None, device: str = "auto",
+             batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS, progress: bool = False) -> dict:
+    """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json.
+    `progress`: a bar over the test batches on a terminal."""
+    folder = RunFolder(run_dir).check().path
+    if not os.access(folder, os.W_OK | os.X_OK):  # fail before the evaluation, not at its first file
+        raise UserError(f"{folder} is not writable, and eval writes its results into the run folder; make it "
+                        "writable, or evaluate a copy of the folder")
+    started = time.perf_counter()
+    run_dir, torch_device, model, state, recipe, data = load_run_and_data(run_dir, checkpoint, data_root, device)
+    num_classes = int(state["num_classes"])
     class_names = list(state.get("class_names") or data.class_names)
     logits, embeddings, labels = collect_outputs(model, data, torch_device, batch_size or recipe.train.eval_batch_size,
                                                  progress)

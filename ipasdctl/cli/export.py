@@ -64,6 +64,9 @@ def _print_export(record: dict, quiet: bool) -> None:
         typer.echo(f"validated against PyTorch at batch {sizes}: max |diff| {worst:.2e} "
                    f"(atol {record['validation']['atol']:g}, rtol {record['validation']['rtol']:g})")
         typer.echo(f"size: {record['file_size_bytes'] / 1e6:.2f} MB")
+        if record.get("temperature"):
+            typer.echo(f"temperature {record['temperature']:.4f} folded in (ipasdctl calibrate): the output is "
+                       "logits / T")
         test = record["onnx_test"]
         typer.echo(f"test top-1 (onnxruntime, {test['n']} images): fp32 {test['top1']:.2f}%"
                    + (f"  int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)"

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import app
+from .options import QuietOpt
 
 
 @app.command("predict")
@@ -17,6 +18,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", help="How many classes to print per image.")] = 5,
     checkpoint: Annotated[Optional[str], typer.Option(help="Run folders only: best or last (default: best).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document with every prediction.")] = False,
+    quiet: QuietOpt = False,  # predict prints its results only: nothing to leave out
 ) -> list:
     """Classify image files with the preprocessing the model was trained with (its input size, mean, std):
     prints the top-k class names and probabilities per image."""

@@ -5,14 +5,26 @@ from __future__ import annotations
 from ..registry import import_submodules
 from .base import DATASETS, Augment, Batch, ImageData, RandomBatches, TensorLoader, eval_batches
 
-import_submodules(__name__, __path__, skip=("base", "files", "samplers"))  # each module registers its data sets
+from .noise import apply_label_noise
+
+import_submodules(__name__, __path__, skip=("base", "files", "samplers", "noise"))  # each module registers its data sets
 
 
 def build_data(cfg) -> ImageData:
-    """The data set named in the recipe, with the optional class-balanced training subset applied."""
+    """The data set named in the recipe, its training split derived in this order (each step seeded by its
+    own seed, so the result is the same in every run, resume and command that reads the run):
+    1. `data.val_split`: a class-balanced validation split held out of the whole training set;
+    2. `data.train_subset`: a class-balanced subset of what remains (a subset keeps its size with a val split);
+    3. `data.label_noise`: noisy labels on that training split only (validation and test labels stay clean).
+    `data.origin` records steps 1 and 3 (the run folder's splits.json)."""
     data = DATASETS.get(cfg.name)(cfg)
+    if cfg.val_split is not None:
+        data = data.hold_out_validation(cfg.val_split, cfg.val_seed)
     if cfg.train_subset is not None:
         data = data.subset(cfg.train_subset, cfg.subset_seed)
+    noise = cfg.label_noise
+    if noise.rate > 0:
+        data = apply_label_noise(data, noise.rate, noise.kind, noise.seed)
     return data
 
 

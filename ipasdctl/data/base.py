@@ -7,7 +7,7 @@ step sees exactly the batches the uninterrupted run saw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -20,11 +20,19 @@ DATASETS: Registry = Registry("dataset")
 
 
 class LabelledSplits:
-    """The sizes every data set derives from its labels and class names (tensor-held or file-held)."""
+    """The sizes every data set derives from its labels and class names (tensor-held or file-held), and the
+    derivations of its training split that do not depend on where the pixels live: the class-balanced
+    subset, the validation split held out of it, and noisy training labels.
+
+    A subclass implements `take_train(indices)` (keep those training samples, renumbered 0..n-1),
+    `split_off(indices)` (move those training samples into the validation split), `test_batches` and
+    `val_batches`. `origin` records how the splits were derived (written into the run folder)."""
 
     class_names: list[str]
     train_labels: torch.Tensor
     test_labels: torch.Tensor
+    val_labels: Optional[torch.Tensor]  # None: no validation split
+    origin: dict
 
     @property
     def num_classes(self) -> int:
@@ -37,6 +45,40 @@ class LabelledSplits:
     @property
     def num_test(self) -> int:
         return int(self.test_labels.numel())
+
+    @property
+    def num_val(self) -> int:
+        return 0 if self.val_labels is None else int(self.val_labels.numel())
+
+    def subset(self, size: int, seed: int = 0):
+        """A fixed, seeded, class-balanced subset of the training set (its indices become 0..size-1)."""
+        return self.take_train(balanced_subset(self.train_labels, size, self.num_classes, seed))
+
+    def hold_out_validation(self, size: int, seed: int):
+        """The data set with `size` training images (class-balanced, seeded) moved into a validation split;
+        the held-out indices (into the training set as it was) are recorded in `origin`."""
+        if size >= self.num_train:
+            raise UserError(f"data.val_split={size} leaves no training image (the training set has {self.num_train}); "
+                            "hold out fewer images")
+        chosen = balanced_subset(self.train_labels, size, self.num_classes, seed, key="data.val_split")
+        data = self.split_off(chosen)
+        data.origin = {**self.origin, "val_split": {"size": size, "seed": seed, "indices": chosen.tolist()}}
+        return data
+
+    def with_train_labels(self, labels: torch.Tensor, record: dict):
+        """The data set with other training labels (noisy ones), `record` saying how, under origin.label_noise."""
+        return replace(self, train_labels=labels, origin={**self.origin, "label_noise": record})
+
+    def held_out_batches(self, split: str, batch_size: int, device, channels_last: bool = False):
+        """Evaluation batches (x normalised, y) of the test or the validation split."""
+        if split == "val":
+            if self.val_labels is None:
+                raise UserError("this data set has no validation split; set data.val_split=N")
+            return self.val_batches(batch_size, device, channels_last)
+        return self.test_batches(batch_size, device, channels_last)
+
+    def held_out_size(self, split: str) -> int:
+        return self.num_val if split == "val" else self.num_test
 
 
 @dataclass
@@ -53,12 +95,15 @@ class ImageData(LabelledSplits):
     std: Sequence[float]
     pad: int = 4  # random-crop padding (0: no crop)
     hflip: bool = True
+    val_images: Optional[torch.Tensor] = None
+    val_labels: Optional[torch.Tensor] = None
+    origin: dict = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
-    # The protocol the engine uses; image-file data sets implement the same three members.
+    # The protocol the engine uses; image-file data sets implement the same members.
     def train_loader(self, batches, seed: int, device, channels_last: bool, augment: bool) -> "TensorLoader":
         aug = Augment(self.mean, self.std, self.pad if augment else 0, self.hflip and augment, device)
         return TensorLoader(self.train_images, self.train_labels, aug, batches, seed, device, channels_last)
@@ -68,29 +113,36 @@ class ImageData(LabelledSplits):
         aug = Augment(self.mean, self.std, 0, False, device)
         return eval_batches(self.test_images, self.test_labels, aug, batch_size, device, channels_last)
 
-    def subset(self, size: int, seed: int = 0) -> "ImageData":
-        """A fixed, seeded, class-balanced subset of the training set (its indices become 0..size-1)."""
-        indices = balanced_subset(self.train_labels, size, self.num_classes, seed)
-        return ImageData(
-            name=self.name,
-            train_images=self.train_images[indices].contiguous(),
-            train_labels=self.train_labels[indices].contiguous(),
-            test_images=self.test_images,
-            test_labels=self.test_labels,
-            class_names=self.class_names,
-            mean=self.mean,
-            std=self.std,
-            pad=self.pad,
-            hflip=self.hflip,
-        )
+    def val_batches(self, batch_size: int, device, channels_last: bool = False):
+        """Validation batches, as the test batches."""
+        aug = Augment(self.mean, self.std, 0, False, device)
+        return eval_batches(self.val_images, self.val_labels, aug, batch_size, device, channels_last)
+
+    def take_train(self, indices: torch.Tensor) -> "ImageData":
+        return replace(self, train_images=self.train_images[indices].contiguous(),
+                       train_labels=self.train_labels[indices].contiguous())
+
+    def split_off(self, indices: torch.Tensor) -> "ImageData":
+        keep = complement(indices, self.num_train)
+        return replace(self.take_train(keep), val_images=self.train_images[indices].contiguous(),
+                       val_labels=self.train_labels[indices].contiguous())
 
 
-def balanced_subset(labels: torch.Tensor, size: int, num_classes: int, seed: int) -> torch.Tensor:
-    """`size` indices, as equal a share per class as the classes allow, chosen by a seeded permutation."""
+def complement(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """The sorted indices of 0..size-1 that are not in `indices`."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[indices] = False
+    return torch.nonzero(keep).flatten()
+
+
+def balanced_subset(labels: torch.Tensor, size: int, num_classes: int, seed: int,
+                    key: str = "data.train_subset") -> torch.Tensor:
+    """`size` indices, as equal a share per class as the classes allow, chosen by a seeded permutation
+    (`key` names the recipe key in errors)."""
     if size <= 0:
-        raise UserError(f"data.train_subset must be positive, got {size}")
+        raise UserError(f"{key} must be positive, got {size}")
     if size > labels.numel():
-        raise UserError(f"data.train_subset={size} is larger than the training set ({labels.numel()} images)")
+        raise UserError(f"{key}={size} is larger than the training set ({labels.numel()} images)")
     generator = torch.Generator().manual_seed(seed)
     per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
     per_class = [idx[torch.randperm(idx.numel(), generator=generator)] for idx in per_class]

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from .base import Augment, Batch, LabelledSplits, balanced_subset, step_seed
+from .base import Augment, Batch, LabelledSplits, complement, step_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -344,7 +344,10 @@ class FileImageData(LabelledSplits):
     eval_transform: Callable
     image_size: int
     num_workers: int = 2
-    _test_loaders: dict = field(default_factory=dict, repr=False, compare=False)
+    val_files: Optional[np.ndarray] = None  # relative to train_root: the validation split is training images
+    val_labels: Optional[torch.Tensor] = None
+    origin: dict = field(default_factory=dict)
+    _eval_loaders: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         check_workers(self.num_workers)
@@ -364,29 +367,43 @@ class FileImageData(LabelledSplits):
 
     def test_batches(self, batch_size: int, device, channels_last: bool = False):
         """Test-time batches (x normalised, y), evaluation transform, in order; workers kept between calls."""
+        return self._eval_batches("test", self.test_root, self.test_files, self.test_labels, batch_size, device,
+                                  channels_last)
+
+    def val_batches(self, batch_size: int, device, channels_last: bool = False):
+        """Validation batches, as the test batches."""
+        return self._eval_batches("val", self.train_root, self.val_files, self.val_labels, batch_size, device,
+                                  channels_last)
+
+    def _eval_batches(self, split: str, root: str, files: np.ndarray, labels: torch.Tensor, batch_size: int,
+                      device, channels_last: bool):
         device = torch.device(device)
-        key = (batch_size, device.type)
-        if key not in self._test_loaders:
+        key = (split, batch_size, device.type)
+        count = int(labels.numel())
+        if key not in self._eval_loaders:
             plan = _Plan()
-            plan.keys = [[(i, None) for i in range(start, min(start + batch_size, self.num_test))]
-                         for start in range(0, self.num_test, batch_size)]
-            dataset = FileDataset(self.test_root, self.test_files, self.eval_transform)
-            self._test_loaders[key] = make_loader(dataset, plan, self.num_workers, device.type == "cuda")
+            plan.keys = [[(i, None) for i in range(start, min(start + batch_size, count))]
+                         for start in range(0, count, batch_size)]
+            dataset = FileDataset(root, files, self.eval_transform)
+            self._eval_loaders[key] = make_loader(dataset, plan, self.num_workers, device.type == "cuda")
         normalise = Augment(self.mean, self.std, 0, False, device)
-        labels = self.test_labels.to(device)
+        labels = labels.to(device)
         start = 0
-        for images in iterate(self._test_loaders[key]):
+        for images in iterate(self._eval_loaders[key]):
             x = normalise.normalize(images.to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels[start:start + x.shape[0]]
             start += x.shape[0]
 
-    def subset(self, size: int, seed: int = 0) -> "FileImageData":
-        """A fixed, seeded, class-balanced subset of the training set (its indices become 0..size-1)."""
-        indices = balanced_subset(self.train_labels, size, self.num_classes, seed)
+    def take_train(self, indices: torch.Tensor) -> "FileImageData":
         return replace(self, train_files=self.train_files[indices.numpy()],
-                       train_labels=self.train_labels[indices].contiguous(), _test_loaders={})
+                       train_labels=self.train_labels[indices].contiguous(), _eval_loaders={})
+
+    def split_off(self, indices: torch.Tensor) -> "FileImageData":
+        keep = complement(indices, self.num_train)
+        return replace(self.take_train(keep), val_files=self.train_files[indices.numpy()],
+                       val_labels=self.train_labels[indices].contiguous(), _eval_loaders={})
 
 
 class FileLoader:

@@ -12,6 +12,10 @@ export leaves no half-written model behind.
 - Validation: `onnx.checker.check_model(full_check=True)`, then onnxruntime against PyTorch on real test
   images at batch 1, an odd batch and 64: pass iff |ort - torch| <= atol + rtol * |torch| element-wise
   (atol 1e-4, rtol 1e-3), with the max absolute difference and the top-1 agreement reported.
+- Temperature: when `ipasdctl calibrate` fitted one for the checkpoint (the run folder's temperature.json),
+  the exported graph ends with logits / T, so softmax of its output gives the calibrated probabilities;
+  the metadata records T. A temperature fitted on another epoch's checkpoint (the run trained on since) is
+  refused: calibrate again.
 - INT8: `quant_pre_process` (shape inference + graph optimisation), then `quantize_static` in QDQ format with
   per-channel weights, MinMax ranges calibrated on training images (normalised, not augmented); its test
   top-1 is measured with onnxruntime on the whole test set next to the fp32 model's.
@@ -47,6 +51,31 @@ class ExportValidationError(UserError):
     """The exported model disagrees with PyTorch (or fails the checker): nothing is written. Exit code 1."""
 
     exit_code = 1
+
+
+class TemperatureScaled(torch.nn.Module):
+    """The network with its logits divided by a fitted temperature (a constant Div at the end of the graph)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
+def fitted_temperature(run_dir: Path, checkpoint: str, state: dict) -> Optional[float]:
+    """The temperature `ipasdctl calibrate` fitted for this checkpoint, None when there is none."""
+    entry = RunFolder(run_dir).read_temperature(checkpoint)
+    if entry is None:
+        return None
+    epoch = int(state.get("epoch", 0))
+    if int(entry.get("epoch", -1)) != epoch:
+        raise UserError(f"{RunFolder(run_dir).temperature} was fitted on the {checkpoint} checkpoint of epoch "
+                        f"{entry.get('epoch')}, but that checkpoint is now epoch {epoch}; run `ipasdctl calibrate "
+                        f"{run_dir} --checkpoint {checkpoint}` again")
+    return float(entry["temperature"])
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:
@@ -199,6 +228,9 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     if not validation_batch_sizes or min(validation_batch_sizes) <= 0:
         raise UserError("validation batch sizes must be positive integers")
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
+    temperature = fitted_temperature(run_dir, checkpoint, state)
+    if temperature is not None:
+        model = TemperatureScaled(model, temperature).eval()
     out_dir = _prepare_out(out_dir)
     name = name or (run_dir.resolve().name + ("" if checkpoint == "best" else f"-{checkpoint}"))
     if os.sep in name or name.startswith("."):
@@ -230,7 +262,10 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         "layout": "NCHW",
         "mean": [float(v) for v in data.mean],
         "std": [float(v) for v in data.std],
-        "preprocessing": "float32 NCHW, channels in the training data's order, x = (pixel / 255 - mean) / std per channel; output = logits",
+        "preprocessing": "float32 NCHW, channels in the training data's order, x = (pixel / 255 - mean) / std per channel; "
+                         + ("output = logits / temperature (softmax gives calibrated probabilities)" if temperature
+                            else "output = logits"),
+        "temperature": temperature,
         "checkpoint": checkpoint,
         "epoch": int(state.get("epoch", 0)),
         "test_top1": _checkpoint_top1(state, checkpoint),

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional, Union
 import yaml
 
 from .. import training
-from ..config import Recipe, differing_keys
+from ..config import Recipe, differing_keys, recipe_from_dict
 from ..errors import UserError, did_you_mean
 from ..files import atomic_write_text
 from ..analysis.tables import count_noun
@@ -170,6 +170,15 @@ def _without_method_and_seed(recipe: dict) -> dict:
     return recipe
 
 
+def _with_defaults(recipe: dict) -> dict:
+    """A recipe recorded by an older version, with the keys added since filled in at their defaults: a new
+    key left at its default (data.val_split, say) is no difference. Unreadable as a recipe: as it is."""
+    try:
+        return recipe_from_dict(recipe).to_dict()
+    except UserError:
+        return recipe
+
+
 def _has_trained_runs(out: Path) -> bool:
     return any(child.is_dir() and RunFolder(child).state() != "new" for child in out.iterdir())
 
@@ -185,7 +194,7 @@ def prepare(comparison: ComparisonPlan) -> None:
             previous = yaml.safe_load(record_path.read_text()) or {}
         except (OSError, yaml.YAMLError):
             raise UserError(f"{record_path} is unreadable; remove it or choose another --out") from None
-        diff = differing_keys(_without_method_and_seed(previous.get("recipe") or {}),
+        diff = differing_keys(_without_method_and_seed(_with_defaults(previous.get("recipe") or {})),
                                _without_method_and_seed(comparison.record()["recipe"]))
         if diff:
             raise UserError(f"{out} holds a comparison with another recipe (differs in {', '.join(diff)}); "
@@ -194,7 +203,7 @@ def prepare(comparison: ComparisonPlan) -> None:
         folder = RunFolder(run.run_dir)
         if folder.state() == "new" or not folder.config.is_file():
             continue
-        diff = differing_keys(folder.read_config(), run.recipe.to_dict())
+        diff = differing_keys(_with_defaults(folder.read_config()), run.recipe.to_dict())
         if diff:
             raise UserError(f"{run.run_dir} was trained with another recipe (differs in {', '.join(diff)}); "
                             "rerun with the same options, remove that run folder, or choose another --out")

@@ -1,5 +1,6 @@
-"""The tables of a comparison: results.csv (one row per run), summary.csv and summary.md (per method: mean and
-sample std over seeds, difference of means to ce, rank)."""
+"""The tables of a comparison: results.csv (one row per run), summary.csv and summary.md (per method: mean,
+sample std and 95 % t-interval over seeds, difference of means to ce, the paired difference to ce over shared
+seeds with its interval, p-value and verdict, rank; the statistics are in analysis/statistics.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from ..analysis.statistics import MIN_SEEDS, paired_test, t_interval
 from ..analysis.tables import count_noun
 from ..errors import UserError
 from ..files import atomic_write_text
@@ -15,8 +17,12 @@ from ..runs import RESULT_COLUMNS, RunFolder
 from .compare import REFERENCE, ComparisonPlan, reference_run
 
 INTEGER_COLUMNS = ["seed", "epochs", "best_epoch", "params", "macs"]
-SUMMARY_COLUMNS = ["method", "runs", "best_top1_mean", "best_top1_std", "last_top1_mean", "last_top1_std",
-                   "delta_best_top1", "delta_last_top1", "train_seconds_mean", "rank"]
+STAT_COLUMNS = ("best_top1", "last_top1")
+SUMMARY_COLUMNS = ["method", "runs",
+                   *[f"{c}_{s}" for c in STAT_COLUMNS for s in ("mean", "std", "ci_low", "ci_high")],
+                   "delta_best_top1", "delta_last_top1", "paired_seeds",
+                   *[f"paired_delta_{c}_{s}" for c in STAT_COLUMNS for s in ("mean", "ci_low", "ci_high", "p")],
+                   "verdict_best_top1", "verdict_last_top1", "best_chosen_on", "train_seconds_mean", "rank"]
 
 
 def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
@@ -38,39 +44,75 @@ def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
     return table.astype({column: "Int64" for column in INTEGER_COLUMNS})
 
 
-def summary_table(results, reference: str = REFERENCE, partial: bool = False):
-    """Per method: runs, mean and sample std (n - 1; empty for one run) of best- and last-epoch top-1, the
-    difference of means to `reference`, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank,
-    then by best-epoch mean. A partial table (`partial`) may lack the reference: its differences are empty."""
+def summary_table(results, reference: str = REFERENCE, best_chosen_on: str = "test", partial: bool = False):
+    """Per method: runs, mean, sample std (n - 1; empty for one run) and 95 % t-interval of best- and
+    last-epoch top-1, the difference of means to `reference`, the paired difference to it over the seeds both
+    have (mean, 95 % interval, paired t-test p-value, verdict; analysis/statistics.py), which split chose the
+    best epoch, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank, then by best-epoch mean.
+    A partial table (`partial`: some runs not finished) may lack the reference: its differences are empty."""
     import pandas as pd
 
     grouped = results.groupby("method", sort=False)
-    table = pd.DataFrame({
-        "runs": grouped.size(),
-        "best_top1_mean": grouped["best_top1"].mean(),
-        "best_top1_std": grouped["best_top1"].std(ddof=1),
-        "last_top1_mean": grouped["last_top1"].mean(),
-        "last_top1_std": grouped["last_top1"].std(ddof=1),
-    })
-    if reference not in table.index and not partial:
+    if reference not in grouped.groups and not partial:
         raise UserError(f"the comparison has no '{reference}' runs to compare with")
-    has_reference = reference in table.index
-    for column in ["best_top1", "last_top1"]:
-        base = table.loc[reference, f"{column}_mean"] if has_reference else float("nan")
+    if results.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    reference_runs = results[results["method"] == reference]
+    rows = []
+    for method, runs in grouped:
+        row = {"method": method, "runs": len(runs)}
+        pairs = _paired(runs, reference_runs)
+        row["paired_seeds"] = len(pairs)
+        for column in STAT_COLUMNS:
+            mean, std, low, high = t_interval(runs[column].tolist())
+            row.update({f"{column}_mean": mean, f"{column}_std": std, f"{column}_ci_low": low, f"{column}_ci_high": high})
+            test = paired_test(pairs[f"{column}_x"].tolist(), pairs[f"{column}_ref"].tolist())
+            row.update({f"paired_delta_{column}_mean": test["mean"], f"paired_delta_{column}_ci_low": test["low"],
+                        f"paired_delta_{column}_ci_high": test["high"], f"paired_delta_{column}_p": test["p"],
+                        f"verdict_{column}": "(reference)" if method == reference else test["verdict"]})
+        row["train_seconds_mean"] = runs["train_seconds"].mean()
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("method")
+    for column in STAT_COLUMNS:
+        base = table.loc[reference, f"{column}_mean"] if reference in table.index else float("nan")
         table[f"delta_{column}"] = table[f"{column}_mean"] - base
-    table["train_seconds_mean"] = grouped["train_seconds"].mean()
+    table["best_chosen_on"] = best_chosen_on
     table["rank"] = table["last_top1_mean"].rank(ascending=False, method="min").astype(int)
     table = table.rename_axis("method").reset_index()
     table = table.sort_values(["rank", "best_top1_mean"], ascending=[True, False], kind="stable")
     return table[SUMMARY_COLUMNS].reset_index(drop=True)
 
 
+def _paired(runs, reference_runs):
+    """The seeds both have: <column>_x (the method's) and <column>_ref (the reference's), by seed."""
+    import pandas as pd
+
+    if "seed" not in runs.columns:  # hand-made tables without seeds: nothing to pair
+        return pd.DataFrame({f"{c}_{side}": [] for c in STAT_COLUMNS for side in ("x", "ref")})
+    columns = ["seed", *STAT_COLUMNS]
+    return runs[columns].merge(reference_runs[columns], on="seed", suffixes=("_x", "_ref")).sort_values("seed")
+
+
 def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _delta(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:+.2f}"
+def _interval(low: float, high: float, signed: bool = False) -> str:
+    if math.isnan(low) or math.isnan(high):
+        return "—"
+    spec = "+.2f" if signed else ".2f"
+    return f"[{low:{spec}}, {high:{spec}}]"
+
+
+def _paired_cell(row, column: str) -> str:
+    mean = getattr(row, f"paired_delta_{column}_mean")
+    if math.isnan(mean):
+        return "no shared seeds"
+    return f"{mean:+.2f} {_interval(getattr(row, f'paired_delta_{column}_ci_low'), getattr(row, f'paired_delta_{column}_ci_high'), True)}"
+
+
+def _p_cell(p: float) -> str:
+    return "—" if math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def _method_parameters(comparison: ComparisonPlan) -> list[str]:
@@ -106,38 +148,62 @@ def _partial_notice(results, failed: dict) -> list[str]:
 def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: Optional[dict] = None) -> str:
     recipe = comparison.recipe
     seeds = ", ".join(str(s) for s in comparison.seeds)
-    header = ["rank", "method", "runs", "last-epoch top-1 (%)", f"Δ last vs {REFERENCE}", "best-epoch top-1 (%)",
-              f"Δ best vs {REFERENCE}", "train s / run"]
+    val_split = recipe.data.val_split
+    header = ["rank", "method", "runs", "last-epoch top-1 (%)", "95 % CI", f"Δ last vs {REFERENCE}, paired [95 % CI]",
+              "p", "verdict", "best-epoch top-1 (%)", f"Δ best vs {REFERENCE}, paired", "verdict (best)", "train s / run"]
+    noise = recipe.data.label_noise
+    setting = (f"{recipe.data.name}, {recipe.model.arch}, {count_noun(recipe.train.epochs, 'epoch')}, batch "
+               f"{recipe.train.batch_size}, lr {recipe.optim.lr:g}"
+               + (f", {recipe.data.train_subset} training images" if recipe.data.train_subset else "")
+               + (f", {100 * noise.rate:g} % {noise.kind} label noise" if noise.rate > 0 else "")
+               + (f", {val_split} validation images" if val_split else ""))
     lines = [
         f"# Comparison: {recipe.name}",
         "",
         *(_partial_notice(results, failed or {}) if results is not None else []),
-        f"{recipe.data.name}, {recipe.model.arch}, {count_noun(recipe.train.epochs, 'epoch')}, batch {recipe.train.batch_size}, "
-        f"lr {recipe.optim.lr:g}; seeds {seeds}. Test top-1 accuracy, mean ± sample standard deviation over the "
-        "seeds; ranked by last-epoch top-1.",
+        f"{setting}; seeds {seeds}. Test top-1 accuracy, mean ± sample standard deviation over the seeds; ranked by "
+        "last-epoch top-1.",
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---:", ":---", "---:", "---:", "---:", "---:", "---:", "---:"]) + "|",
+        "|" + "|".join(["---:", ":---", "---:", "---:", "---:", "---:", "---:", ":---", "---:", "---:", ":---", "---:"]) + "|",
     ]
     for row in summary.itertuples(index=False):
         reference = row.method == REFERENCE
         cells = [
             str(row.rank), f"`{row.method}`", str(row.runs),
             _mean_std(row.last_top1_mean, row.last_top1_std),
-            "(reference)" if reference else _delta(row.delta_last_top1),
+            _interval(row.last_top1_ci_low, row.last_top1_ci_high),
+            "(reference)" if reference else _paired_cell(row, "last_top1"),
+            "" if reference else _p_cell(row.paired_delta_last_top1_p),
+            "" if reference else row.verdict_last_top1,
             _mean_std(row.best_top1_mean, row.best_top1_std),
-            "(reference)" if reference else _delta(row.delta_best_top1),
+            "(reference)" if reference else _paired_cell(row, "best_top1"),
+            "" if reference else row.verdict_best_top1,
             f"{row.train_seconds_mean:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if val_split:
+        best_note = (f"- **Best-epoch top-1** is the test accuracy at the epoch with the best top-1 on the validation "
+                     f"split ({val_split} training images held out, `data.val_split`): the test set chose nothing, so "
+                     "it is an honest number too.")
+    else:
+        best_note = ("- **Best-epoch top-1** is the highest test accuracy over all epochs. Choosing the epoch on the "
+                     "test set makes it optimistic; it is what most papers report (`--set data.val_split=N` chooses "
+                     "it on held-out training images instead).")
+    pairs = int(summary["paired_seeds"].min()) if len(summary) else 0
     lines += [
         "",
         "- **Last-epoch top-1** is the test accuracy of the model the run ends with: the honest number, the model "
         "you would ship.",
-        "- **Best-epoch top-1** is the highest test accuracy over all epochs. Choosing the epoch on the test set "
-        "makes it optimistic; it is what most papers report.",
-        f"- Δ is the difference of means to `{REFERENCE}` (plain cross-entropy), in percentage points. A "
-        "difference smaller than the standard deviations is within seed-to-seed noise.",
+        best_note,
+        f"- 95 % CI: the t-interval of the mean over seeds. Δ is the mean of the paired differences to `{REFERENCE}` "
+        "(plain cross-entropy) over the seeds both ran, in percentage points, with its 95 % t-interval and the "
+        "two-sided paired t-test's p-value: runs with the same seed share data order and initial weights, so "
+        f"pairing removes what the seed does to both. Verdict: better or worse when p < 0.05, else no clear "
+        f"difference; with fewer than {MIN_SEEDS} seeds, needs more seeds.",
+        *([f"- **The verdicts need more seeds**: this comparison has {pairs} paired "
+           f"seed{'s' if pairs != 1 else ''}; rerun with `--seeds 0,1,2` (finished runs are kept)."]
+          if pairs < MIN_SEEDS else []),
         "- Method parameters (`--set method.x=...` applies to the main method only; the others use their "
         "defaults):",
         *[f"  {line}" for line in _method_parameters(comparison)],
@@ -153,8 +219,8 @@ def write_tables(comparison: ComparisonPlan, failed: Optional[dict] = None):
     the runs that failed, with why. Returns (results, summary)."""
     results = results_table(comparison, failed)
     finished = results[results["status"] == "finished"].infer_objects()  # numbers, not the pending rows' None
-    partial = len(finished) < len(results)
-    summary = summary_table(finished, partial=partial)
+    summary = summary_table(finished, best_chosen_on="val" if comparison.recipe.data.val_split else "test",
+                            partial=len(finished) < len(results))
     out = comparison.out
     atomic_write_text(out / "results.csv", results.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))

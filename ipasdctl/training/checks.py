@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..config import Recipe
+from ..data.noise import check_label_noise
 from ..errors import UserError
 from ..methods import resolved_method_config
 from .tracking import check_track
@@ -31,6 +32,14 @@ def check_recipe(recipe: Recipe) -> None:
     if o.warmup_epochs < 0 or o.weight_decay < 0 or o.momentum < 0:
         raise UserError("optim.warmup_epochs, weight_decay and momentum must not be negative")
     check_track(t.track)
+    d = recipe.data
+    if d.val_split is not None and d.val_split <= 0:
+        raise UserError(f"data.val_split must be a positive number of training images, got {d.val_split}; "
+                        "leave it unset for no validation split")
+    for key, seed in (("data.val_seed", d.val_seed), ("data.label_noise.seed", d.label_noise.seed)):
+        if not 0 <= seed < 2**63:
+            raise UserError(f"{key} must be an integer from 0 to 2^63-1, got {seed}")
+    check_label_noise(d.label_noise.rate, d.label_noise.kind)
 
 
 def check_labels(data, name: str) -> None:

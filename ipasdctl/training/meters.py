@@ -19,19 +19,20 @@ from .progress import Progress
 @torch.no_grad()
 def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channels_last: bool = False,
                  dist_ctx: Optional[DistContext] = None, stop: Optional[Callable[[], bool]] = None,
-                 progress: Optional[Progress] = None) -> Optional[dict]:
-    """Test loss, top-1 and top-5 (%) of the plain model; sums stay on the device until the end. None when
-    `stop()` turns true between two batches (a signal: the loop checkpoints and stops within a batch).
+                 progress: Optional[Progress] = None, split: str = "test") -> Optional[dict]:
+    """Loss, top-1 and top-5 (%) of the plain model on the test (or the validation, `split="val"`) split, as
+    `<split>_loss`, `<split>_top1`, `<split>_top5`; sums stay on the device until the end. None when `stop()`
+    turns true between two batches (a signal: the loop checkpoints and stops within a batch).
 
-    With `dist_ctx` of several processes (every rank holding the same model), rank r evaluates the test
+    With `dist_ctx` of several processes (every rank holding the same model), rank r evaluates the
     batches i with i mod W = r and the sums are added over ranks: every rank returns the same figures.
     `progress`: a bar of this process's batches on a terminal (counted on the host)."""
     model.eval()
     rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
-    bar = progress.test_bar(len(range(rank, math.ceil(data.num_test / batch_size), world))) if progress else None
+    bar = progress.test_bar(len(range(rank, math.ceil(data.held_out_size(split) / batch_size), world))) if progress else None
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
-    for i, (x, y) in enumerate(data.test_batches(batch_size, device, channels_last)):
+    for i, (x, y) in enumerate(data.held_out_batches(split, batch_size, device, channels_last)):
         if stop is not None and stop():
             if bar is not None:
                 bar.close()
@@ -53,10 +54,10 @@ def test_metrics(model: nn.Module, data, device, dtype, batch_size: int, channel
         distributed.all_reduce_sum(sums)
         loss_sum, hits = sums[0], sums[1:]
     top1, topk = hits.unbind()
-    n = data.num_test
+    n = data.held_out_size(split)
     model.train()
-    return {"test_loss": (loss_sum / n).item(), "test_top1": (100.0 * top1 / n).item(),
-            "test_top5": (100.0 * topk / n).item()}
+    return {f"{split}_loss": (loss_sum / n).item(), f"{split}_top1": (100.0 * top1 / n).item(),
+            f"{split}_top5": (100.0 * topk / n).item()}
 
 
 class EpochMeter:

@@ -60,5 +60,5 @@ class Progress:
             bar.close()
         terms = " ".join(f"{k.replace('loss_', '')}={row[k]:.3f}" for k in row if k.startswith("loss_"))
         self.note(f"epoch {row['epoch']}/{epochs}  loss={row['train_loss']:.3f} {terms}  "
-                  f"train={row['train_top1']:.1f}%  test={row['test_top1']:.2f}%  "
-                  f"{row['images_per_second']:.0f} img/s")
+                  f"train={row['train_top1']:.1f}%  " + (f"val={row['val_top1']:.2f}%  " if "val_top1" in row else "")
+                  + f"test={row['test_top1']:.2f}%  {row['images_per_second']:.0f} img/s")

@@ -8,8 +8,9 @@ and atomic-add kernels (index_add_, scatter, conv backward) may round differentl
 agree to float noise unless `train.deterministic` is set.
 
 Checkpoints (runs.py names the files): last.pt at every epoch end and, with checkpoint.every_steps=N, every N
-steps, so a kill loses at most N steps; best.pt at the epoch with the best test top-1. Stops (signals,
-non-finite loss) are in stopping.py.
+steps, so a kill loses at most N steps; best.pt at the epoch with the best top-1 on the validation split when
+the recipe holds one out (data.val_split), else on the test set (optimistic; summary.json says which). The
+test top-1 stays the reported number either way. Stops (signals, non-finite loss) are in stopping.py.
 
 Several processes (torchrun, DistributedDataParallel; the choices are argued in distributed.py): the
 recipe's batch size is the global batch, each rank trains on its share; rank 0 creates the run folder (its
@@ -95,7 +96,8 @@ class Trainer:
         self.step_in_epoch = 0  # steps of that epoch already done
         self.global_step = 0
         self.rows: list[dict] = []
-        self.best_top1 = -1.0
+        self.best_top1 = -1.0  # test top-1 of the best epoch
+        self.best_score = -1.0  # what chose it: validation top-1 with a validation split, else test top-1
         self.best_epoch = -1
         self.best_top5 = 0.0
         self.train_seconds = 0.0  # training steps only, all epochs
@@ -162,7 +164,8 @@ class Trainer:
             "global_step": self.global_step,
             "meter": self.meter.state_dict(),
             "rows": self.rows,
-            "best": {"top1": self.best_top1, "epoch": self.best_epoch, "top5": self.best_top5},
+            "best": {"top1": self.best_top1, "epoch": self.best_epoch, "top5": self.best_top5,
+                     "score": self.best_score, "chosen_on": self.chosen_on},
             "train_seconds": self.train_seconds,
             "epoch_seconds": self.epoch_seconds,
             "wall_seconds": wall,
@@ -207,6 +210,7 @@ class Trainer:
         if len(self.rows) != self.epoch:
             raise ValueError(f"{len(self.rows)} metrics rows for {self.epoch} finished epochs")
         self.best_top1 = float(state["best"]["top1"])
+        self.best_score = float(state["best"].get("score", self.best_top1))
         self.best_epoch = _whole(state["best"]["epoch"], "best epoch", -1, self.epoch)
         self.best_top5 = float(state["best"]["top5"])
         self.train_seconds = float(state["train_seconds"])
@@ -225,11 +229,31 @@ class Trainer:
         if self.dist.is_main:
             self.folder.save_checkpoint(state, best)
 
+    @property
+    def chosen_on(self) -> str:
+        """The split that chooses the best epoch: 'val' with a validation split, else 'test'."""
+        return "val" if self.data.num_val else "test"
+
+    def _record_splits(self) -> None:
+        """splits.json: the validation indices and the label noise applied (rewritten, identical, on resume);
+        the noise actually applied is also printed."""
+        origin = self.data.origin
+        if self.dist.is_main and origin:
+            self.folder.write_splits(origin)
+        noise = origin.get("label_noise")
+        if noise:
+            self.progress.note(f"label noise: {noise['flipped']} of {noise['train_images']} training labels flipped "
+                               f"({100 * noise['applied_rate']:.2f} %, {noise['kind']}, seed {noise['seed']})")
+        if self.data.num_val:
+            self.progress.note(f"validation split: {self.data.num_val} training images held out (seed "
+                               f"{self.recipe.data.val_seed}); it chooses the best epoch")
+
     # -------------------------------------------------------------------------------- loop
     def run(self) -> dict:
         """Train to the last epoch (from wherever the state says), writing the run folder as it goes."""
         assert self.folder is not None
         self._session_started = time.time()
+        self._record_splits()
         self.tracker = open_tracker(self.recipe, self.folder, self.rows, self.dist.is_main)
         failed = True
         try:
@@ -302,25 +326,31 @@ class Trainer:
         images = self.meter.totals()[2].item()
         # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
         distributed.broadcast_buffers(self.net, self.dist)
-        test_stats = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
-                                  self.channels_last, self.dist, stop=lambda: self.stops.requested is not None,
-                                  progress=self.progress)
-        if test_stats is None:  # a signal during the test pass: checkpoint the epoch's steps; resume evaluates
+        stop = lambda: self.stops.requested is not None  # noqa: E731
+        held_out = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
+                                self.channels_last, self.dist, stop=stop, progress=self.progress)
+        if held_out is not None and self.data.num_val:
+            val = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
+                               self.channels_last, self.dist, stop=stop, progress=self.progress, split="val")
+            held_out = None if val is None else {**held_out, **val}
+        if held_out is None:  # a signal during the evaluation: checkpoint the epoch's steps; resume evaluates
             self.save()
             self.stops.stop(bar, self.folder.path)
-        self.method.on_epoch_end(epoch)  # after the test pass, so a checkpoint written during it resumes exactly
+        self.method.on_epoch_end(epoch)  # after the evaluation, so a checkpoint written during it resumes exactly
         seconds = self.epoch_seconds
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
         row.update({"train_loss": train_stats.pop("train_loss")})
         row.update({k: v for k, v in train_stats.items() if k != "train_top1"})
         row["train_top1"] = train_stats["train_top1"]
-        row.update(test_stats)
+        row.update(held_out)
         row["epoch_seconds"] = seconds
         row["images_per_second"] = images / seconds if seconds > 0 else float("nan")
         self.rows.append(row)
-        is_best = test_stats["test_top1"] > self.best_top1
+        score = held_out[f"{self.chosen_on}_top1"]
+        is_best = score > self.best_score
         if is_best:
-            self.best_top1, self.best_epoch, self.best_top5 = test_stats["test_top1"], epoch + 1, test_stats["test_top5"]
+            self.best_top1, self.best_epoch, self.best_top5 = held_out["test_top1"], epoch + 1, held_out["test_top5"]
+            self.best_score = score
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_seconds = 0.0
@@ -347,6 +377,7 @@ class Trainer:
                       f"best.pt now holds the last epoch ({self.epoch}, test top-1 {last['test_top1']:.2f}%)",
                       file=sys.stderr)
             self.best_top1, self.best_epoch, self.best_top5 = last["test_top1"], self.epoch, last["test_top5"]
+            self.best_score = last[f"{self.chosen_on}_top1"]
         self.save(best=True)
 
     def _count_time(self, started: float) -> float:
@@ -372,6 +403,10 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_top5": self.best_top5,
             "best_epoch": self.best_epoch,
+            "best_chosen_on": self.chosen_on,  # the split whose top-1 chose the best epoch (and best.pt)
+            "best_val_top1": self.best_score if self.data.num_val else None,
+            "val_images": self.data.num_val,
+            "label_noise_applied": (self.data.origin.get("label_noise") or {}).get("applied_rate", 0.0),
             "last_top1": last["test_top1"],
             "last_top5": last["test_top5"],
             "params": self.params,
