@@ -117,17 +117,17 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
                     raise UserError(f"--resume {folder.path}: the given recipe differs from the run's ({', '.join(diff)}); "
                                     "resume without recipe options, or start a new run")
             summary = folder.read_summary() if folder.state() == "finished" else None
-            if summary is not None and int(state["epoch"]) >= saved.train.epochs:
-                if ctx.is_main:
-                    (progress or Progress()).note(
-                        f"{folder.path} already finished ({state['epoch']}/{saved.train.epochs} epochs, best test "
-                        f"top-1 {summary.get('best_top1', float('nan')):.2f}%): nothing to resume")
-                return folder.path
             trainer = Trainer(saved, folder.path, progress)
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(state)  # the checkpoint is checked whole, finished or not
             if trainer.dist.is_main:
                 folder.remove_stale_temporaries()  # of a process killed mid-write (we hold the lock)
             del state
+            if summary is not None and trainer.epoch >= saved.train.epochs and folder.best.is_file():
+                if ctx.is_main:
+                    (progress or Progress()).note(
+                        f"{folder.path} already finished ({trainer.epoch}/{saved.train.epochs} epochs, best test "
+                        f"top-1 {summary.get('best_top1', float('nan')):.2f}%): nothing to resume")
+                return folder.path
             trainer.run()
         finally:
             lock.release()
