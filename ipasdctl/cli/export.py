@@ -16,6 +16,7 @@ def export(
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write <name>-int8.onnx: static QDQ quantization, per-channel weights.")] = False,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Training images used to calibrate INT8 ranges.")] = 512,
+    int8_target: Annotated[str, typer.Option("--int8-target", help="CPU the INT8 model is for: auto (this CPU), avx2 (U8S8, 7-bit weights), avx512-vnni (U8S8), arm64 (S8S8).")] = "auto",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
@@ -26,7 +27,7 @@ def export(
 
     if not onnx:
         raise UserError("choose an export format: ipasdctl export RUN_FOLDER --onnx")
-    record = export_onnx(run_folder, out, opset=opset, int8=int8, calib_samples=calib_samples,
+    record = export_onnx(run_folder, out, opset=opset, int8=int8, calib_samples=calib_samples, int8_target=int8_target,
                          checkpoint=checkpoint, data_root=str(data) if data is not None else None, name=name)
     worst = max(b["max_abs_diff"] for b in record["validation"]["batches"])
     sizes = ",".join(str(b["batch_size"]) for b in record["validation"]["batches"])
@@ -38,6 +39,12 @@ def export(
     if "int8" in record:
         typer.echo(f"test top-1 (onnxruntime, {record['onnx_test']['n']} images): fp32 {record['onnx_test']['top1']:.2f}%  "
                    f"int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)")
+        typer.echo(f"int8: {record['int8']['quantization']}")
+        speed = record["int8"]["speed_check"]
+        if not speed["int8_pays"]:
+            typer.echo(f"int8 is not faster than fp32 on this CPU for this model: p50 at batch 1 {speed['int8_p50_ms']:.3f} ms "
+                       f"against {speed['fp32_p50_ms']:.3f} ms ({speed['runs']} runs each); ship the fp32 model or "
+                       "confirm with `ipasdctl bench`")
         typer.echo(record["int8"]["onnx_path"])
     typer.echo(record["onnx_path"])
 

@@ -6,6 +6,10 @@ mean latency in milliseconds and throughput = batch size / mean latency (images 
 host memory to host memory on every backend (numpy in, numpy out for onnxruntime; a CPU tensor in and out
 for PyTorch, with the copies included on CUDA), so the backends are timed alike. The thread count (the same
 for both backends), the CPU model and the library versions go into every row of `latency.csv`.
+
+An INT8 model is timed against its fp32 original too (the file its json names, when it is beside it): the
+fp32 model is timed with onnxruntime right after the INT8 one, at each batch size with the same settings, and
+the INT8 rows carry `int8_vs_fp32` (fp32 p50 / INT8 p50, above 1 when INT8 is faster) and `int8_pays`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ LATENCY_CSV = "latency.csv"
 PERCENTILES = (50, 90, 99)
 COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
-           "torch", "created", "model_path"]
+           "torch", "created", "model_path", "int8_vs_fp32", "int8_pays"]
 
 
 def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
@@ -54,6 +58,48 @@ def time_calls(call: Callable[[], object], runs: int, warmup: int) -> np.ndarray
         call()
         times[i] = (time.perf_counter_ns() - start) / 1e6
     return times
+
+
+def paired_p50(calls: dict[str, Callable[[], object]], runs: int, warmup: int, rounds: int = 2) -> dict[str, float]:
+    """p50 (ms) of each call over `runs` timed calls, taken in `rounds` blocks that alternate between the calls
+    (each block after `warmup` untimed calls), so a drift of the machine hits every call alike."""
+    per_block = max(1, runs // rounds)
+    times: dict[str, list] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(time_calls(call, per_block, warmup))
+    return {name: float(np.percentile(np.concatenate(blocks), 50)) for name, blocks in times.items()}
+
+
+def int8_verdict(fp32_p50_ms: float, int8_p50_ms: float) -> dict:
+    """INT8 pays when its p50 is below fp32's; `int8_vs_fp32` is the speed-up (fp32 / INT8)."""
+    ratio = fp32_p50_ms / int8_p50_ms if int8_p50_ms > 0 else float("nan")
+    return {"fp32_p50_ms": fp32_p50_ms, "int8_p50_ms": int8_p50_ms, "int8_vs_fp32": ratio, "int8_pays": bool(ratio > 1.0)}
+
+
+def int8_speed_check(fp32_path: Path, int8_path: Path, x: np.ndarray, threads: Optional[int] = None,
+                     runs: int = 40, warmup: int = 5) -> dict:
+    """A quick p50 of both models on `x` with onnxruntime's CPU provider (see paired_p50), and the verdict."""
+    import torch
+
+    threads = int(threads or torch.get_num_threads())
+    calls = {}
+    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+        session = ort_session(path, threads)
+        calls[name] = lambda session=session: session.run(None, {session.get_inputs()[0].name: x})
+    p50 = paired_p50(calls, runs, warmup)
+    return {**int8_verdict(p50["fp32"], p50["int8"]), "batch_size": int(x.shape[0]), "runs": runs,
+            "warmup": warmup, "threads": threads, "cpu_model": runtime.cpu_model(),
+            "measured": f"onnxruntime CPU provider on test images, p50 of {runs} calls per model in 2 blocks "
+                        f"alternating fp32/int8, each after {warmup} untimed calls, during export on this machine "
+                        "(other load on it shows in the figures); `ipasdctl bench` measures longer"}
+
+
+def fp32_original(model_path: Path, record: dict) -> Optional[Path]:
+    """The fp32 model an INT8 export was made from, when its json names it and it lies beside it."""
+    name = record.get("fp32_onnx_file") if record.get("precision") == "int8" else None
+    path = model_path.parent / name if name else None
+    return path if path is not None and path.is_file() else None
 
 
 def summarize(times_ms: np.ndarray, batch_size: int) -> dict:
@@ -133,6 +179,11 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         entry = ort_backend(providers)
         if entry is not None:
             backends.append(entry)
+    original = fp32_original(model_path, record)
+    fp32_call = None
+    if original is not None:
+        fp32_session = ort_session(original, threads)
+        fp32_call = lambda x: fp32_session.run(None, {input_name: x})  # noqa: E731
     if torch_model is not None:
         def torch_call(model, device):
             def call(x):
@@ -166,10 +217,16 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(model_path.resolve())}
                 if backend == "pytorch":
                     row["precision"] = "fp32"
+                if fp32_call is not None and provider == "CPUExecutionProvider":
+                    fp32_p50 = summarize(time_calls(lambda: fp32_call(x), runs, warmup), b)["p50_ms"]
+                    verdict = int8_verdict(fp32_p50, row["p50_ms"])
+                    row.update(int8_vs_fp32=verdict["int8_vs_fp32"], int8_pays=verdict["int8_pays"])
                 rows.append(row)
                 if log:
                     log(f"{backend:<11} {provider:<20} batch {b:>4}: p50 {row['p50_ms']:.3f} ms  "
-                        f"p99 {row['p99_ms']:.3f} ms  {row['throughput_ips']:.0f} img/s")
+                        f"p99 {row['p99_ms']:.3f} ms  {row['throughput_ips']:.0f} img/s"
+                        + (f"  ({row['int8_vs_fp32']:.2f}x fp32's {original.name}"
+                           f"{'' if row['int8_pays'] else ': INT8 does not pay'})" if "int8_pays" in row else ""))
     finally:
         torch.set_num_threads(previous_threads)
     new = pd.DataFrame(rows, columns=COLUMNS)
@@ -225,6 +282,13 @@ def _merge(csv_path: Path, new):
 
 
 def format_table(rows) -> str:
-    """The printed table: one line per backend and batch size."""
-    shown = rows[["backend", "provider", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips"]]
+    """The printed table: one line per backend and batch size; INT8 rows timed against their fp32 original
+    show the speed-up and 'no' where INT8 is not faster."""
+    import pandas as pd
+
+    columns = ["backend", "provider", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips"]
+    shown = rows[columns].copy()
+    if rows["int8_pays"].notna().any():
+        shown["vs_fp32"] = [f"{r:.2f}x" if r == r else "" for r in rows["int8_vs_fp32"]]
+        shown["int8_pays"] = [("yes" if bool(p) else "no") if pd.notna(p) else "" for p in rows["int8_pays"]]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}" if v < 1e4 else f"{v:.0f}")

@@ -12,9 +12,11 @@ export leaves no half-written model behind.
 - Validation: `onnx.checker.check_model(full_check=True)`, then onnxruntime against PyTorch on real test
   images at batch 1, an odd batch and 64: pass iff |ort - torch| <= atol + rtol * |torch| element-wise
   (atol 1e-4, rtol 1e-3), with the max absolute difference and the top-1 agreement reported.
-- INT8: `quant_pre_process` (shape inference + graph optimisation), then `quantize_static` in QDQ format with
-  per-channel weights, MinMax ranges calibrated on training images (normalised, not augmented); its test
-  top-1 is measured with onnxruntime on the whole test set next to the fp32 model's.
+- INT8: `quant_pre_process` (shape inference + graph optimisation, which folds BatchNorm into convolutions),
+  then `quantize_static` in QDQ format with per-channel weights, MinMax ranges calibrated on training images
+  (normalised, not augmented), with the types and operators chosen for the target CPU (`int8.py`); its test
+  top-1 is measured with onnxruntime on the whole test set next to the fp32 model's, and a quick p50 at batch 1
+  of both models says whether INT8 is faster than fp32 on this CPU (`int8_pays`).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from ..errors import UserError
 from ..files import atomic_write_json
 from ..models import count_macs, count_params
 from ..runs import load_model
-from .int8 import calibration_batches, quantize_int8
+from .bench import int8_speed_check
+from .int8 import calibration_batches, choose_settings, quantize_int8
 from . import onnx_files
 from .onnx_files import (ATOL, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, RTOL,
                          VALIDATION_BATCH_SIZES, file_size, first_line, opset_of, quiet_exporters, ort_session,
@@ -153,6 +156,10 @@ def _prepare_out(out_dir: Path) -> Path:
     return out_dir
 
 
+def _batchnorm_count(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _checkpoint_top1(state: dict, checkpoint: str) -> Optional[float]:
     if checkpoint == "best" and state.get("best", {}).get("top1", -1) >= 0:
         return float(state["best"]["top1"])
@@ -161,7 +168,7 @@ def _checkpoint_top1(state: dict, checkpoint: str) -> Optional[float]:
 
 
 def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[int] = None, int8: bool = False,
-                calib_samples: int = 512, checkpoint: str = "best", data_root: Optional[str] = None,
+                calib_samples: int = 512, int8_target: str = "auto", checkpoint: str = "best", data_root: Optional[str] = None,
                 name: Optional[str] = None, validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES,
                 eval_batch_size: int = 256) -> dict:
     """Export, validate and (optionally) quantize one run; returns the fp32 model's json record."""
@@ -175,6 +182,9 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         raise UserError(f"--int8 needs --opset 13 or newer (per-channel QDQ), got {opset}")
     if int8 and calib_samples <= 0:
         raise UserError(f"--calib-samples must be positive, got {calib_samples}")
+    if not int8 and int8_target != "auto":
+        raise UserError(f"--int8-target {int8_target} needs --int8 (it chooses how the INT8 model is quantised)")
+    int8_settings = choose_settings(int8_target) if int8 else None
     if not validation_batch_sizes or min(validation_batch_sizes) <= 0:
         raise UserError("validation batch sizes must be positive integers")
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
@@ -251,7 +261,9 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         if int8:
             fp32_eval = session_accuracy(ort_session(fp32_path), data, eval_batch_size)
             int8_path = staging / f"{name}-int8.onnx"
-            settings = quantize_int8(fp32_path, int8_path, calibration_batches(data, calib_samples), staging)
+            settings = quantize_int8(fp32_path, int8_path, calibration_batches(data, calib_samples), staging,
+                                     int8_settings)
+            settings["batchnorm_folded"] = _batchnorm_count(model) - settings["batchnorm_left_float"]
             (staging / f"{fp32_path.stem}-preprocessed.onnx").unlink(missing_ok=True)
             run_checker(int8_path)
             int8_session = ort_session(int8_path)
@@ -265,12 +277,15 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                 agreement.append({"batch_size": int(b), **figures})
             int8_eval = session_accuracy(int8_session, data, eval_batch_size)
             del int8_session, fp32_session
+            speed = int8_speed_check(fp32_path, int8_path, images[:1])
             set_metadata(int8_path, {**base_meta, "precision": "int8", "exporter": exporter["exporter"],
                                      "opset": opset_of(int8_path), "test_top1": int8_eval["top1"],
                                      "fp32_test_top1": fp32_eval["top1"],
-                                     "quantization": "static QDQ, per-channel int8 weights, int8 activations, "
-                                                     f"MinMax on {settings['calibration_samples']} training images",
-                                     "calibration_samples": settings["calibration_samples"]})
+                                     "quantization": f"static {int8_settings.describe()}, MinMax on "
+                                                     f"{settings['calibration_samples']} training images",
+                                     "int8_target": int8_settings.target, "quantization_settings": settings,
+                                     "calibration_samples": settings["calibration_samples"],
+                                     "int8_speed_check": speed})
             run_checker(int8_path)
             record["onnx_test"] = fp32_eval
             int8_record = {
@@ -282,13 +297,17 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                 "test_top1": int8_eval["top1"],
                 "onnx_test": int8_eval,
                 "fp32_onnx_test": fp32_eval,
+                "fp32_onnx_file": fp32_path.name,
                 "quantization": settings,
+                "speed_check": speed,
                 "file_size_bytes": file_size(int8_path),
                 "validation": {"reference": f"{fp32_path.name} (onnxruntime)", "images": "test set",
                                "batches": agreement},
             }
             record["int8"] = {"onnx_file": int8_path.name, "test_top1": int8_eval["top1"],
-                              "test_top5": int8_eval["top5"], "file_size_bytes": int8_record["file_size_bytes"]}
+                              "test_top5": int8_eval["top5"], "file_size_bytes": int8_record["file_size_bytes"],
+                              "target": int8_settings.target, "quantization": int8_settings.describe(),
+                              "pays": speed["int8_pays"], "speed_check": speed}
 
         atomic_write_json(staging / f"{name}.json", record)
         if int8_record is not None:

@@ -31,7 +31,7 @@ VALIDATION_BATCH_SIZES = (1, 7, 64)  # batch 1, an odd batch, 64
 SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
 # metadata values that are JSON (lists, numbers); the rest are plain strings
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_classes", "epoch", "opset",
-              "calibration_samples", "fp32_test_top1")
+              "calibration_samples", "fp32_test_top1", "quantization_settings", "int8_speed_check")
 
 
 def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",)):
