@@ -27,29 +27,26 @@ from ipasdctl.training import Progress, train
 QUANTISED_CONSUMERS = set(COMPUTE_OPS) | {"Add"}  # Relu/Clip after a quantised op vanish into its Quantize
 
 
-def _run(tmp_path_factory, arch: str, epochs: int, subset: int) -> Path:
+def _trained_and_exported(tmp_path_factory, arch: str, epochs: int, subset: int, target: str, calib: int) -> dict:
     recipe = load_recipe("demo", {"model": {"arch": arch}, "train": {"epochs": epochs},
                                   "data": {"train_subset": subset}})
-    return train(recipe, tmp_path_factory.mktemp(f"runs-{arch}"), progress=Progress(enabled=False))
-
-
-@pytest.fixture(scope="module")
-def resnet8(tmp_path_factory) -> dict:
-    run_dir = _run(tmp_path_factory, "resnet8", 8, 1024)
-    out = tmp_path_factory.mktemp("exports-avx2")
-    record = export_onnx(run_dir, out, int8=True, int8_target="avx2", calib_samples=64,
+    run_dir = train(recipe, tmp_path_factory.mktemp(f"runs-{arch}"), progress=Progress(enabled=False))
+    out = tmp_path_factory.mktemp(f"exports-{arch}")
+    record = export_onnx(run_dir, out, int8=True, int8_target=target, calib_samples=calib,
                          validation_batch_sizes=(1, 8))
     return {"run": run_dir, "out": out, "record": record, "fp32": out / f"{run_dir.name}.onnx",
             "int8": out / f"{run_dir.name}-int8.onnx"}
 
 
 @pytest.fixture(scope="module")
+def resnet8(tmp_path_factory) -> dict:
+    """Trained long enough (8 epochs on 1,024 digits) that agreeing with fp32 means something."""
+    return _trained_and_exported(tmp_path_factory, "resnet8", 8, 1024, "avx2", 64)
+
+
+@pytest.fixture(scope="module")
 def preact(tmp_path_factory) -> dict:
-    run_dir = _run(tmp_path_factory, "preact_resnet18", 1, 64)
-    out = tmp_path_factory.mktemp("exports-preact")
-    record = export_onnx(run_dir, out, int8=True, int8_target="avx512-vnni", calib_samples=32,
-                         validation_batch_sizes=(1, 2))
-    return {"record": record, "int8": out / f"{run_dir.name}-int8.onnx"}
+    return _trained_and_exported(tmp_path_factory, "preact_resnet18", 1, 64, "avx512-vnni", 32)
 
 
 # ----------------------------------------------------------------------------------------------- the chooser

@@ -42,8 +42,8 @@ def export(
         typer.echo(f"int8: {record['int8']['quantization']}")
         speed = record["int8"]["speed_check"]
         if not speed["int8_pays"]:
-            typer.echo(f"int8 is not faster than fp32 on this CPU for this model: p50 at batch 1 {speed['int8_p50_ms']:.3f} ms "
-                       f"against {speed['fp32_p50_ms']:.3f} ms ({speed['runs']} runs each); ship the fp32 model or "
+            typer.echo(f"int8 is not faster than fp32 on this CPU for this model: p50 at batch 1 "
+                       f"{speed['int8_p50_ms']:.3f} ms against {speed['fp32_p50_ms']:.3f} ms ({speed['runs']} runs each); ship the fp32 model or "
                        "confirm with `ipasdctl bench`")
         typer.echo(record["int8"]["onnx_path"])
     typer.echo(record["onnx_path"])

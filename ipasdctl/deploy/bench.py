@@ -74,7 +74,8 @@ def paired_p50(calls: dict[str, Callable[[], object]], runs: int, warmup: int, r
 def int8_verdict(fp32_p50_ms: float, int8_p50_ms: float) -> dict:
     """INT8 pays when its p50 is below fp32's; `int8_vs_fp32` is the speed-up (fp32 / INT8)."""
     ratio = fp32_p50_ms / int8_p50_ms if int8_p50_ms > 0 else float("nan")
-    return {"fp32_p50_ms": fp32_p50_ms, "int8_p50_ms": int8_p50_ms, "int8_vs_fp32": ratio, "int8_pays": bool(ratio > 1.0)}
+    return {"fp32_p50_ms": fp32_p50_ms, "int8_p50_ms": int8_p50_ms, "int8_vs_fp32": ratio,
+            "int8_pays": bool(ratio > 1.0)}
 
 
 def int8_speed_check(fp32_path: Path, int8_path: Path, x: np.ndarray, threads: Optional[int] = None,
@@ -179,11 +180,8 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         entry = ort_backend(providers)
         if entry is not None:
             backends.append(entry)
-    original = fp32_original(model_path, record)
-    fp32_call = None
-    if original is not None:
-        fp32_session = ort_session(original, threads)
-        fp32_call = lambda x: fp32_session.run(None, {input_name: x})  # noqa: E731
+    original = fp32_original(model_path, record)  # an INT8 model is timed against it
+    fp32_session = ort_session(original, threads) if original is not None else None
     if torch_model is not None:
         def torch_call(model, device):
             def call(x):
@@ -217,8 +215,9 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(model_path.resolve())}
                 if backend == "pytorch":
                     row["precision"] = "fp32"
-                if fp32_call is not None and provider == "CPUExecutionProvider":
-                    fp32_p50 = summarize(time_calls(lambda: fp32_call(x), runs, warmup), b)["p50_ms"]
+                if fp32_session is not None and provider == "CPUExecutionProvider":
+                    fp32_times = time_calls(lambda: fp32_session.run(None, {input_name: x}), runs, warmup)
+                    fp32_p50 = summarize(fp32_times, b)["p50_ms"]
                     verdict = int8_verdict(fp32_p50, row["p50_ms"])
                     row.update(int8_vs_fp32=verdict["int8_vs_fp32"], int8_pays=verdict["int8_pays"])
                 rows.append(row)

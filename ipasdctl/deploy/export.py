@@ -168,9 +168,9 @@ def _checkpoint_top1(state: dict, checkpoint: str) -> Optional[float]:
 
 
 def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[int] = None, int8: bool = False,
-                calib_samples: int = 512, int8_target: str = "auto", checkpoint: str = "best", data_root: Optional[str] = None,
-                name: Optional[str] = None, validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES,
-                eval_batch_size: int = 256) -> dict:
+                calib_samples: int = 512, int8_target: str = "auto", checkpoint: str = "best",
+                data_root: Optional[str] = None, name: Optional[str] = None,
+                validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES, eval_batch_size: int = 256) -> dict:
     """Export, validate and (optionally) quantize one run; returns the fp32 model's json record."""
     import onnx
     import onnxruntime

@@ -8,7 +8,7 @@ quantization guide) and what this machine measured (docs/performance.md, section
 | target | activations | weights | reduce_range | why |
 |---|---|---|---|---|
 | `avx2` (x86 without VNNI) | uint8 | int8 | yes | U8S8 uses VPMADDUBSW, which can saturate: 7-bit weights avoid it |
-| `avx512-vnni` (x86 with VNNI) | uint8 | int8 | no | VNNI accumulates without saturation; S8S8 measured 0.6x as fast |
+| `avx512-vnni` (x86 with VNNI) | uint8 | int8 | no | VNNI accumulates without saturation; S8S8 is 3x slower |
 | `arm64` | int8 | int8 | no | ARM's dot-product kernels run S8S8 natively (onnxruntime's QDQ default) |
 
 Quantised operators: the ones that pay, Conv, Gemm and MatMul, plus the two that are free with asymmetric
@@ -89,7 +89,7 @@ def detect_target(machine: Optional[str] = None, flags: Optional[frozenset[str]]
         return "avx512-vnni", f"CPU flags list {', '.join(vnni)}"
     if not flags:
         return "avx2", f"{machine or 'unknown'} CPU whose flags cannot be read: the settings safe on every x86"
-    return "avx2", f"CPU flags list {'avx2' if 'avx2' in flags else 'neither avx2'} but no VNNI"
+    return "avx2", "CPU flags list avx2 but no VNNI" if "avx2" in flags else "CPU flags list neither avx2 nor VNNI"
 
 
 def choose_settings(target: str = "auto", machine: Optional[str] = None,
@@ -107,7 +107,8 @@ def choose_settings(target: str = "auto", machine: Optional[str] = None,
                             reason="x86 without VNNI: U8S8 (VPMADDUBSW) with 7-bit weights against its saturation")
     if target == "avx512-vnni":
         return Int8Settings(target, detected_from, "QUInt8", "QInt8", False, op_types,
-                            reason="x86 with VNNI: U8S8 without saturation, no range reduction; S8S8 is slower here")
+                            reason="x86 with VNNI: U8S8 without saturation, no range reduction; S8S8 measured "
+                                   "3x slower")
     return Int8Settings(target, detected_from, "QInt8", "QInt8", False, op_types,
                         reason="ARM64: S8S8 runs natively on the dot-product kernels (onnxruntime's QDQ default)")
 
@@ -138,7 +139,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterator[np.nda
                   settings: Optional[Int8Settings] = None) -> dict:
     """Static INT8 with `settings` (default: this CPU's) after onnxruntime's pre-processing; returns the
     settings, how many BatchNorms are left float (not foldable) and the number of calibration images."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     settings = settings or choose_settings()
