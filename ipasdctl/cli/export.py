@@ -19,6 +19,7 @@ def export(
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write <name>-int8.onnx: static QDQ quantization, per-channel weights.")] = False,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Training images used to calibrate INT8 ranges.")] = 512,
+    int8_target: Annotated[str, typer.Option("--int8-target", help="CPU the INT8 model is for: auto (this CPU), avx2 (U8S8, 7-bit weights), avx512-vnni (U8S8), arm64 (S8S8).")] = "auto",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
@@ -36,7 +37,8 @@ def export(
         raise UserError(f"--name names one export, but this chain exports {len(run_folders)} runs; drop --name")
     made = chain.Outputs(exports_dir=out)
     for folder in run_folders:
-        record = export_onnx(folder, out, opset=opset, int8=int8, calib_samples=calib_samples, checkpoint=checkpoint,
+        record = export_onnx(folder, out, opset=opset, int8=int8, calib_samples=calib_samples, int8_target=int8_target,
+                             checkpoint=checkpoint,
                              data_root=str(data) if data is not None else None, name=name,
                              skip_unchanged=chain.current() is not None)
         _print_export(record, quiet)
@@ -48,7 +50,8 @@ def export(
 def _check_export(params: dict) -> None:
     from ..deploy.export import check_export_options
 
-    check_export_options(params["opset"], params["int8"], params["calib_samples"], params["checkpoint"])
+    check_export_options(params["opset"], params["int8"], params["calib_samples"], params["checkpoint"],
+                         params["int8_target"])
 
 
 def _print_export(record: dict, quiet: bool) -> None:
@@ -71,6 +74,13 @@ def _print_export(record: dict, quiet: bool) -> None:
         typer.echo(f"test top-1 (onnxruntime, {test['n']} images): fp32 {test['top1']:.2f}%"
                    + (f"  int8 {record['int8']['test_top1']:.2f}%  ({record['int8']['file_size_bytes'] / 1e6:.2f} MB)"
                       if "int8" in record else ""))
+        if "int8" in record:
+            typer.echo(f"int8: {record['int8']['quantization']}")
+            speed = record["int8"]["speed_check"]
+            if not speed["int8_pays"]:
+                typer.echo(f"int8 is not faster than fp32 on this CPU for this model: p50 at batch 1 "
+                           f"{speed['int8_p50_ms']:.3f} ms against {speed['fp32_p50_ms']:.3f} ms ({speed['runs']} runs "
+                           "each); ship the fp32 model or confirm with `ipasdctl bench`")
     if "int8" in record:
         typer.echo(record["int8"]["onnx_path"])
     typer.echo(record["onnx_path"])

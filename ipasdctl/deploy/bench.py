@@ -8,6 +8,10 @@ unstable measurement by `unstable_rows`). A call goes from
 host memory to host memory on every backend (numpy in, numpy out for onnxruntime; a CPU tensor in and out
 for PyTorch, with the copies included on CUDA), so the backends are timed alike. The thread count (the same
 for both backends), the CPU model and the library versions go into every row of `latency.csv`.
+
+An INT8 model is timed against its fp32 original too (the file its json names, when it is beside it): the
+fp32 model is timed with onnxruntime right after the INT8 one, at each batch size with the same settings, and
+the INT8 rows carry `int8_vs_fp32` (fp32 p50 / INT8 p50, above 1 when INT8 is faster) and `int8_pays`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ PERCENTILES = (50, 90, 99)
 UNSTABLE_TAIL = 5.0  # p99 / p50 above this: other load disturbed the timing
 COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
-           "torch", "created", "model_path", "model_sha256"]
+           "torch", "created", "model_path", "model_sha256", "int8_vs_fp32", "int8_pays"]
 
 
 def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
@@ -71,6 +75,49 @@ def time_calls(call: Callable[[], object], runs: int, warmup: int) -> np.ndarray
         call()
         times[i] = (time.perf_counter_ns() - start) / 1e6
     return times
+
+
+def paired_p50(calls: dict[str, Callable[[], object]], runs: int, warmup: int, rounds: int = 2) -> dict[str, float]:
+    """p50 (ms) of each call over `runs` timed calls, taken in `rounds` blocks that alternate between the calls
+    (each block after `warmup` untimed calls), so a drift of the machine hits every call alike."""
+    per_block = max(1, runs // rounds)
+    times: dict[str, list] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(time_calls(call, per_block, warmup))
+    return {name: float(np.percentile(np.concatenate(blocks), 50)) for name, blocks in times.items()}
+
+
+def int8_verdict(fp32_p50_ms: float, int8_p50_ms: float) -> dict:
+    """INT8 pays when its p50 is below fp32's; `int8_vs_fp32` is the speed-up (fp32 / INT8)."""
+    ratio = fp32_p50_ms / int8_p50_ms if int8_p50_ms > 0 else float("nan")
+    return {"fp32_p50_ms": fp32_p50_ms, "int8_p50_ms": int8_p50_ms, "int8_vs_fp32": ratio,
+            "int8_pays": bool(ratio > 1.0)}
+
+
+def int8_speed_check(fp32_path: Path, int8_path: Path, x: np.ndarray, threads: Optional[int] = None,
+                     runs: int = 40, warmup: int = 5) -> dict:
+    """A quick p50 of both models on `x` with onnxruntime's CPU provider (see paired_p50), and the verdict."""
+    import torch
+
+    threads = int(threads or torch.get_num_threads())
+    calls = {}
+    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+        session = ort_session(path, threads)
+        calls[name] = lambda session=session: session.run(None, {session.get_inputs()[0].name: x})
+    p50 = paired_p50(calls, runs, warmup)
+    return {**int8_verdict(p50["fp32"], p50["int8"]), "batch_size": int(x.shape[0]), "runs": runs,
+            "warmup": warmup, "threads": threads, "cpu_model": runtime.cpu_model(),
+            "measured": f"onnxruntime CPU provider on test images, p50 of {runs} calls per model in 2 blocks "
+                        f"alternating fp32/int8, each after {warmup} untimed calls, during export on this machine "
+                        "(other load on it shows in the figures); `ipasdctl bench` measures longer"}
+
+
+def fp32_original(model_path: Path, record: dict) -> Optional[Path]:
+    """The fp32 model an INT8 export was made from, when its json names it and it lies beside it."""
+    name = record.get("fp32_onnx_file") if record.get("precision") == "int8" else None
+    path = model_path.parent / name if name else None
+    return path if path is not None and path.is_file() else None
 
 
 def summarize(times_ms: np.ndarray, batch_size: int) -> dict:
@@ -165,6 +212,8 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         entry = ort_backend(providers)
         if entry is not None:
             backends.append(entry)
+    original = fp32_original(model_path, record)  # an INT8 model is timed against it
+    fp32_session = ort_session(original, threads) if original is not None else None
     if torch_model is not None:
         def torch_call(model, device):
             def call(x):
@@ -201,6 +250,11 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
                        "model_sha256": model_sha256}
                 if backend == "pytorch":
                     row["precision"] = "fp32"
+                if fp32_session is not None and provider == "CPUExecutionProvider":
+                    fp32_times = time_calls(lambda: fp32_session.run(None, {input_name: x}), runs, warmup)
+                    fp32_p50 = summarize(fp32_times, b)["p50_ms"]
+                    verdict = int8_verdict(fp32_p50, row["p50_ms"])
+                    row.update(int8_vs_fp32=verdict["int8_vs_fp32"], int8_pays=verdict["int8_pays"])
                 rows.append(row)
     finally:
         torch.set_num_threads(previous_threads)
@@ -278,6 +332,13 @@ def _merge(csv_path: Path, new):
 
 
 def format_table(rows) -> str:
-    """The printed table: one line per backend and batch size."""
-    shown = rows[["backend", "provider", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips"]]
+    """The printed table: one line per backend and batch size; INT8 rows timed against their fp32 original
+    show the speed-up and 'no' where INT8 is not faster."""
+    import pandas as pd
+
+    columns = ["backend", "provider", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips"]
+    shown = rows[columns].copy()
+    if rows["int8_pays"].notna().any():
+        shown["vs_fp32"] = [f"{r:.2f}x" if r == r else "" for r in rows["int8_vs_fp32"]]
+        shown["int8_pays"] = [("yes" if bool(p) else "no") if pd.notna(p) else "" for p in rows["int8_pays"]]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}" if v < 1e4 else f"{v:.0f}")

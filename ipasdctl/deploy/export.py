@@ -16,9 +16,11 @@ export leaves no half-written model behind.
   the exported graph ends with logits / T, so softmax of its output gives the calibrated probabilities;
   the metadata records T. A temperature fitted on another epoch's checkpoint (the run trained on since) is
   refused: calibrate again.
-- INT8: `quant_pre_process` (shape inference + graph optimisation), then `quantize_static` in QDQ format with
-  per-channel weights, MinMax ranges calibrated on training images (normalised, not augmented); its test
-  top-1 is measured with onnxruntime on the whole test set next to the fp32 model's.
+- INT8: `quant_pre_process` (shape inference + graph optimisation, which folds BatchNorm into convolutions),
+  then `quantize_static` in QDQ format with per-channel weights, MinMax ranges calibrated on training images
+  (normalised, not augmented), with the types and operators chosen for the target CPU (`int8.py`); its test
+  top-1 is measured with onnxruntime on the whole test set next to the fp32 model's, and a quick p50 at batch 1
+  of both models says whether INT8 is faster than fp32 on this CPU (`int8_pays`).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from ..errors import UserError
 from ..files import atomic_write_json, sha256_of
 from ..models import count_macs, count_params
 from ..runs import RunFolder, load_model, read_json
-from .int8 import calibration_batches, quantize_int8
+from .bench import int8_speed_check
+from .int8 import calibration_batches, choose_settings, quantize_int8
 from . import onnx_files
 from .onnx_files import (ATOL, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, RTOL,
                          VALIDATION_BATCH_SIZES, file_size, first_line, opset_of, quiet_exporters, ort_session,
@@ -171,7 +174,8 @@ def validate_against_torch(model: torch.nn.Module, onnx_path: Path, images: np.n
     return results
 
 
-def check_export_options(opset: Optional[int], int8: bool, calib_samples: int, checkpoint: str) -> None:
+def check_export_options(opset: Optional[int], int8: bool, calib_samples: int, checkpoint: str,
+                         int8_target: str = "auto") -> None:
     """The export options that are wrong whatever the run (checked before a chain trains anything)."""
     import onnx
 
@@ -183,6 +187,10 @@ def check_export_options(opset: Optional[int], int8: bool, calib_samples: int, c
         raise UserError(f"--calib-samples must be positive, got {calib_samples}")
     if checkpoint not in ("best", "last"):
         raise UserError(f"--checkpoint must be best or last, got '{checkpoint}'")
+    if not int8 and int8_target != "auto":
+        raise UserError(f"--int8-target {int8_target} needs --int8 (it chooses how the INT8 model is quantised)")
+    if int8:
+        choose_settings(int8_target)  # an unknown target is one line here
 
 
 def _prepare_out(out_dir: Path) -> Path:
@@ -194,6 +202,10 @@ def _prepare_out(out_dir: Path) -> Path:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise UserError(f"output folder {out_dir} is not writable; choose another --out")
     return out_dir
+
+
+def _batchnorm_count(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _checkpoint_top1(state: dict, checkpoint: str) -> Optional[float]:
@@ -213,18 +225,21 @@ def doc_string(meta: dict, precision: str) -> str:
 
 
 def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[int] = None, int8: bool = False,
-                calib_samples: int = 512, checkpoint: str = "best", data_root: Optional[str] = None,
-                name: Optional[str] = None, validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES,
-                eval_batch_size: int = 256, skip_unchanged: bool = False) -> dict:
+                calib_samples: int = 512, int8_target: str = "auto", checkpoint: str = "best",
+                data_root: Optional[str] = None, name: Optional[str] = None,
+                validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES, eval_batch_size: int = 256,
+                skip_unchanged: bool = False) -> dict:
     """Export, validate and (optionally) quantize one run; returns the fp32 model's json record.
 
     `skip_unchanged`: when the output folder already holds this export (and its INT8 model, if asked for) made
-    from a checkpoint with the same bytes, return its record (with "skipped": True) instead of exporting again."""
+    from a checkpoint with the same bytes, the same temperature and the same options, return its record (with
+    "skipped": True) instead of exporting again."""
     import onnx
     import onnxruntime
 
     run_dir = Path(run_dir)
-    check_export_options(opset, int8, calib_samples, checkpoint)
+    check_export_options(opset, int8, calib_samples, checkpoint, int8_target)
+    int8_settings = choose_settings(int8_target) if int8 else None
     if not validation_batch_sizes or min(validation_batch_sizes) <= 0:
         raise UserError("validation batch sizes must be positive integers")
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
@@ -316,7 +331,9 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         int8_record = None
         if int8:
             int8_path = staging / f"{name}-int8.onnx"
-            settings = quantize_int8(fp32_path, int8_path, calibration_batches(data, calib_samples), staging)
+            settings = quantize_int8(fp32_path, int8_path, calibration_batches(data, calib_samples), staging,
+                                     int8_settings)
+            settings["batchnorm_folded"] = _batchnorm_count(model) - settings["batchnorm_left_float"]
             (staging / f"{fp32_path.stem}-preprocessed.onnx").unlink(missing_ok=True)
             run_checker(int8_path)
             int8_session = ort_session(int8_path)
@@ -330,12 +347,15 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                 agreement.append({"batch_size": int(b), **figures})
             int8_eval = session_accuracy(int8_session, data, eval_batch_size)
             del int8_session, fp32_session
+            speed = int8_speed_check(fp32_path, int8_path, images[:1])
             set_metadata(int8_path, {**base_meta, "precision": "int8", "exporter": exporter["exporter"],
                                      "opset": opset_of(int8_path), "test_top1": int8_eval["top1"],
                                      "fp32_test_top1": fp32_eval["top1"],
-                                     "quantization": "static QDQ, per-channel int8 weights, int8 activations, "
-                                                     f"MinMax on {settings['calibration_samples']} training images",
-                                     "calibration_samples": settings["calibration_samples"]},
+                                     "quantization": f"static {int8_settings.describe()}, MinMax on "
+                                                     f"{settings['calibration_samples']} training images",
+                                     "int8_target": int8_settings.target, "quantization_settings": settings,
+                                     "calibration_samples": settings["calibration_samples"],
+                                     "int8_speed_check": speed},
                          model_version, doc_string({**base_meta, "test_top1": int8_eval["top1"]}, "int8"))
             run_checker(int8_path)
             int8_record = {
@@ -347,13 +367,17 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                 "test_top1": int8_eval["top1"],
                 "onnx_test": int8_eval,
                 "fp32_onnx_test": fp32_eval,
+                "fp32_onnx_file": fp32_path.name,
                 "quantization": settings,
+                "speed_check": speed,
                 "file_size_bytes": file_size(int8_path),
                 "validation": {"reference": f"{fp32_path.name} (onnxruntime)", "images": "test set",
                                "batches": agreement},
             }
             record["int8"] = {"onnx_file": int8_path.name, "test_top1": int8_eval["top1"],
-                              "test_top5": int8_eval["top5"], "file_size_bytes": int8_record["file_size_bytes"]}
+                              "test_top5": int8_eval["top5"], "file_size_bytes": int8_record["file_size_bytes"],
+                              "target": int8_settings.target, "quantization": int8_settings.describe(),
+                              "pays": speed["int8_pays"], "speed_check": speed}
 
         atomic_write_json(staging / f"{name}.json", record)
         if int8_record is not None:

@@ -34,7 +34,7 @@ MAX_IMAGE_SIDE = 4096  # pixels: an input_size beyond it would allocate more tha
 MAX_CHANNELS = 4
 MAX_CLASSES = 1_000_000
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_classes", "epoch", "opset",
-              "calibration_samples", "fp32_test_top1", "temperature")
+              "calibration_samples", "fp32_test_top1", "temperature", "quantization_settings", "int8_speed_check")
 
 
 def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",)):
