@@ -177,3 +177,47 @@ def test_predict_bad_inputs_are_one_line(tmp_path, capsys):
         load_image(not_an_image, 3)
     with pytest.raises(UserError, match="not 8-bit"):
         load_image(deep, 3)
+
+
+def test_a_rerun_chain_exports_again_after_calibrate_and_predict_uses_the_temperature(tmp_path, capsys):
+    """A kept export must be the one asked for now: a temperature fitted since (ipasdctl calibrate) or other INT8
+    options make the chain export again; `predict RUN` divides by the same temperature as the export."""
+    from ipasdctl.deploy.predict import predict
+    from ipasdctl.runs import RunFolder, load_model
+
+    runs, exports = tmp_path / "runs", tmp_path / "exports"
+    chain_args = ["train", *TINY_TRAIN, "--out", str(runs), "--name", "r", "export", "--out", str(exports), "-q"]
+    code, _, err = run_cli(chain_args, capsys)
+    assert code == 0, err
+    assert json.loads((exports / "r.json").read_text())["temperature"] is None
+    _, state, _ = load_model(runs / "r", "best")
+    RunFolder(runs / "r").write_temperature("best", {"temperature": 2.0, "epoch": int(state["epoch"])})
+    code, out, err = run_cli(chain_args, capsys)
+    assert code == 0, err
+    assert json.loads((exports / "r.json").read_text())["temperature"] == 2.0  # exported again, T folded in
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(png)
+    onnx, run = predict(exports / "r.onnx", [png], top_k=3)[0], predict(runs / "r", [png], top_k=3)[0]
+    assert onnx.classes == run.classes and onnx.probabilities == pytest.approx(run.probabilities, abs=1e-5)
+
+
+def test_a_chain_reuses_a_run_whose_config_predates_a_recipe_key(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["train", *TINY_TRAIN, "--out", str(runs), "--name", "r", "eval", "--tsne-points", "3",
+                            "-q"], capsys)
+    assert code == 0, err
+    config = runs / "r" / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.strip().startswith("track:")))  # as a run from before train.track
+    code, _, err = run_cli(["train", *TINY_TRAIN, "--out", str(runs), "--name", "r", "eval", "--tsne-points", "3",
+                            "-q"], capsys)
+    assert code == 0, err
+    assert [p.name for p in runs.iterdir()] == ["r"]
+
+
+def test_calibrate_options_are_checked_before_a_chain_trains(tmp_path, capsys):
+    code, _, err = run_cli(["train", *TINY_TRAIN, "--out", str(tmp_path / "runs"), "calibrate", "--batch-size", "0"],
+                           capsys)
+    assert code == 2 and "--batch-size must be positive" in err and not (tmp_path / "runs").exists()

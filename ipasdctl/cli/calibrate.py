@@ -25,13 +25,21 @@ def calibrate(
     temperature.json in the run folder and print NLL and ECE before and after on the test set. Accuracy does
     not change. `ipasdctl export` then folds T into the exported model (logits / T); prints the file last."""
     from ..analysis.calibration import calibrate_run, format_calibration
-    from ..errors import UserError
     from ..runs import RunFolder
 
-    if batch_size is not None and batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    _check_calibrate(locals())
     for folder in chain.inputs(run_folder, "a run folder", "calibrate", "run_dirs"):
         result = calibrate_run(folder, checkpoint, data, device, batch_size)
         if not quiet:
             typer.echo(format_calibration(result))
         typer.echo(str(RunFolder(folder).temperature))
+
+
+@chain.precheck("calibrate")
+def _check_calibrate(params: dict) -> None:
+    from ..errors import UserError
+
+    if params["batch_size"] is not None and params["batch_size"] <= 0:
+        raise UserError(f"--batch-size must be positive, got {params['batch_size']}")
+    if params["checkpoint"] not in ("best", "last"):
+        raise UserError(f"--checkpoint must be best or last, got '{params['checkpoint']}'")

@@ -252,7 +252,9 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         raise UserError(f"--name '{name}' must be a plain file name (no folders, not hidden)")
     source_sha256 = sha256_of(RunFolder(run_dir).checkpoint(checkpoint))
     if skip_unchanged:
-        kept = _unchanged_export(out_dir, name, source_sha256, int8, opset)
+        kept = _unchanged_export(out_dir, name, source_sha256, temperature,
+                                 {"int8": int8, "calib_samples": calib_samples, "int8_target": int8_target} if int8 else {},
+                                 opset)
         if kept is not None:
             return kept
     data_config = recipe.data if data_root is None else replace(recipe.data, root=str(data_root))
@@ -323,6 +325,8 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "source_checkpoint_sha256": source_sha256,
+            # what a chain's rerun compares before it keeps this export (with the checkpoint and the temperature)
+            "int8_options": {"int8": int8, "calib_samples": calib_samples, "int8_target": int8_target} if int8 else {},
             "git_commit": runtime.git_commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -402,10 +406,15 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     return record
 
 
-def _unchanged_export(out_dir: Path, name: str, source_sha256: str, int8: bool, opset: Optional[int]) -> Optional[dict]:
-    """The record of an export in `out_dir` made from the same checkpoint bytes with what is asked now, or None."""
+def _unchanged_export(out_dir: Path, name: str, source_sha256: str, temperature: Optional[float], int8_options: dict,
+                      opset: Optional[int]) -> Optional[dict]:
+    """The record of an export in `out_dir` made from the same checkpoint bytes, with the same fitted temperature
+    and INT8 options as asked now, or None."""
+    int8 = bool(int8_options)
     record = read_json(out_dir / f"{name}.json")
     if record is None or record.get("source_checkpoint_sha256") != source_sha256 or "onnx_test" not in record:
+        return None
+    if record.get("temperature") != temperature or (int8 and record.get("int8_options") != int8_options):
         return None
     if (opset is not None and record.get("opset") != opset) or not (out_dir / f"{name}.onnx").is_file():
         return None

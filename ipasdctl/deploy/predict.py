@@ -19,6 +19,7 @@ from ..data import build_data
 from ..data.imagefolder import transforms_for
 from ..errors import UserError
 from ..runs import RunFolder, load_model
+from .export import fitted_temperature
 from .onnx_files import check_onnx_file, metadata_of, ort_session
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -134,17 +135,19 @@ def predict_run(run_dir: Path, images: Sequence[Path], top_k: int = 5, checkpoin
     """The same from a run folder's checkpoint, in PyTorch (to check an export against its source)."""
     RunFolder(run_dir).check()
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
-    stats = state.get("data_stats")
-    if not stats:  # a checkpoint from before the statistics were recorded: ask the data set
+    stats, class_names = state.get("data_stats"), state.get("class_names")
+    if not stats or not class_names:  # a checkpoint from before they were recorded: ask the data set
         data = build_data(recipe.data)
-        stats = {"mean": list(data.mean), "std": list(data.std), "image_shape": list(data.image_shape)}
+        stats = stats or {"mean": list(data.mean), "std": list(data.std), "image_shape": list(data.image_shape)}
+        class_names = class_names or list(data.class_names)
     prep = Preprocessing([int(v) for v in stats["image_shape"]], [float(v) for v in stats["mean"]],
-                         [float(v) for v in stats["std"]], [str(c) for c in state["class_names"]])
+                         [float(v) for v in stats["std"]], [str(c) for c in class_names])
     _check_preprocessing(prep, Path(run_dir))
+    temperature = fitted_temperature(run_dir, checkpoint, state) or 1.0  # as the export folds it in
 
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).float().numpy()
+            return (model(torch.from_numpy(x)).float() / temperature).numpy()
 
     return _predict(forward, prep, images, top_k, batch_size)
 

@@ -59,9 +59,13 @@ def _same_run(recipe: Recipe, run_dir: Path, progress: Optional[Progress]) -> Op
     folder = RunFolder(run_dir)
     try:
         saved = folder.read_config()
+        if saved is None:
+            return None
+        saved = recipe_from_dict(saved)  # a config.yaml from before a key existed gets its default
+        check_recipe(saved)
     except UserError:
         return None
-    if saved != recipe.to_dict():
+    if saved.to_dict() != recipe.to_dict():
         return None
     state = folder.state()
     if state == "finished":

@@ -14,9 +14,12 @@ its checkpoint and its log loses no epoch.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import math
 import os
+from pathlib import Path
 from typing import Optional
 
 from ..config import Recipe, dump_recipe
@@ -113,19 +116,25 @@ class MlflowTracker(NoTracker):
         for name in ("mlflow", "alembic"):  # their INFO lines (creating a store's tables) are no progress of ours
             logging.getLogger(name).setLevel(logging.WARNING)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{folder.mlflow_store.resolve()}"
-        self.client = client = MlflowClient(uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or recipe.name
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
         run_dir = str(folder.path.resolve())
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1)
+        # the runs of a `compare --jobs N` share one store: one process at a time creates its tables, the
+        # experiment and its run (they race otherwise: "duplicate column", "experiment already exists")
+        with _store_lock(folder.mlflow_store.with_name(folder.mlflow_store.name + ".lock")):
+            self.client = client = MlflowClient(uri)
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or recipe.name
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+            found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+                                       max_results=1)
+            if not found:
+                self.run_id = client.create_run(experiment_id, run_name=folder.name,
+                                                tags={RUN_DIR_TAG: run_dir}).info.run_id
         if found:  # a resume: the same MLflow run goes on
             self.run_id = found[0].info.run_id
             client.update_run(self.run_id, status="RUNNING")
             logged = client.get_metric_history(self.run_id, "test_top1")
             seen = max((m.step for m in logged), default=0)
         else:
-            self.run_id = client.create_run(experiment_id, run_name=folder.name, tags={RUN_DIR_TAG: run_dir}).info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in recipe_params(recipe).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
                 client.log_batch(self.run_id, params=params[start:start + 100])
@@ -158,3 +167,16 @@ def open_tracker(recipe: Recipe, folder: RunFolder, rows: list[dict], is_main: b
         return NoTracker()
     check_track(track)
     return (TensorBoardTracker if track == "tensorboard" else MlflowTracker)(folder, recipe, rows)
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path):
+    """An exclusive flock on `path` for the block (released when the block ends or the process dies)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
