@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from .analysis.evaluation import eval_onnx_model, eval_run
-from .config import Recipe, load_recipe
+from .config import Recipe, deep_merge, load_recipe, recipe_from_dict
 from .deploy import bench, export_onnx
 from .deploy.predict import Prediction, predict
 from .runs import RunFolder, load_model
@@ -30,8 +30,6 @@ def recipe_of(recipe: RecipeLike = "demo", overrides: Optional[dict] = None) -> 
     if isinstance(recipe, Recipe):
         if not overrides:
             return copy.deepcopy(recipe)
-        from .config import deep_merge, recipe_from_dict
-
         return recipe_from_dict(deep_merge(recipe.to_dict(), overrides))
     return load_recipe(str(recipe), overrides)
 

@@ -95,6 +95,12 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
     return lines
 
 
+def check_budget(max_latency_ms: Optional[float]) -> None:
+    """--max-latency-ms, if given, is a positive number of milliseconds (checked before a chain trains too)."""
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise UserError(f"--max-latency-ms must be positive, got {max_latency_ms}")
+
+
 def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Optional[Path] = None,
                  max_latency_ms: Optional[float] = None, data_root: Optional[Path] = None, device: str = "auto",
                  tsne_points: Optional[int] = None, progress: bool = False) -> Path:
@@ -106,8 +112,7 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
             raise UserError(f"{directory} does not exist or is not a folder; pass run folders or comparison folders")
     if exports is not None and not Path(exports).is_dir():
         raise UserError(f"--exports {exports} is not a folder; export models first (ipasdctl export) or drop --exports")
-    if max_latency_ms is not None and not max_latency_ms > 0:
-        raise UserError(f"--max-latency-ms must be positive, got {max_latency_ms}")
+    check_budget(max_latency_ms)
     runs, comparisons = collect_runs(dirs)
     if not runs:
         raise UserError("no runs found in the given folders; train or compare first")

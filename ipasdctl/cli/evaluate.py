@@ -98,9 +98,9 @@ def _check_eval(params: dict) -> None:
 
 @chain.precheck("report")
 def _check_report(params: dict) -> None:
+    from ..analysis.report import check_budget
     from ..errors import UserError
 
     if params["tsne_points"] < 3:
         raise UserError(f"--tsne-points must be at least 3, got {params['tsne_points']}")
-    if params["max_latency_ms"] is not None and not params["max_latency_ms"] > 0:
-        raise UserError(f"--max-latency-ms must be positive, got {params['max_latency_ms']}")
+    check_budget(params["max_latency_ms"])
