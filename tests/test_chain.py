@@ -154,7 +154,6 @@ def test_predict_agrees_with_eval_on_cifar_pngs_and_with_its_source_run(tiny_cif
 
 
 def test_predict_bad_inputs_are_one_line(tmp_path, capsys):
-    import torch
     from PIL import Image
 
     not_an_image = tmp_path / "notes.png"
@@ -162,7 +161,12 @@ def test_predict_bad_inputs_are_one_line(tmp_path, capsys):
     deep = tmp_path / "deep.png"
     Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(deep)  # mode I;16
     plain = tmp_path / "plain.onnx"  # an ONNX model without ipasdctl's metadata
-    torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), str(plain), dynamo=False)
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(plain))
     good = tmp_path / "good.png"
     Image.new("RGB", (8, 8)).save(good)
     for args, message in (([str(plain), str(good)], "no ipasdctl preprocessing metadata"),
