@@ -30,6 +30,7 @@ from ipasdctl import runtime
 from ipasdctl.config import load_recipe
 from ipasdctl.deploy import export_onnx
 from ipasdctl.deploy.bench import bench
+from ipasdctl.models import MODELS as MODELS_REGISTRY
 from ipasdctl.training import Progress, train
 
 MODELS = ("resnet20", "wrn16_2", "mobilenetv2", "preact_resnet18")
@@ -50,6 +51,9 @@ def per_model(name: str, default: int, models: list[str]) -> dict[str, int]:
     if "=" not in text:
         return dict.fromkeys(models, int(text))
     given = {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
+    unknown = sorted(m for m in given if m not in MODELS_REGISTRY)
+    if unknown:  # a misspelt architecture would silently leave the model it meant on the default budget
+        raise ValueError(f"{name} names {', '.join(unknown)}: not an architecture (see `ipasdctl list models`)")
     return {m: given.get(m, default) for m in models}
 
 
