@@ -18,8 +18,7 @@ from pathlib import Path
 import pandas as pd
 from conftest import report
 
-from ipasdctl.runtime import cpu_model
-from ipasdctl.studies.executors import cpu_cores
+from ipasdctl.runtime import available_cpus, cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +45,7 @@ def test_compare_sequential_vs_two_jobs(benchmark, tmp_path):
     base = seconds["sequential (PyTorch threads)"]
     rows = [{"executor": name, "wall_s": value, "speedup": base / value} for name, value in seconds.items()]
     report(f"4-run comparison (demo, ce + ipasd x seeds 0,1, {os.environ.get('IPASDCTL_BENCH_EPOCHS', '3')} epochs); "
-           f"{cpu_model()}, {cpu_cores()} cores", rows)
+           f"{cpu_model()}, {available_cpus()} cores", rows)
     benchmark.extra_info.update(seconds)
     timing = ["train_seconds", "images_per_second", "run_dir"]
     one_thread, jobs = (pd.read_csv(tmp_path / name / "results.csv").drop(columns=timing) for name in ("c1", "c2"))

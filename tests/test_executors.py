@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ipasdctl import training
+from ipasdctl import runtime, training
 from ipasdctl.analysis.collect import collect_runs
 from ipasdctl.analysis.selection import load_results
 from ipasdctl.errors import UserError
@@ -297,7 +297,7 @@ def test_cpu_jobs_share_the_cores_and_one_job_is_the_sequential_executor():
     recipe = tiny_recipe()
     local = make_executor(recipe, jobs=2)
     assert isinstance(local, LocalProcesses) and local.slots == 2
-    assert local.threads == max(1, executors.cpu_cores() // 2) and local.free_gpus is None
+    assert local.threads == max(1, runtime.available_cpus() // 2) and local.free_gpus is None
     assert make_executor(recipe, jobs=2, threads=3).threads == 3
     assert isinstance(make_executor(recipe), Sequential) and isinstance(make_executor(recipe, jobs=1), Sequential)
 

@@ -41,7 +41,7 @@ from ..config import Recipe
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..runs import read_json
-from .job import job_spec
+from .job import job_spec, run_job
 
 RAY_MISSING = "--ray needs Ray, which is not installed; install it with: pip install 'ipasdctl[ray]'"
 POLL_SECONDS = 0.1
@@ -174,13 +174,13 @@ class LocalProcesses(_ForwardsSignals):
         gpu = self.free_gpus.pop(0) if self.free_gpus is not None else None
         folder = Path(self._folder.name) / f"{job.name}.{job.attempt}"
         folder.mkdir()
-        atomic_write_text(folder / "spec.json", json.dumps(job_spec(job.run_dir, job.resume, job.recipe, self.threads)))
+        atomic_write_text(folder / "spec.json", json.dumps(job_spec(job.run_dir, job.resume, job.recipe, self.threads,
+                                                                       env=job.env)))
         env = dict(os.environ)
         env["PYTHONPATH"] = _child_pythonpath()
         env["OMP_NUM_THREADS"] = str(self.threads)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        env.update(job.env)
         with open(folder / "stderr.txt", "wb") as stderr:
             process = subprocess.Popen([sys.executable, "-m", "ipasdctl.studies.job", str(folder / "spec.json"),
                                         str(folder / "result.json")], env=env, stdin=subprocess.DEVNULL,
@@ -259,8 +259,6 @@ class RayTasks(_ForwardsSignals):
             self.slots = max(1, int(resources.get("CPU", 1)) // self.threads)
         self.marker = out.resolve() / f".ipasdctl-shared-{uuid.uuid4().hex}"
         atomic_write_text(self.marker, "written by the coordinating `ipasdctl compare`; every Ray task checks it sees it\n")
-        from .job import run_job
-
         self._task = ray.remote(run_job)
         super().open(out)
 
@@ -307,13 +305,6 @@ class RayTasks(_ForwardsSignals):
 
 
 # ------------------------------------------------------------------------------------------------ choice
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def visible_gpus(count: int, visible: Optional[str]) -> list[str]:
@@ -364,14 +355,14 @@ def make_executor(recipe: Recipe, jobs: Optional[int] = None, devices: Optional[
         raise UserError("--devices is for --jobs on this machine; under --ray, Ray gives each run a GPU")
     if not parallel:
         return Sequential(progress, threads)
-    default_threads = max(1, cpu_cores() // (jobs or 1))
     if ray is not None:
-        return RayTasks(ray, threads, cuda, default_threads)
+        return RayTasks(ray, threads, cuda, max(1, runtime.available_cpus() // (jobs or 1)))
+    gpus = None
     if cuda:
         gpus = choose_gpus(devices, jobs, visible_gpus(torch.cuda.device_count(),
                                                            os.environ.get("CUDA_VISIBLE_DEVICES")))
-        return LocalProcesses(len(gpus), threads or max(1, cpu_cores() // len(gpus)), gpus)
-    return LocalProcesses(jobs, threads or default_threads)
+        jobs = len(gpus)
+    return LocalProcesses(jobs, threads or max(1, runtime.available_cpus() // jobs), gpus)
 
 
 def _child_pythonpath() -> str:

@@ -66,7 +66,8 @@ class Eta:
         if seconds is not None:
             self.seconds.append(seconds)
 
-    def line(self, left: int) -> str:
+    def line(self) -> str:
+        left = self.total - self.done
         text = f"{self.done}/{self.total} runs done"
         if left > 0 and self.seconds:
             mean = sum(self.seconds) / len(self.seconds)
@@ -170,8 +171,7 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
             else:
                 done.add(name)
                 eta.finished(outcome.seconds)
-                left = total - len(done) - len(failed)
-                say(f"{head(name)} finished in {duration(outcome.seconds)} ({_accuracy(summary)}); {eta.line(left)}")
+                say(f"{head(name)} finished in {duration(outcome.seconds)} ({_accuracy(summary)}); {eta.line()}")
                 changed()
                 return
         if executor.stopping is not None:  # stopped by the user (a second signal may have cut it short)
