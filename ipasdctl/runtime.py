@@ -8,6 +8,7 @@ import platform
 import random
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -109,25 +110,25 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_model() -> str:
+def _cpuinfo(*keys: str) -> Optional[str]:
+    """The value of the first /proc/cpuinfo line that starts with one of `keys`; None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith(keys):
+                return line.split(":", 1)[1]
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    value = _cpuinfo("model name")
+    return value.strip() if value is not None else platform.processor() or platform.machine()
 
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (Linux x86 'flags', ARM 'Features'); empty where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
 
 
 def device_description(device: torch.device) -> str:

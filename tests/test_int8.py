@@ -80,6 +80,24 @@ def test_auto_target_from_machine_and_flags(machine, flags, target):
     assert settings.reduce_range == (target == "avx2")
 
 
+def test_cpu_model_and_flags_come_from_proc_cpuinfo(monkeypatch, tmp_path):
+    """What `auto` and every speed figure name: the model line and the flags (x86 'flags', ARM 'Features')."""
+    import platform
+
+    from ipasdctl import runtime
+
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(runtime, "Path", lambda p: info if p == "/proc/cpuinfo" else Path(p))
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000 \nflags\t\t: fpu avx2 avx512_vnni\n")
+    assert runtime.cpu_model() == "Test CPU 9000"
+    assert runtime.cpu_flags() == frozenset({"fpu", "avx2", "avx512_vnni"})
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # ARM: no model name line
+    assert runtime.cpu_flags() == frozenset({"fp", "asimd", "asimddp"})
+    assert runtime.cpu_model() == (platform.processor() or platform.machine())
+    info.unlink()  # not Linux
+    assert runtime.cpu_flags() == frozenset() and runtime.cpu_model() == (platform.processor() or platform.machine())
+
+
 def test_unknown_target_is_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(UserError, match="--int8-target must be one of auto, avx2, avx512-vnni, arm64"):
         choose_settings("avx512")
