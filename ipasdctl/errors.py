@@ -17,6 +17,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's text on one line (every run of whitespace one space), cut at `limit` characters: the
+    detail a UserError quotes from a library's multi-line message."""
+    return " ".join(str(exc).split())[:limit]
+
+
 def did_you_mean(name: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0)
@@ -130,7 +130,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's weights-only unpickler refuses every global it does not know (os.system, a class, ...) here
-        text = " ".join(str(exc).split())
+        text = one_line(exc)
         if re.search(r"GLOBAL|allowlist|reduce", text):  # it names a callable or class: pickled code
             culprit = _refused_global(text)
             raise UserError(

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .config import Recipe, dump_recipe, recipe_from_dict
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import atomic_write_json, atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
 from .models import build_model
 from .runtime import resolve_device
@@ -297,7 +297,7 @@ def load_model(run_dir: Path, checkpoint: str = "best", device: str = "cpu"):
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # missing or unexpected keys, tensors of another shape (another class count)
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc, 200)
         raise UserError(f"{path} does not hold the weights of a {arch} with {num_classes} classes ({detail}); "
                         "use a checkpoint written by `ipasdctl train`") from None
     bad = [name for name, value in state["model"].items() if value.is_floating_point() and not torch.isfinite(value).all()]

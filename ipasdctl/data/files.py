@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .base import Augment, Batch, LabelledSplits, complement, step_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -57,7 +57,7 @@ def load_rgb(path: str):
             image = Image.open(handle)
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc, 200)
         raise UserError(f"cannot decode image {path} ({type(exc).__name__}: {detail}); "
                         "remove or replace the file") from None
 

@@ -23,8 +23,10 @@ def check_recipe(recipe: Recipe) -> None:
         raise UserError(f"train.eval_batch_size must be positive, got {t.eval_batch_size}")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise UserError(f"learning rate must be a positive number, got {o.lr}; e.g. --lr 0.1")
-    if not 0 <= t.seed < 2**63:
-        raise UserError(f"seed must be an integer from 0 to 2^63-1, got {t.seed}")
+    d = recipe.data
+    for key, seed in (("seed", t.seed), ("data.val_seed", d.val_seed), ("data.label_noise.seed", d.label_noise.seed)):
+        if not 0 <= seed < 2**63:
+            raise UserError(f"{key} must be an integer from 0 to 2^63-1, got {seed}")
     if recipe.checkpoint.every_steps < 0:
         raise UserError(f"checkpoint.every_steps must be 0 (epoch ends only) or positive, got {recipe.checkpoint.every_steps}")
     if o.schedule not in ("multistep", "cosine", "constant"):
@@ -32,13 +34,9 @@ def check_recipe(recipe: Recipe) -> None:
     if o.warmup_epochs < 0 or o.weight_decay < 0 or o.momentum < 0:
         raise UserError("optim.warmup_epochs, weight_decay and momentum must not be negative")
     check_track(t.track)
-    d = recipe.data
     if d.val_split is not None and d.val_split <= 0:
         raise UserError(f"data.val_split must be a positive number of training images, got {d.val_split}; "
                         "leave it unset for no validation split")
-    for key, seed in (("data.val_seed", d.val_seed), ("data.label_noise.seed", d.label_noise.seed)):
-        if not 0 <= seed < 2**63:
-            raise UserError(f"{key} must be an integer from 0 to 2^63-1, got {seed}")
     check_label_noise(d.label_noise.rate, d.label_noise.kind)
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from .. import runtime
 from ..config import Recipe
 from ..data import RandomBatches, build_data
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
 from ..runs import RunFolder
@@ -189,7 +189,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
             # a hand-made or foreign checkpoint: a key missing, a tensor of another shape, a value of another type
             where = self.folder.last if self.folder is not None else "the checkpoint"
-            detail = " ".join(str(exc).split())[:160]
+            detail = one_line(exc, 160)
             raise UserError(f"{where} is not a complete training checkpoint of this recipe ({type(exc).__name__}: "
                             f"{detail}); it cannot be resumed: use a checkpoint written by `ipasdctl train`, or "
                             "start a new run") from None
