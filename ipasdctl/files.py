@@ -28,6 +28,16 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+CHECKPOINTS = ("best", "last")  # the checkpoints a run folder keeps (checkpoints/best.pt, checkpoints/last.pt)
+
+
+def check_checkpoint(which: str) -> str:
+    """`which`, when it names one of CHECKPOINTS; a UserError otherwise (torch-free: the CLI's pre-checks use it)."""
+    if which not in CHECKPOINTS:
+        raise UserError(f"--checkpoint must be {' or '.join(CHECKPOINTS)}, got '{which}'")
+    return which
+
+
 def _write_error(path: Path, exc: OSError) -> UserError:
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -33,11 +33,11 @@ import torch
 
 from .config import Recipe, dump_recipe, recipe_from_dict
 from .errors import UserError, one_line
-from .files import atomic_write_json, atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
+from .files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, remove_temporaries,
+                    save_checkpoint)
 from .models import build_model
 from .runtime import resolve_device
 
-CHECKPOINTS = ("best", "last")
 # the columns of a comparison's results.csv (and of a report's runs): what a finished run's summary holds
 RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
                   "params", "macs", "train_seconds", "images_per_second", "run_dir"]
@@ -162,9 +162,7 @@ class RunFolder:
 
     def load_state(self, which: str = "best") -> dict:
         """A checkpoint's state, loaded weights-only."""
-        if which not in CHECKPOINTS:
-            raise UserError(f"--checkpoint must be best or last, got '{which}'")
-        path = self.checkpoint(which)
+        path = self.checkpoint(check_checkpoint(which))
         if not path.is_file():
             raise UserError(f"{self.path} has no checkpoints/{which}.pt; is it a run folder of a finished "
                             "`ipasdctl train`?")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..files import check_checkpoint
 from ..runs import RunFolder
 from . import metrics
 from .evaluation import collect_outputs, load_run_and_data
@@ -57,8 +58,7 @@ def calibrate_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[P
                   batch_size: Optional[int] = None) -> dict:
     """Fit the temperature of a run's checkpoint on its validation split, record it in the run folder
     (temperature.json) and return it with NLL and ECE before and after, on the validation and the test set."""
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got '{checkpoint}'")
+    check_checkpoint(checkpoint)
     folder = RunFolder(run_dir).check()
     config = folder.read_config() or {}
     if not (config.get("data") or {}).get("val_split"):

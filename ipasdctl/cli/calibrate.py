@@ -38,8 +38,8 @@ def calibrate(
 @chain.precheck("calibrate")
 def _check_calibrate(params: dict) -> None:
     from ..errors import UserError
+    from ..files import check_checkpoint
 
     if params["batch_size"] is not None and params["batch_size"] <= 0:
         raise UserError(f"--batch-size must be positive, got {params['batch_size']}")
-    if params["checkpoint"] not in ("best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got '{params['checkpoint']}'")
+    check_checkpoint(params["checkpoint"])

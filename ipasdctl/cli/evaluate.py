@@ -87,13 +87,14 @@ def report(
 @chain.precheck("eval")
 def _check_eval(params: dict) -> None:
     from ..errors import UserError
+    from ..files import check_checkpoint
 
     if params["batch_size"] is not None and params["batch_size"] <= 0:
         raise UserError(f"--batch-size must be positive, got {params['batch_size']}")
     if params["tsne_points"] is not None and params["tsne_points"] < 3:
         raise UserError(f"--tsne-points must be at least 3, got {params['tsne_points']}")
-    if params["checkpoint"] not in (None, "best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got '{params['checkpoint']}'")
+    if params["checkpoint"] is not None:
+        check_checkpoint(params["checkpoint"])
 
 
 @chain.precheck("report")
