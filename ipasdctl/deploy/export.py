@@ -39,11 +39,11 @@ from ..version import __version__ as ipasdctl_version
 from .. import runtime
 from ..data import build_data
 from ..errors import UserError
-from ..files import atomic_write_json, sha256_of
+from ..files import atomic_write_json, check_checkpoint, sha256_of
 from ..models import count_macs, count_params
 from ..runs import RunFolder, load_model, read_json
 from .bench import int8_speed_check
-from .int8 import calibration_batches, choose_settings, quantize_int8
+from .int8 import Int8Settings, calibration_batches, choose_settings, quantize_int8
 from . import onnx_files
 from .onnx_files import (ATOL, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, RTOL,
                          VALIDATION_BATCH_SIZES, file_size, first_line, opset_of, quiet_exporters, ort_session,
@@ -175,8 +175,9 @@ def validate_against_torch(model: torch.nn.Module, onnx_path: Path, images: np.n
 
 
 def check_export_options(opset: Optional[int], int8: bool, calib_samples: int, checkpoint: str,
-                         int8_target: str = "auto") -> None:
-    """The export options that are wrong whatever the run (checked before a chain trains anything)."""
+                         int8_target: str = "auto") -> Optional[Int8Settings]:
+    """The export options that are wrong whatever the run (checked before a chain trains anything); returns the
+    INT8 settings for `int8_target` with --int8, else None."""
     import onnx
 
     if opset is not None and not 7 <= opset <= onnx.defs.onnx_opset_version():
@@ -185,12 +186,10 @@ def check_export_options(opset: Optional[int], int8: bool, calib_samples: int, c
         raise UserError(f"--int8 needs --opset 13 or newer (per-channel QDQ), got {opset}")
     if int8 and calib_samples <= 0:
         raise UserError(f"--calib-samples must be positive, got {calib_samples}")
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got '{checkpoint}'")
+    check_checkpoint(checkpoint)
     if not int8 and int8_target != "auto":
         raise UserError(f"--int8-target {int8_target} needs --int8 (it chooses how the INT8 model is quantised)")
-    if int8:
-        choose_settings(int8_target)  # an unknown target is one line here
+    return choose_settings(int8_target) if int8 else None  # an unknown target is one line here
 
 
 def _prepare_out(out_dir: Path) -> Path:
@@ -238,8 +237,9 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     import onnxruntime
 
     run_dir = Path(run_dir)
-    check_export_options(opset, int8, calib_samples, checkpoint, int8_target)
-    int8_settings = choose_settings(int8_target) if int8 else None
+    int8_settings = check_export_options(opset, int8, calib_samples, checkpoint, int8_target)
+    # what a chain's rerun compares before it keeps an export (with the checkpoint and the temperature)
+    int8_options = {"int8": int8, "calib_samples": calib_samples, "int8_target": int8_target} if int8 else {}
     if not validation_batch_sizes or min(validation_batch_sizes) <= 0:
         raise UserError("validation batch sizes must be positive integers")
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
@@ -252,9 +252,7 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         raise UserError(f"--name '{name}' must be a plain file name (no folders, not hidden)")
     source_sha256 = sha256_of(RunFolder(run_dir).checkpoint(checkpoint))
     if skip_unchanged:
-        kept = _unchanged_export(out_dir, name, source_sha256, temperature,
-                                 {"int8": int8, "calib_samples": calib_samples, "int8_target": int8_target} if int8 else {},
-                                 opset)
+        kept = _unchanged_export(out_dir, name, source_sha256, temperature, int8_options, opset)
         if kept is not None:
             return kept
     data_config = recipe.data if data_root is None else replace(recipe.data, root=str(data_root))
@@ -325,12 +323,12 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "source_checkpoint_sha256": source_sha256,
-            # what a chain's rerun compares before it keeps this export (with the checkpoint and the temperature)
-            "int8_options": {"int8": int8, "calib_samples": calib_samples, "int8_target": int8_target} if int8 else {},
+            "int8_options": int8_options,
             "git_commit": runtime.git_commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        fp32_eval = session_accuracy(ort_session(fp32_path), data, eval_batch_size)
+        fp32_session = ort_session(fp32_path)
+        fp32_eval = session_accuracy(fp32_session, data, eval_batch_size)
         record["onnx_test"] = fp32_eval
         int8_record = None
         if int8:
@@ -341,7 +339,6 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
             (staging / f"{fp32_path.stem}-preprocessed.onnx").unlink(missing_ok=True)
             run_checker(int8_path)
             int8_session = ort_session(int8_path)
-            fp32_session = ort_session(fp32_path)
             agreement = []
             for b in validation_batch_sizes:
                 x = images[:b]

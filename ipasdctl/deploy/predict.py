@@ -20,7 +20,7 @@ from ..data.imagefolder import transforms_for
 from ..errors import UserError
 from ..runs import RunFolder, load_model
 from .export import fitted_temperature
-from .onnx_files import check_onnx_file, metadata_of, ort_session
+from .onnx_files import ort_session, read_metadata
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # PIL modes that hold ordinary 8-bit pictures (converted to RGB); others (16-bit, float) are refused
@@ -102,7 +102,7 @@ def preprocess(image, prep: Preprocessing) -> np.ndarray:
 
 
 def onnx_preprocessing(model_path: Path) -> Preprocessing:
-    meta = metadata_of(check_onnx_file(model_path), model_path)
+    meta = read_metadata(model_path)
     try:
         prep = Preprocessing([int(v) for v in meta["input_size"]], [float(v) for v in meta["mean"]],
                              [float(v) for v in meta["std"]], [str(c) for c in meta["class_names"]])
