@@ -99,3 +99,13 @@ def test_every_command_takes_quiet():
     for name, command in commands.items():
         quiet = [p for p in command.params if p.name == "quiet"]
         assert quiet and set(quiet[0].opts) == {"--quiet", "-q"}, name
+
+
+def test_the_lazy_api_names_are_the_api_modules():
+    """`import ipasdctl` lists the API without importing it (ipasdctl._API); api.__all__ is what it forwards to:
+    the two lists must not drift apart, and every name must resolve."""
+    import ipasdctl
+    from ipasdctl import api
+
+    assert sorted(ipasdctl.__all__) == sorted(api.__all__)
+    assert all(getattr(ipasdctl, name) is getattr(api, name) for name in ipasdctl.__all__)
