@@ -277,10 +277,10 @@ class Trainer:
         with runtime.autocast(self.device, self.dtype):
             result = self.method.loss(self.train_step_fn, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(result["loss"]).backward()
+        self.scaler.scale(result.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.meter.update(result, result.get("labels", batch.labels), batch.step)
+        self.meter.update(result, batch.step)
 
     def _check_finite(self, epoch: int) -> None:
         self.stops.check_finite(self.meter, epoch, self.folder.last if self.folder is not None else None)
