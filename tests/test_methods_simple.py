@@ -16,7 +16,7 @@ from ipasdctl.config import load_recipe
 from ipasdctl.data.base import Batch
 from ipasdctl.models import count_params
 from ipasdctl.runs import load_model as load_run_model
-from ipasdctl.training import Progress, Trainer, train
+from ipasdctl.training import Progress, Trainer, resolve_recipe, train
 from ipasdctl.errors import UserError
 from ipasdctl.files import load_checkpoint
 from ipasdctl.methods import MethodContext, TrainingNet, build_method
@@ -200,7 +200,7 @@ def test_tf_kd_self_distils_a_frozen_teacher(teacher_run):
 
 def test_tf_kd_self_trains_without_touching_the_teacher(teacher_run, tmp_path):
     recipe = tiny_recipe({"name": "tf-kd-self", "teacher": str(teacher_run)})
-    trainer = Trainer(recipe, None, Progress(enabled=False))
+    trainer = Trainer(resolve_recipe(recipe), None, Progress(enabled=False))
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert not trained & {id(p) for p in trainer.method.teacher.parameters()}
     assert not any(t is trainer.method.teacher for t in trainer.net.modules())
