@@ -19,7 +19,7 @@ import torch
 from ipasdctl import runtime
 from ipasdctl.config import Recipe, load_recipe
 from ipasdctl.methods.memory import DTYPES
-from ipasdctl.training import Progress, Trainer
+from ipasdctl.training import Progress, Trainer, resolve_recipe
 
 
 def sync(device: torch.device) -> None:
@@ -44,7 +44,7 @@ class StepRunner:
     """One method's training steps on real batches of its own sampler, outside the engine's bookkeeping."""
 
     def __init__(self, recipe: Recipe):
-        self.trainer = Trainer(recipe, None, Progress(enabled=False))
+        self.trainer = Trainer(resolve_recipe(recipe), None, Progress(enabled=False))
         self.device = self.trainer.device
         self.trainer.method.on_epoch_start(1 if recipe.train.epochs > 1 else 0)
         self._batches = self._batch_iter()

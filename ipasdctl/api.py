@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from .analysis.evaluation import eval_onnx_model, eval_run
-from .config import Recipe, deep_merge, load_recipe, recipe_from_dict
+from .config import Recipe, ResolvedRecipe, deep_merge, load_recipe, recipe_from_dict
 from .deploy import bench, export_onnx
 from .deploy.predict import Prediction, predict
 from .runs import RunFolder, load_model
@@ -25,13 +25,14 @@ from . import training
 RecipeLike = Union[Recipe, str, Path]
 
 
-def recipe_of(recipe: RecipeLike = "demo", overrides: Optional[dict] = None) -> Recipe:
-    """A Recipe: one given (copied, with `overrides` merged over it), or a name in recipes/ or a YAML path."""
+def recipe_of(recipe: RecipeLike = "demo", overrides: Optional[dict] = None) -> ResolvedRecipe:
+    """The resolved recipe (defaults filled in, values checked) of one given (copied, with `overrides` merged
+    over it), or of a name in recipes/ or a YAML path."""
     if isinstance(recipe, Recipe):
-        if not overrides:
-            return copy.deepcopy(recipe)
-        return recipe_from_dict(deep_merge(recipe.to_dict(), overrides))
-    return load_recipe(str(recipe), overrides)
+        given = copy.deepcopy(recipe) if not overrides else recipe_from_dict(deep_merge(recipe.to_dict(), overrides))
+    else:
+        given = load_recipe(str(recipe), overrides)
+    return training.resolve_recipe(given)
 
 
 def train(recipe: RecipeLike = "demo", out: Union[str, Path] = "runs", name: Optional[str] = None,

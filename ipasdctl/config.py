@@ -6,6 +6,7 @@ A recipe is plain nested YAML with the sections below. The fully resolved recipe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import reprlib
@@ -20,8 +21,11 @@ import yaml
 from .errors import UserError, did_you_mean
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_METHOD = "ipasd"  # the method of a recipe that names none
 MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; a bigger file is not one
 INT_BOUND = 2**63  # every integer of a recipe fits a 64-bit signed integer (a tensor, a seed, a count)
+
+OTHER_KEYS = "ipasdctl.other_keys"  # field metadata: the field collects the section's keys no other field names
 
 _short = reprlib.Repr()  # values in messages: bounded in length and depth, so a YAML alias bomb prints quickly
 _short.maxstring, _short.maxother, _short.maxlevel, _short.maxlist, _short.maxdict = 60, 60, 2, 4, 4
@@ -48,14 +52,14 @@ class DataConfig:
     train_subset: Optional[int] = None  # fixed, seeded, class-balanced subset of the training set
     subset_seed: int = 0
     augment: bool = True
-    num_workers: int = 2  # image-file data sets only
-    image_size: Optional[int] = None  # image-file data sets: resize/crop size
-    val_fraction: float = 0.2  # image folders without a val/ split: the share held out as their *test* set
     # a class-balanced validation split of N training images (held out before train_subset draws), with its own
     # seed: it chooses the best epoch (best.pt) and fits `ipasdctl calibrate`'s temperature; test stays reported
     val_split: Optional[int] = None
     val_seed: int = 0
     label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
+    # the data set's own parameters (image_size, num_workers, ...), declared by the data set as a method declares
+    # its own (data/base.py): flat beside the keys above in a recipe's data: section and in config.yaml
+    params: dict = field(default_factory=dict, metadata={OTHER_KEYS: True})
 
 
 @dataclass
@@ -102,13 +106,38 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     # method: {"name": ..., **the method's own parameters}; checked against the method's Params
-    method: dict = field(default_factory=lambda: {"name": "ipasd"})
+    method: dict = field(default_factory=lambda: {"name": DEFAULT_METHOD})
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self):
+        if isinstance(self.method, dict) and "name" not in self.method:
+            self.method = {"name": DEFAULT_METHOD, **self.method}
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as plain nested data (what config.yaml holds)."""
+        return plain_dict(self)
+
+
+@dataclass
+class ResolvedRecipe(Recipe):
+    """A recipe with the method's and the data set's parameters filled in at their defaults and every value
+    checked: what `training.resolve_recipe` returns at each entry point (API, CLI, compare's plan), what
+    training reads (and never changes) and what config.yaml records. Change a copy, then resolve it again."""
+
+
+def plain_dict(obj) -> dict:
+    """dataclasses.asdict, but a field marked OTHER_KEYS is spread into its parent (data.params: flat keys)."""
+    out: dict = {}
+    for item in dataclasses.fields(obj):
+        value = getattr(obj, item.name)
+        value = plain_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        if item.metadata.get(OTHER_KEYS):
+            out.update(value)
+        else:
+            out[item.name] = value
+    return out
 
 
 # ---------------------------------------------------------------- typed construction from plain dicts
@@ -166,11 +195,15 @@ def build_dataclass(cls, values: Any, where: str = ""):
     if not isinstance(values, dict):
         raise UserError(f"{where or 'recipe'} must be a mapping of keys to values, got {shown(values)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    other = next((f.name for f in dataclasses.fields(cls) if f.metadata.get(OTHER_KEYS)), None)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != other]
+    kwargs: dict = {}
     for key, value in values.items():
         full = f"{where}.{key}" if where else str(key)
-        if key not in hints:
+        if other is not None and key not in names:  # checked later by whoever declares them (the data set)
+            kwargs.setdefault(other, {})[key] = value
+            continue
+        if key not in names:
             raise UserError(
                 f"unknown recipe key '{full}'{did_you_mean(key, names)}; "
                 f"known keys{' of ' + where if where else ''}: {', '.join(names)}"
@@ -262,12 +295,9 @@ def load_recipe(recipe: Optional[str] = None, overrides: Optional[dict] = None) 
         raw = read_yaml(resolve_recipe_path(recipe))
     if overrides:
         raw = deep_merge(raw, overrides)
-    method = raw.get("method", {"name": "ipasd"})
-    if isinstance(method, str):
-        raw["method"] = {"name": method}
-    elif isinstance(method, dict) and "name" not in method:
-        raw["method"] = {"name": "ipasd", **method}
-    return build_dataclass(Recipe, raw)
+    if isinstance(raw.get("method"), str):  # method: cs-kd, short for method: {name: cs-kd}
+        raw["method"] = {"name": raw["method"]}
+    return build_dataclass(Recipe, raw)  # a method without a name is the default one (Recipe.__post_init__)
 
 
 def recipe_from_dict(values: dict) -> Recipe:

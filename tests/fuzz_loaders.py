@@ -28,7 +28,8 @@ from ipasdctl.errors import UserError
 from ipasdctl.files import save_checkpoint
 from ipasdctl.models import build_model
 from ipasdctl.runs import load_model
-from ipasdctl.training.checks import check_labels, check_recipe
+from ipasdctl.training.checks import check_labels
+from ipasdctl.training.resolve import resolve_recipe
 
 MEMORY_HEADROOM = 2 << 30  # bytes of address space beyond what the imports took
 CPU_SECONDS = 120
@@ -88,7 +89,7 @@ def mutated_recipe(rng: random.Random) -> bytes:
 def recipe_case(rng: random.Random, work: Path):
     path = work / "recipe.yaml"
     path.write_bytes(mutated_recipe(rng))
-    return lambda: check_recipe(load_recipe(str(path)))
+    return lambda: resolve_recipe(load_recipe(str(path)))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -97,7 +98,7 @@ def recipe_case(rng: random.Random, work: Path):
 def base_state() -> dict:
     recipe = Recipe()
     recipe.model.arch = "resnet8"
-    check_recipe(recipe)
+    recipe = resolve_recipe(recipe)
     return {"format": "ipasdctl-checkpoint-1", "config": recipe.to_dict(),
             "model": build_model("resnet8", 10).state_dict(), "epoch": 1, "num_classes": 10,
             "class_names": [f"c{i}" for i in range(10)], "arch": "resnet8", "best": {"top1": 1.0, "epoch": 1}}

@@ -20,7 +20,7 @@ from ipasdctl.data.imagefolder import load_image_folder
 from ipasdctl.data.imagenet import load_imagenet
 from ipasdctl.data.tiny_imagenet import TINY_MEAN, TINY_STD, load_tiny_imagenet
 from ipasdctl.errors import UserError
-from ipasdctl.data import DATASETS
+from ipasdctl.data import DATASETS, build_data
 
 CPU = torch.device("cpu")
 
@@ -80,8 +80,8 @@ def load_split(root, **kwargs) -> FileImageData:
 
 
 def test_imagefolder_train_val_layout_classes_counts_and_files(split_folder):
-    cfg = DataConfig(name="imagefolder", root=str(split_folder), image_size=16, num_workers=0)
-    data = DATASETS.get("imagefolder")(cfg)
+    cfg = DataConfig(name="imagefolder", root=str(split_folder), params={"image_size": 16, "num_workers": 0})
+    data = build_data(cfg)
     assert isinstance(data, FileImageData)
     assert data.class_names == ["cat", "dog", "emu"]
     assert (data.num_classes, data.num_train, data.num_test) == (3, 12, 3)
@@ -308,7 +308,7 @@ def make_imagenet(root, flat_val=False):
 
 def test_imagenet_layout_and_standard_transforms(tmp_path):
     root = make_imagenet(tmp_path / "ilsvrc")
-    data = DATASETS.get("imagenet")(DataConfig(name="imagenet", root=str(root), image_size=32, num_workers=0))
+    data = build_data(DataConfig(name="imagenet", root=str(root), params={"image_size": 32, "num_workers": 0}))
     assert data.class_names == ["n01440764", "n01443537"]
     assert (data.num_train, data.num_test) == (5, 3)
     assert data.train_labels.tolist() == [0, 0, 0, 1, 1] and data.test_labels.tolist() == [0, 1, 1]
@@ -358,8 +358,8 @@ def make_tiny_imagenet(parent, size=16):
 
 def test_tiny_imagenet_is_decoded_into_the_tensor_pipeline(tmp_path):
     folder = make_tiny_imagenet(tmp_path)
-    data = DATASETS.get("tiny-imagenet")(DataConfig(name="tiny-imagenet", root=str(tmp_path), image_size=16,
-                                                    num_workers=2))  # decoded by worker processes
+    data = build_data(DataConfig(name="tiny-imagenet", root=str(tmp_path),
+                                 params={"image_size": 16, "num_workers": 2}))  # decoded by worker processes
     assert isinstance(data, ImageData) and data.name == "tiny-imagenet"
     assert data.class_names == ["Egyptian cat", "reel", "goldfish"]
     assert (data.num_train, data.num_test) == (9, 4)  # the extra class and its val image are ignored
@@ -422,7 +422,7 @@ def test_recipes_of_the_new_data_sets():
     for recipe in (tiny, plant):  # the paper's schedule
         assert recipe.model.arch == "preact_resnet18" and recipe.train.epochs == 200
         assert recipe.optim.milestones == [100, 150] and recipe.optim.warmup_epochs == 5 and recipe.optim.nesterov
-    assert plant.data.image_size == 64 and plant.data.val_fraction == 0.2
+    assert plant.data.params["image_size"] == 64 and plant.data.params["val_fraction"] == 0.2
     # the standard 90-epoch ImageNet schedule
     assert imagenet.model.arch == "tv_resnet18" and imagenet.train.epochs == 90 and imagenet.train.batch_size == 256
     assert (imagenet.optim.lr, imagenet.optim.weight_decay, imagenet.optim.milestones) == (0.1, 1e-4, [30, 60])

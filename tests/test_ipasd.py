@@ -145,7 +145,7 @@ def test_memory_and_prototype_updates_follow_the_release_timing():
     with torch.no_grad():
         g0 = F.normalize(net(batch.images)["embedding"], dim=1)  # train mode: the same batch statistics
     # epoch 0: L written, S untouched (still one-hot), prototypes accumulate normalised embeddings
-    assert torch.allclose(method.last_softmax.read(idx), F.softmax(result["logits"].detach(), 1), atol=2e-3)
+    assert torch.allclose(method.last_softmax.read(idx), F.softmax(result.logits.detach(), 1), atol=2e-3)
     assert torch.equal(method.last_proto.read(idx), onehot[idx])
     untouched = torch.tensor([0, 2])
     assert torch.equal(method.last_softmax.read(untouched), onehot[untouched])
@@ -168,7 +168,7 @@ def test_memory_and_prototype_updates_follow_the_release_timing():
     assert torch.allclose(method.last_proto.read(idx), expected_s, atol=2e-3)
     sums = torch.zeros(3, g.shape[1]).index_add_(0, labels[idx], g)
     assert torch.allclose(method.prototypes.sums, sums, atol=1e-5)
-    assert result["loss_con"].item() > 0
+    assert result.terms["loss_con"].item() > 0
 
 
 def backbone_grad_from_contrastive(con_grad: bool) -> float:

@@ -18,12 +18,13 @@ from ipasdctl.data.base import Batch
 from ipasdctl.data.samplers import ClassPairBatches, OverlapBatches
 from ipasdctl.errors import UserError
 from ipasdctl.methods import MethodContext, TrainingNet, build_method
-from ipasdctl.methods.aux_heads import AuxiliaryHeads, distill_kl, resolve_aux_stages
+from ipasdctl.methods.aux_heads import AuxiliaryHeads, resolve_aux_stages
 from ipasdctl.methods.byot import BYOTParams, byot_loss
 from ipasdctl.methods.cs_kd import class_wise_loss
 from ipasdctl.methods.ddgsd import DDGSDParams, ddgsd_loss
 from ipasdctl.methods.dks import dks_loss
 from ipasdctl.methods.dlb import dlb_loss
+from ipasdctl.methods.losses import distill_kl
 from ipasdctl.models import build_model
 
 # ----------------------------------------------------------------------------------------------- plain math
@@ -127,12 +128,12 @@ def test_cs_kd_forwards_partners_without_gradient_and_reports_anchors():
     net = RecordingNet()
     out = method.loss(net, batch)
     assert net.calls == [(3, True), (3, False)]  # anchors with gradient, then partners without
-    assert torch.equal(out["labels"], batch.labels[:3]) and out["logits"].shape == (3, 3)
+    assert torch.equal(out.labels, batch.labels[:3]) and out.logits.shape == (3, 3)
     with torch.no_grad():
         anchor_logits, partner_logits = net.linear(batch.images[:3].flatten(1)), net.linear(batch.images[3:].flatten(1))
     expected = class_wise_loss(anchor_logits, partner_logits, batch.labels[:3], 2.0, 1.0)["loss"]
-    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
-    out["loss"].backward()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    out.loss.backward()
     assert net.linear.weight.grad is not None
 
 
@@ -166,7 +167,7 @@ def test_dlb_distils_each_repeated_half_from_the_logits_stored_one_step_before(j
     net = RecordingNet()
     batches = plan(0)
     first = method.loss(net, make_batch(batches[0], labels, images))
-    assert net.calls == [(4, True)] and first["loss_kd"].item() == 0.0
+    assert net.calls == [(4, True)] and first.terms["loss_kd"].item() == 0.0
     stored = method.stored_logits.clone()
     assert torch.equal(method.stored_indices, batches[0])
     net.calls.clear()
@@ -174,12 +175,12 @@ def test_dlb_distils_each_repeated_half_from_the_logits_stored_one_step_before(j
     second_images = images + 0.1
     out = method.loss(net, make_batch(batches[1], labels, second_images, step=1))
     assert net.calls == ([(8, True)] if joint else [(4, True), (4, True)])
-    assert torch.equal(out["labels"], labels[batches[1][4:]]) and out["logits"].shape == (4, 3)
+    assert torch.equal(out.labels, labels[batches[1][4:]]) and out.logits.shape == (4, 3)
     with torch.no_grad():
         logits = net.linear(second_images[batches[1]].flatten(1))
     expected = dlb_loss(logits[4:], labels[batches[1][4:]], logits[:4], labels[batches[1][:4]], stored, 2.0, 0.7)
-    assert out["loss"].item() == pytest.approx(expected["loss"].item(), rel=1e-6)
-    assert out["loss_kd"].item() > 0
+    assert out.loss.item() == pytest.approx(expected["loss"].item(), rel=1e-6)
+    assert out.terms["loss_kd"].item() > 0
     assert torch.allclose(method.stored_logits, logits[4:])
 
 
@@ -195,7 +196,7 @@ def test_dlb_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     restored = build_method({"name": "dlb"}, ctx)
     restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     batch = make_batch(plan(0)[1], labels, images, step=1)
-    assert method.loss(net, batch)["loss"].item() == restored.loss(net, batch)["loss"].item()
+    assert method.loss(net, batch).loss.item() == restored.loss(net, batch).loss.item()
     with pytest.raises(UserError):
         restored.load_state_dict({})
 
@@ -238,8 +239,8 @@ def test_ddgsd_forwards_both_views_in_one_batch():
     with torch.no_grad():
         l1, l2 = net.linear(images.flatten(1)), net.linear(-images.flatten(1))
     expected = ddgsd_loss(l1, l2, images.flatten(1), -images.flatten(1), labels, DDGSDParams(mmd_weight=0.0))
-    assert out["loss"].item() == pytest.approx(expected["loss"].item(), rel=1e-6)
-    assert torch.allclose(out["logits"], l1)
+    assert out.loss.item() == pytest.approx(expected["loss"].item(), rel=1e-6)
+    assert torch.allclose(out.logits, l1)
 
 
 # ----------------------------------------------------------------------------------------------- byot, dks

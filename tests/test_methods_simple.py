@@ -16,7 +16,7 @@ from ipasdctl.config import load_recipe
 from ipasdctl.data.base import Batch
 from ipasdctl.models import count_params
 from ipasdctl.runs import load_model as load_run_model
-from ipasdctl.training import Progress, Trainer, train
+from ipasdctl.training import Progress, Trainer, resolve_recipe, train
 from ipasdctl.errors import UserError
 from ipasdctl.files import load_checkpoint
 from ipasdctl.methods import MethodContext, TrainingNet, build_method
@@ -99,8 +99,8 @@ def test_label_smoothing_spreads_eps_over_the_other_classes(eps):
     for row, y in zip(LOGITS, LABELS):
         target = [1 - eps if c == y else eps / 3 for c in range(4)]
         expected -= sum(t * lp for t, lp in zip(target, log_softmax(row))) / 3
-    assert result["loss"].item() == pytest.approx(expected, rel=1e-6)
-    assert result["loss"].requires_grad and result["logits"] is logits
+    assert result.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert result.loss.requires_grad and result.logits is logits
     # eps / K on every class (torch's label_smoothing=) is a different loss
     torch_smoothed = F.cross_entropy(logits, torch.tensor(LABELS), label_smoothing=eps).item()
     assert torch_smoothed != pytest.approx(expected, rel=1e-4)
@@ -123,9 +123,9 @@ def test_tf_kd_reg_matches_the_release_formula(soften_student):
         kl_sum += sum(qc * (math.log(qc) - lp) for qc, lp in zip(q, log_p))
     kd = m * kl_sum / (N * K)  # nn.KLDivLoss()'s default: mean over every element
     ce = cross_entropy(LOGITS, LABELS)
-    assert result["loss_kd"].item() == pytest.approx(kd, rel=1e-5)
-    assert result["loss_ce"].item() == pytest.approx(ce, rel=1e-6)
-    assert result["loss"].item() == pytest.approx((1 - a) * ce + a * kd, rel=1e-5)
+    assert result.terms["loss_kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert result.terms["loss_ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert result.loss.item() == pytest.approx((1 - a) * ce + a * kd, rel=1e-5)
 
 
 def test_tf_kd_reg_overrides_reach_the_loss():
@@ -136,7 +136,7 @@ def test_tf_kd_reg_overrides_reach_the_loss():
         q = softmax([(0.99 if c == y else 0.01 / 3) / 2.0 for c in range(4)])
         kl_sum += sum(qc * (math.log(qc) - lp) for qc, lp in zip(q, log_softmax(row)))
     expected = 0.5 * cross_entropy(LOGITS, LABELS) + 0.5 * 4.0 * kl_sum / 12
-    assert result["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert result.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- tf-kd-self
@@ -192,15 +192,15 @@ def test_tf_kd_self_distils_a_frozen_teacher(teacher_run):
         kl_sum += sum(tc * (math.log(tc) - ls) for tc, ls in zip(t, log_s))
     kd = T * T * m * kl_sum / (N * K)
     ce = cross_entropy(student, labels)
-    assert result["loss_kd"].item() == pytest.approx(kd, rel=1e-4)
-    assert result["loss"].item() == pytest.approx((1 - a) * ce + a * kd, rel=1e-4)
-    result["loss"].backward()
+    assert result.terms["loss_kd"].item() == pytest.approx(kd, rel=1e-4)
+    assert result.loss.item() == pytest.approx((1 - a) * ce + a * kd, rel=1e-4)
+    result.loss.backward()
     assert logits.grad is not None and all(p.grad is None for p in teacher.parameters())
 
 
 def test_tf_kd_self_trains_without_touching_the_teacher(teacher_run, tmp_path):
     recipe = tiny_recipe({"name": "tf-kd-self", "teacher": str(teacher_run)})
-    trainer = Trainer(recipe, None, Progress(enabled=False))
+    trainer = Trainer(resolve_recipe(recipe), None, Progress(enabled=False))
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert not trained & {id(p) for p in trainer.method.teacher.parameters()}
     assert not any(t is trainer.method.teacher for t in trainer.net.modules())
@@ -234,7 +234,7 @@ def test_pskd_epoch_zero_is_one_hot_and_fills_the_memory():
     batch_labels = labels[idx].tolist()
     logits = leaf(LOGITS)
     result = method.loss(FixedNet(logits=logits), make_batch(batch_labels, idx, epoch=0))
-    assert result["loss"].item() == pytest.approx(cross_entropy(LOGITS, batch_labels), rel=1e-6)
+    assert result.loss.item() == pytest.approx(cross_entropy(LOGITS, batch_labels), rel=1e-6)
     rows = method.last_softmax.read(torch.tensor(idx))
     for row, expected in zip(rows.tolist(), LOGITS):
         assert row == pytest.approx(softmax(expected), abs=1e-3)  # float16 storage
@@ -256,8 +256,8 @@ def test_pskd_later_epoch_mixes_the_previous_softmax():
     for row, y, prev in zip(LOGITS, batch_labels, previous):
         target = [(1 - alpha) * (c == y) + alpha * prev[c] for c in range(4)]
         expected -= sum(t * lp for t, lp in zip(target, log_softmax(row))) / 3
-    assert result["loss"].item() == pytest.approx(expected, rel=1e-6)
-    assert result["alpha"].item() == pytest.approx(alpha)
+    assert result.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert result.terms["alpha"].item() == pytest.approx(alpha)
     # the rows now hold this epoch's softmax, for the next epoch
     assert method.last_softmax.read(torch.tensor([2]))[0].tolist() == pytest.approx(softmax(LOGITS[1]), rel=1e-5)
 
@@ -324,8 +324,8 @@ def test_zipf_ls_loss_by_hand():
         kl_total += sum(z * (math.log(z) - lq) for z, lq in zip(zipf, log_q))
     assert all_votes == [[2, 1, 0, 1], [0, 0, 1, 3]]  # the example exercises ties and zero counts
     expected = cross_entropy(logits, labels) + 0.1 * kl_total / 2
-    assert result["loss_zipf"].item() == pytest.approx(kl_total / 2, rel=1e-5)
-    assert result["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert result.terms["loss_zipf"].item() == pytest.approx(kl_total / 2, rel=1e-5)
+    assert result.loss.item() == pytest.approx(expected, rel=1e-5)
 
     method = build_method({"name": "zipf-ls", "upsample": "none", "loss_lambda": 1.0, "power": 2.0}, make_ctx())
     result = method.loss(net, make_batch(labels))
@@ -337,7 +337,7 @@ def test_zipf_ls_loss_by_hand():
         zipf = [z / sum(zipf) for z in zipf]
         log_q = log_softmax([row[c] for c in others])
         kl_total += sum(z * (math.log(z) - lq) for z, lq in zip(zipf, log_q))
-    assert result["loss"].item() == pytest.approx(cross_entropy(logits, labels) + kl_total / 2, rel=1e-5)
+    assert result.loss.item() == pytest.approx(cross_entropy(logits, labels) + kl_total / 2, rel=1e-5)
 
 
 def test_zipf_votes_on_the_upsampled_map_equal_voting_on_upsampled_features():
@@ -396,10 +396,10 @@ def test_uskd_loss_by_hand(release_rank):
     net = FixedNet(logits=leaf(USKD_LOGITS), weak_logits=leaf(USKD_WEAK))
     result = method.loss(net, make_batch(USKD_LABELS))
     loss, l_target, l_non, l_weak, _ = uskd_by_hand(USKD_LOGITS, USKD_WEAK, USKD_LABELS, 0.1, 0.1, 0.1, release_rank)
-    assert result["loss_target"].item() == pytest.approx(l_target, rel=1e-5)
-    assert result["loss_non_target"].item() == pytest.approx(l_non, rel=1e-5)
-    assert result["loss_weak"].item() == pytest.approx(l_weak, rel=1e-5)
-    assert result["loss"].item() == pytest.approx(loss, rel=1e-5)
+    assert result.terms["loss_target"].item() == pytest.approx(l_target, rel=1e-5)
+    assert result.terms["loss_non_target"].item() == pytest.approx(l_non, rel=1e-5)
+    assert result.terms["loss_weak"].item() == pytest.approx(l_weak, rel=1e-5)
+    assert result.loss.item() == pytest.approx(loss, rel=1e-5)
 
 
 def test_uskd_example_separates_the_two_rank_readings_and_the_weights():
@@ -409,7 +409,7 @@ def test_uskd_example_separates_the_two_rank_readings_and_the_weights():
     method = build_method({"name": "uskd", "alpha": 1.0, "beta": 0.5, "mu": 0.005}, make_ctx())
     net = FixedNet(logits=leaf(USKD_LOGITS), weak_logits=leaf(USKD_WEAK))
     expected = uskd_by_hand(USKD_LOGITS, USKD_WEAK, USKD_LABELS, 1.0, 0.5, 0.005, True)[0]
-    assert method.loss(net, make_batch(USKD_LABELS))["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert method.loss(net, make_batch(USKD_LABELS)).loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_uskd_weak_head_is_training_only():
@@ -423,7 +423,7 @@ def test_uskd_weak_head_is_training_only():
     assert count_params(net.model) == count_params(build_model("resnet8", 10))
     labels = torch.tensor([0, 3, 9, 1])
     result = method.loss(net, make_batch(labels, images=torch.randn(4, 3, 16, 16)))
-    result["loss"].backward()
+    result.loss.backward()
     assert extra.fc.weight.grad is not None and extra.fc.weight.grad.abs().sum() > 0
     assert model.stages[1][0].conv1.weight.grad.abs().sum() > 0
 

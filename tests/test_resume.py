@@ -12,6 +12,7 @@ parallel, in phases, one thread each, to keep the wall time down.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import torch
 
 from ipasdctl.cli import main
 from ipasdctl.runs import RunLock
-from ipasdctl.files import load_checkpoint
+from ipasdctl.files import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}
@@ -176,6 +177,36 @@ def test_sigint_in_process_exits_130_after_a_checkpoint(tiny_cifar, tmp_path, mo
     assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
     assert signal.getsignal(signal.SIGINT) is handler_before  # the engine put the handler back
     assert not (run_dir / ".lock").exists()
+
+
+def test_a_run_of_a_version_whose_data_section_held_every_key_resumes_twice(tiny_cifar, tmp_path, monkeypatch):
+    """Before each data set declared its own keys, every config.yaml and checkpoint held data.num_workers,
+    image_size and val_fraction. Such a run resumes; stopped again, its new last.pt (the keys gone) and its
+    old config.yaml (the keys there) still agree, and it resumes to the end."""
+    import yaml
+
+    run_dir = tmp_path / "old"
+    monkeypatch.setenv("IPASDCTL_TEST_SIGNAL_AT_STEP", "2:INT")
+    with pytest.raises(SystemExit):
+        main(base_args(tiny_cifar, tmp_path, "old", "ce"))
+    former = {"num_workers": 2, "image_size": None, "val_fraction": 0.2}
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state["config"]["data"].update(former)
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"].update(former)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    monkeypatch.setenv("IPASDCTL_TEST_SIGNAL_AT_STEP", "4:INT")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", str(run_dir), "--quiet"])
+    assert exit_info.value.code == 130
+    assert "num_workers" not in load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["data"]
+    monkeypatch.delenv("IPASDCTL_TEST_SIGNAL_AT_STEP")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", str(run_dir), "--quiet"])
+    assert exit_info.value.code == 0
+    assert json.loads((run_dir / "summary.json").read_text())["finished"]
 
 
 def test_a_run_folder_in_use_is_refused_and_a_dead_owner_is_taken_over(tiny_cifar, tmp_path, capsys):

@@ -71,7 +71,7 @@ def compare(
 
     overrides = recipe_overrides(ctx.params)
     seed_list = comparing.parse_seeds(seeds)  # before the recipe: the cheapest mistake to report first
-    base = load_recipe(recipe or DEFAULT_RECIPE, overrides)
+    base = training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, overrides))
     comparison = comparing.plan(base, baselines, seed_list, out)
     progress = training.Progress(enabled=not quiet)
     executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)

@@ -50,7 +50,8 @@ def train(
 
     overrides = recipe_overrides(ctx.params)
     if nproc is not None and nproc != 1:
-        new_recipe = None if resume is not None else load_recipe(recipe or DEFAULT_RECIPE, overrides)
+        new_recipe = None if resume is not None else training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE,
+                                                                                          overrides))
         # typer.Exit would end with 0 (standalone_mode off)
         sys.exit(launcher.launch(nproc, command_line(ctx, leave_out=("nproc",)), new_recipe))
     rank = distributed.context_from_env()
@@ -60,8 +61,8 @@ def train(
             given = training.resume_recipe(resume, recipe, overrides)
             run_dir = training.resume(resume, given, progress)
         else:
-            run_dir = training.train(load_recipe(recipe or DEFAULT_RECIPE, overrides), out, name, progress,
-                                     reuse=chain.current() is not None)
+            run_dir = training.train(training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, overrides)), out,
+                                     name, progress, reuse=chain.current() is not None)
     except training.Interrupted as exc:
         if not rank.is_main:  # rank 0 says how to resume; the others stop quietly with the same status
             sys.exit(exc.code)

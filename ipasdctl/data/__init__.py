@@ -2,22 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from ..config import OTHER_KEYS, DataConfig, build_dataclass
+from ..errors import UserError, did_you_mean
+from ..params import check_declared
 from ..registry import import_submodules
-from .base import DATASETS, Augment, Batch, ImageData, RandomBatches, TensorLoader, eval_batches
+from .base import DATASETS, Augment, Batch, ImageData, RandomBatches, TensorLoader, eval_batches, register_dataset
 
 from .noise import apply_label_noise
 
 import_submodules(__name__, __path__, skip=("base", "files", "samplers", "noise"))  # each module registers its data sets
 
 
-def build_data(cfg) -> ImageData:
+# keys every data: section held before each data set declared its own (config.yaml of older runs, recipes): a
+# data set that does not take one ignores it, as it always did
+FORMER_SHARED_KEYS = ("num_workers", "image_size", "val_fraction")
+
+
+def dataset_params(cfg: DataConfig):
+    """The data set's own parameters (its Params) from `cfg.params`, every key, type and bound checked; a key
+    neither shared nor the data set's own is an unknown recipe key."""
+    factory = DATASETS.get(cfg.name)
+    own = [item.name for item in dataclasses.fields(factory.Params)]
+    shared = [item.name for item in dataclasses.fields(DataConfig) if not item.metadata.get(OTHER_KEYS)]
+    values = {key: value for key, value in cfg.params.items() if key in own or key not in FORMER_SHARED_KEYS}
+    for key in values:
+        if key not in own:
+            raise UserError(f"unknown recipe key 'data.{key}'{did_you_mean(key, shared + own)}; known keys of data: "
+                            f"{', '.join(shared)}; data set '{cfg.name}' adds {', '.join(own) or 'none'}")
+    params = build_dataclass(factory.Params, values, where="data")
+    check_declared(params, "data")
+    return params
+
+
+def resolved_data_params(cfg: DataConfig) -> dict:
+    """The data set's parameters with their defaults filled in, values checked: what config.yaml records."""
+    return dataclasses.asdict(dataset_params(cfg))
+
+
+def build_data(cfg: DataConfig) -> ImageData:
     """The data set named in the recipe, its training split derived in this order (each step seeded by its
     own seed, so the result is the same in every run, resume and command that reads the run):
     1. `data.val_split`: a class-balanced validation split held out of the whole training set;
     2. `data.train_subset`: a class-balanced subset of what remains (a subset keeps its size with a val split);
     3. `data.label_noise`: noisy labels on that training split only (validation and test labels stay clean).
     `data.origin` records steps 1 and 3 (the run folder's splits.json)."""
-    data = DATASETS.get(cfg.name)(cfg)
+    data = DATASETS.get(cfg.name)(cfg, dataset_params(cfg))
     if cfg.val_split is not None:
         data = data.hold_out_validation(cfg.val_split, cfg.val_seed)
     if cfg.train_subset is not None:
@@ -28,4 +59,5 @@ def build_data(cfg) -> ImageData:
     return data
 
 
-__all__ = ["DATASETS", "Augment", "Batch", "ImageData", "RandomBatches", "TensorLoader", "build_data", "eval_batches"]
+__all__ = ["DATASETS", "Augment", "Batch", "ImageData", "RandomBatches", "TensorLoader", "build_data", "dataset_params",
+           "eval_batches", "register_dataset", "resolved_data_params"]

@@ -14,9 +14,20 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..params import NoParams
 from ..registry import Registry
 
 DATASETS: Registry = Registry("dataset")
+
+
+def register_dataset(name: str, params: type = NoParams):
+    """`@register_dataset("imagefolder", ImageFolderParams)` on a factory `(data_config, params) -> data set`: the
+    data set's name and its own parameters (a dataclass, bounds declared with params.param), stated once. Its
+    parameters sit flat in a recipe's data: section beside the shared keys (data.image_size, ...)."""
+    def register(factory):
+        factory.Params = params
+        return DATASETS.register(name)(factory)
+    return register
 
 
 class LabelledSplits:

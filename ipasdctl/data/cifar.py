@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import DATASETS, ImageData
+from .base import ImageData, register_dataset
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -163,11 +163,11 @@ def load_cifar100(root: str | None) -> ImageData:
                      CIFAR100_MEAN, CIFAR100_STD, pad=4, hflip=True)
 
 
-@DATASETS.register("cifar10")
-def cifar10(cfg) -> ImageData:
+@register_dataset("cifar10")
+def cifar10(cfg, params) -> ImageData:
     return load_cifar10(cfg.root)
 
 
-@DATASETS.register("cifar100")
-def cifar100(cfg) -> ImageData:
+@register_dataset("cifar100")
+def cifar100(cfg, params) -> ImageData:
     return load_cifar100(cfg.root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DATASETS, ImageData
+from .base import ImageData, register_dataset
 
 SIZE = 16
 TEST_FRACTION = 0.2
@@ -36,6 +36,6 @@ def load_digits_data() -> ImageData:
                      [str(d) for d in range(10)], (mean,) * 3, (std,) * 3, pad=2, hflip=False)
 
 
-@DATASETS.register("digits")
-def digits(cfg) -> ImageData:
+@register_dataset("digits")
+def digits(cfg, params) -> ImageData:
     return load_digits_data()

@@ -17,11 +17,12 @@ photographs has no published statistics of its own; Plant Village papers use the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .base import DATASETS
+from .base import register_dataset
 from .files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip, ResizeCenterCrop,
                     SmallImageTransform, check_workers, scan_image_folder, stratified_split)
 
@@ -30,6 +31,19 @@ SMALL_IMAGE_SIZE = 64  # at or below: the small-image augmentation (pad-and-crop
 SMALL_IMAGE_PAD = 4
 MAX_IMAGE_SIZE = 4096  # pixels a side: a batch of larger images would not fit any machine
 EVAL_CROP_FRACTION = 0.875  # 224 / 256
+
+
+@dataclass
+class DecodedImageParams:
+    """The parameters of a data set decoded from image files (imagenet, tiny-imagenet; imagefolder adds one)."""
+
+    image_size: Optional[int] = None  # resize/crop size, pixels a side (unset: the data set's own)
+    num_workers: int = 2  # DataLoader processes that decode (0: in the training process)
+
+
+@dataclass
+class ImageFolderParams(DecodedImageParams):
+    val_fraction: float = 0.2  # a folder without a val/ split: the share of each class held out as its *test* set
 
 
 def check_image_size(size: Optional[int], default: int) -> int:
@@ -85,6 +99,6 @@ def load_image_folder(root: Optional[str], image_size: Optional[int] = None, val
                          num_workers=num_workers)
 
 
-@DATASETS.register("imagefolder")
-def imagefolder(cfg) -> FileImageData:
-    return load_image_folder(cfg.root, cfg.image_size, cfg.val_fraction, cfg.subset_seed, cfg.num_workers)
+@register_dataset("imagefolder", ImageFolderParams)
+def imagefolder(cfg, params: ImageFolderParams) -> FileImageData:
+    return load_image_folder(cfg.root, params.image_size, params.val_fraction, cfg.subset_seed, params.num_workers)

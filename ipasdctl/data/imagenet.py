@@ -14,10 +14,10 @@ import os
 from typing import Optional
 
 from ..errors import UserError
-from .base import DATASETS
+from .base import register_dataset
 from .files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip, ResizeCenterCrop,
                     is_image_file, scan_image_folder)
-from .imagefolder import check_image_size, require_folder
+from .imagefolder import DecodedImageParams, check_image_size, require_folder
 
 TRAIN_SIZE = 224
 EVAL_RESIZE = 256
@@ -44,6 +44,6 @@ def load_imagenet(root: Optional[str], image_size: Optional[int] = None, num_wor
                          eval_transform=ResizeCenterCrop(eval_resize, size), image_size=size, num_workers=num_workers)
 
 
-@DATASETS.register("imagenet")
-def imagenet(cfg) -> FileImageData:
-    return load_imagenet(cfg.root, cfg.image_size, cfg.num_workers)
+@register_dataset("imagenet", DecodedImageParams)
+def imagenet(cfg, params: DecodedImageParams) -> FileImageData:
+    return load_imagenet(cfg.root, params.image_size, params.num_workers)

@@ -5,16 +5,24 @@ nothing can be learnt from it beyond memorisation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from .base import DATASETS, ImageData
+from .base import ImageData, register_dataset
 
 NUM_TRAIN, NUM_TEST, NUM_CLASSES = 50_000, 10_000, 10
 
 
-@DATASETS.register("synthetic")
-def synthetic(cfg) -> ImageData:
-    size = cfg.image_size or 32
+@dataclass
+class SyntheticParams:
+    image_size: Optional[int] = None  # pixels a side (unset: 32)
+
+
+@register_dataset("synthetic", SyntheticParams)
+def synthetic(cfg, params: SyntheticParams) -> ImageData:
+    size = params.image_size or 32
     generator = torch.Generator().manual_seed(1234)
     images = torch.randint(0, 256, (NUM_TRAIN + NUM_TEST, 3, size, size), dtype=torch.uint8, generator=generator)
     labels = torch.arange(NUM_TRAIN + NUM_TEST) % NUM_CLASSES

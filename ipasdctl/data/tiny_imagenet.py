@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from .base import DATASETS, ImageData
+from .base import ImageData, register_dataset
 from .files import as_file_array, decode_all, is_image_file
-from .imagefolder import check_image_size
+from .imagefolder import DecodedImageParams, check_image_size
 
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_STD = (0.2770, 0.2691, 0.2821)
@@ -115,6 +115,6 @@ def load_tiny_imagenet(root: Optional[str], image_size: Optional[int] = None, nu
                      pad=PAD, hflip=True)
 
 
-@DATASETS.register("tiny-imagenet")
-def tiny_imagenet(cfg) -> ImageData:
-    return load_tiny_imagenet(cfg.root, cfg.image_size, cfg.num_workers)
+@register_dataset("tiny-imagenet", DecodedImageParams)
+def tiny_imagenet(cfg, params: DecodedImageParams) -> ImageData:
+    return load_tiny_imagenet(cfg.root, params.image_size, params.num_workers)

@@ -268,7 +268,7 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         "method": recipe.method.get("name"),
         "arch": state.get("arch", recipe.model.arch),
         "dataset": data_config.name,
-        "data_image_size": data_config.image_size,
+        "data_image_size": data_config.params.get("image_size"),
         "num_classes": data.num_classes,
         "class_names": [str(c) for c in data.class_names],
         "input_name": INPUT_NAME,

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -235,9 +234,8 @@ def onnx_test_data(model_path: Path, data_root: str | None):
     if not meta.get("dataset"):
         raise UserError(f"{model_path} has no 'dataset' in its metadata; evaluate models written by "
                         "`ipasdctl export --onnx`")
-    config = DataConfig(name=meta["dataset"], root=str(data_root) if data_root is not None else None)
-    if meta.get("data_image_size"):
-        config = replace(config, image_size=int(meta["data_image_size"]))
+    params = {"image_size": int(meta["data_image_size"])} if meta.get("data_image_size") else {}
+    config = DataConfig(name=meta["dataset"], root=str(data_root) if data_root is not None else None, params=params)
     data = build_data(config)
     expected = meta.get("input_size")
     if expected and list(data.image_shape) != list(expected):

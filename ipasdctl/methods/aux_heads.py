@@ -18,9 +18,6 @@ Readings chosen:
   2 and 3) and heads after both intermediate stages of a 3-stage CIFAR ResNet. The BYOT original puts a
   head after every intermediate stage: aux_stages=[0, 1, 2] on a 4-stage network.
 
-`distill_kl`, the temperature-scaled KD term, is here too: every method of this family (BYOT, DKS, CS-KD,
-DLB, DDGSD) uses it.
-
 The module lives in `TrainingNet.extra`: the engine trains it with the backbone, checkpoints it under
 "extra", and evaluates/exports `TrainingNet.model` alone, so the heads never reach a deployed model.
 """
@@ -104,13 +101,8 @@ class AuxiliaryHeads(nn.Module):
 
 
 class AuxiliaryHeadMethod(Method):
-    """A method that trains auxiliary heads beside the backbone (BYOT, DKS): `params.T` (positive) and
-    `params.aux_stages`; the heads are its `extra_module`, so they train and checkpoint but never deploy."""
-
-    @classmethod
-    def check_params(cls, params) -> None:
-        if params.T <= 0:
-            raise UserError(f"method.T must be positive, got {params.T}")
+    """A method that trains auxiliary heads beside the backbone (BYOT, DKS) at `params.aux_stages`; the heads
+    are its `extra_module`, so they train and checkpoint but never deploy."""
 
     def __init__(self, params, ctx: MethodContext):
         super().__init__(params, ctx)
@@ -118,12 +110,3 @@ class AuxiliaryHeadMethod(Method):
 
     def extra_module(self):
         return self.heads
-
-
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 KL(softmax(teacher / T) || softmax(student / T)), mean over the batch, teacher detached, float32."""
-    t = temperature
-    log_student = F.log_softmax(student_logits.float() / t, dim=1)
-    log_teacher = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
-    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(1)
-    return kl.mean() * (t * t)

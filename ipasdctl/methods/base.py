@@ -1,13 +1,16 @@
 """The contract every method follows.
 
-A method sees a batch (images, labels, dataset indices) and the training network, and returns
-`{"loss": scalar with grad, "logits": the logits the batch's labels belong to, **terms}`; every other entry
-is a detached scalar loss term (`loss_ce`, `loss_kd`, ...) that the engine averages per epoch, so a training
-curve explains itself. Per-sample memories and prototypes are method state: they go into the checkpoint.
-Auxiliary heads (`extra_module`) are trained with the network and dropped for evaluation and export.
+A method sees a batch (images, labels, dataset indices) and the training network, and returns a `StepResult`:
+the loss to train on, the logits and the labels the step's accuracy is counted on (a method that trains on
+part of the batch, as cs-kd's anchors or dlb's new half, says which), and its scalar loss terms (`loss_ce`,
+`loss_kd`, ...), which the engine detaches and averages per epoch, so a training curve explains itself.
+Per-sample memories and prototypes are method state: they go into the checkpoint. Auxiliary heads
+(`extra_module`) are trained with the network and dropped for evaluation and export. Losses several methods
+share are in methods/losses.py.
 
-A method states its name once (`name`, read by `@METHODS.register`), checks its parameters' values when they
-are parsed (`check_params`, so a bad `--set` is refused before anything trains), declares the trained run it
+A method states its name once (`name`, read by `@METHODS.register`), declares its parameters' bounds on the
+fields of its `Params` (`params.param(4.0, gt=0)`, checked when they are parsed, so a bad `--set` is refused
+before anything trains; `check_params` adds the checks that involve several fields), declares the trained run it
 needs (`reference_run_param`) instead of being known by name elsewhere, and reaches the other processes of a
 run only through `ctx.collectives` (the identity on one process; training/distributed.py under several).
 """
@@ -22,14 +25,26 @@ from torch import nn
 
 from ..config import build_dataclass
 from ..errors import UserError
+from ..params import NoParams, check_declared
 from ..registry import Registry
 
 METHODS: Registry = Registry("method")
 
 
 @dataclass
-class NoParams:
-    pass
+class StepResult:
+    """What a method's `loss` returns for one training step."""
+
+    loss: torch.Tensor  # scalar with grad: what the step's backward runs on
+    logits: torch.Tensor  # (n, K): the logits the step's training accuracy is counted on
+    labels: torch.Tensor  # (n,): their labels (the batch's, or the part of it the logits belong to)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar loss terms; the engine detaches them
+
+    @classmethod
+    def of(cls, losses: dict, logits: torch.Tensor, labels: torch.Tensor) -> "StepResult":
+        """From a loss function's `{"loss": ..., **terms}`."""
+        terms = {key: value for key, value in losses.items() if key != "loss"}
+        return cls(losses["loss"], logits, labels, terms)
 
 
 class Collectives:
@@ -88,13 +103,14 @@ class Method:
         """The method's Params from a recipe's `method:` mapping, every key, type and value checked."""
         values = {k: v for k, v in values.items() if k != "name"}
         params = build_dataclass(cls.Params, values, where="method")
+        check_declared(params, "method")
         cls.check_params(params)
         return params
 
     @classmethod
     def check_params(cls, params) -> None:
-        """Value checks of the parameters alone (a UserError each); checks that need the model or the data
-        set stay in the constructor."""
+        """Value checks that involve several parameters (a UserError each); one parameter's bounds are declared
+        on its field, and checks that need the model or the data set stay in the constructor."""
 
     # ------------------------------------------------------------------ hooks with defaults
     def extra_module(self) -> Optional[nn.Module]:
@@ -111,7 +127,7 @@ class Method:
     def on_epoch_end(self, epoch: int) -> None:
         pass
 
-    def loss(self, net: nn.Module, batch) -> dict:
+    def loss(self, net: nn.Module, batch) -> StepResult:
         raise NotImplementedError
 
     def state_dict(self) -> dict:

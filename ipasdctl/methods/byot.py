@@ -27,20 +27,21 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .base import METHODS
-from .aux_heads import AuxiliaryHeadMethod, distill_kl
+from ..params import param
+from .base import METHODS, StepResult
+from .aux_heads import AuxiliaryHeadMethod
+from .losses import distill_kl
 
 FEATURE_LOSSES = ("map_mse", "pooled_masked_sum")
 
 
 @dataclass
 class BYOTParams:
-    T: float = 4.0
+    T: float = param(4.0, gt=0)
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     feat_weight: float = 0.05
-    feat_loss: str = "map_mse"  # map_mse (Self-KD-Lib) | pooled_masked_sum (the original)
+    feat_loss: str = param("map_mse", choices=FEATURE_LOSSES)  # map_mse (Self-KD-Lib) | pooled_masked_sum (the original)
     aux_stages: Optional[list[int]] = None  # 0-based stages with a head; None: the last two intermediate ones
 
 
@@ -73,18 +74,11 @@ class BeYourOwnTeacher(AuxiliaryHeadMethod):
     name = "byot"
     Params = BYOTParams
 
-    @classmethod
-    def check_params(cls, params) -> None:
-        super().check_params(params)
-        if params.feat_loss not in FEATURE_LOSSES:
-            raise UserError(f"method.feat_loss must be one of {', '.join(FEATURE_LOSSES)}, got '{params.feat_loss}'")
-
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         out = net(batch.images)
         if self.params.feat_loss == "map_mse":
             main_feature, aux_features = out["stages"][-1], out["aux_features"]
         else:
             main_feature, aux_features = out["embedding"], out["aux_embeddings"]
         result = byot_loss(out["logits"], out["aux_logits"], main_feature, aux_features, batch.labels, self.params)
-        result["logits"] = out["logits"]
-        return result
+        return StepResult.of(result, out["logits"], batch.labels)

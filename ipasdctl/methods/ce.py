@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import METHODS, Method
+from .base import METHODS, Method, StepResult
 
 
 @METHODS.register
 class CrossEntropy(Method):
     name = "ce"
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         logits = net(batch.images)["logits"].float()
         loss = F.cross_entropy(logits, batch.labels)
-        return {"loss": loss, "logits": logits, "loss_ce": loss.detach()}
+        return StepResult(loss, logits, batch.labels, {"loss_ce": loss})

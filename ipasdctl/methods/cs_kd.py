@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from ..data.samplers import ClassPairBatches
-from ..errors import UserError
-from .base import METHODS, Method
-from .aux_heads import distill_kl
+from ..params import param
+from .base import METHODS, Method, StepResult
+from .losses import distill_kl
 
 
 @dataclass
 class CSKDParams:
-    T: float = 4.0
+    T: float = param(4.0, gt=0)
     kd_weight: float = 1.0  # lambda; the authors use 3 on fine-grained data sets
 
 
@@ -48,21 +48,14 @@ class ClassWiseKD(Method):
     name = "cs-kd"
     Params = CSKDParams
 
-    @classmethod
-    def check_params(cls, params) -> None:
-        if params.T <= 0:
-            raise UserError(f"method.T must be positive, got {params.T}")
-
     def batch_plan(self, labels: torch.Tensor, batch_size: int, seed: int):
         return ClassPairBatches(labels, batch_size, seed)
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         half = batch.labels.shape[0] // 2
         labels = batch.labels[:half]
         anchor_logits = net(batch.images[:half])["logits"]
         with torch.no_grad():
             partner_logits = net(batch.images[half:])["logits"]
         result = class_wise_loss(anchor_logits, partner_logits, labels, self.params.T, self.params.kd_weight)
-        result["logits"] = anchor_logits
-        result["labels"] = labels
-        return result
+        return StepResult.of(result, anchor_logits, labels)

@@ -25,20 +25,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .base import METHODS, Method
-from .aux_heads import distill_kl
+from ..params import param
+from .base import METHODS, Method, StepResult
+from .losses import distill_kl
 
 MMD_KINDS = ("scalar", "vector")
 
 
 @dataclass
 class DDGSDParams:
-    T: float = 4.0
+    T: float = param(4.0, gt=0)
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     mmd_weight: float = 5e-4
-    mmd: str = "scalar"  # scalar (Self-KD-Lib) | vector (the paper's linear-kernel MMD)
+    mmd: str = param("scalar", choices=MMD_KINDS)  # scalar (Self-KD-Lib) | vector (the paper's linear-kernel MMD)
 
 
 def feature_mmd(features_1: torch.Tensor, features_2: torch.Tensor, kind: str) -> torch.Tensor:
@@ -64,18 +64,10 @@ class DataDistortionSD(Method):
     name = "ddgsd"
     Params = DDGSDParams
 
-    @classmethod
-    def check_params(cls, params) -> None:
-        if params.mmd not in MMD_KINDS:
-            raise UserError(f"method.mmd must be one of {', '.join(MMD_KINDS)}, got '{params.mmd}'")
-        if params.T <= 0:
-            raise UserError(f"method.T must be positive, got {params.T}")
-
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         view_2 = batch.view(batch.raw, 0)
         size = batch.labels.shape[0]
         out = net(torch.cat([batch.images, view_2]))
         logits, features = out["logits"], out["embedding"]
         result = ddgsd_loss(logits[:size], logits[size:], features[:size], features[size:], batch.labels, self.params)
-        result["logits"] = logits[:size]
-        return result
+        return StepResult.of(result, logits[:size], batch.labels)

@@ -20,13 +20,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import METHODS
-from .aux_heads import AuxiliaryHeadMethod, distill_kl
+from ..params import param
+from .base import METHODS, StepResult
+from .aux_heads import AuxiliaryHeadMethod
+from .losses import distill_kl
 
 
 @dataclass
 class DKSParams:
-    T: float = 4.0
+    T: float = param(4.0, gt=0)
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     aux_stages: Optional[list[int]] = None  # 0-based stages with a head; None: the last two intermediate ones
@@ -51,9 +53,8 @@ class KnowledgeSynergy(AuxiliaryHeadMethod):
     name = "dks"
     Params = DKSParams
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         out = net(batch.images)
         result = dks_loss([out["logits"], *out["aux_logits"]], batch.labels, self.params.T,
                           self.params.ce_weight, self.params.kd_weight)
-        result["logits"] = out["logits"]
-        return result
+        return StepResult.of(result, out["logits"], batch.labels)

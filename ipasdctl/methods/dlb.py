@@ -39,13 +39,14 @@ import torch.nn.functional as F
 
 from ..data.samplers import OverlapBatches
 from ..errors import UserError
-from .base import METHODS, Collectives, Method, MethodContext
-from .aux_heads import distill_kl
+from ..params import param
+from .base import METHODS, Collectives, Method, MethodContext, StepResult
+from .losses import distill_kl
 
 
 @dataclass
 class DLBParams:
-    T: float = 3.0
+    T: float = param(3.0, gt=0)
     kd_weight: float = 1.0  # a
     joint_forward: bool = False  # true: one forward of [repeated, new] (shared BatchNorm statistics)
 
@@ -107,11 +108,6 @@ class LastMiniBatch(Method):
     name = "dlb"
     Params = DLBParams
 
-    @classmethod
-    def check_params(cls, params) -> None:
-        if params.T <= 0:
-            raise UserError(f"method.T must be positive, got {params.T}")
-
     def __init__(self, params: DLBParams, ctx: MethodContext):
         super().__init__(params, ctx)
         self.last_step = LastStepLogits(ctx.num_classes, ctx.device, ctx.collectives)
@@ -127,7 +123,7 @@ class LastMiniBatch(Method):
     def batch_plan(self, labels: torch.Tensor, batch_size: int, seed: int):
         return OverlapBatches(labels, batch_size, seed)
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         repeated = self.stored_logits.shape[0]  # the plan puts exactly that many repeated samples first
         if repeated >= batch.labels.shape[0]:
             raise RuntimeError(f"dlb: batch of {batch.labels.shape[0]} cannot hold {repeated} repeated samples "
@@ -147,9 +143,7 @@ class LastMiniBatch(Method):
         result = dlb_loss(new_logits, new_labels, repeated_logits, repeated_labels, self.stored_logits,
                           self.params.T, self.params.kd_weight)
         self.last_step.store(batch.indices[repeated:], new_logits)
-        result["logits"] = new_logits
-        result["labels"] = new_labels
-        return result
+        return StepResult.of(result, new_logits, new_labels)
 
     def state_dict(self) -> dict:
         return self.last_step.state_dict()

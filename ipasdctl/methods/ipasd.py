@@ -22,18 +22,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .base import METHODS, Collectives, Method, MethodContext
-from .memory import SampleMemory, check_memory_dtype
+from ..params import param
+from .base import METHODS, Collectives, Method, MethodContext, StepResult
+from .losses import soft_cross_entropy
+from .memory import DTYPES, SampleMemory
 
 
 @dataclass
 class IPASDParams:
-    w_div: float = 0.8
-    w_con: float = 0.01
-    tau: float = 0.3
+    w_div: float = param(0.8, ge=0)
+    w_con: float = param(0.01, ge=0)
+    tau: float = param(0.3, gt=0)
     con_grad: bool = True  # false: the release's detached contrastive term (no gradient), for ablation
-    memory_dtype: str = "float16"  # float32 | float16 | bfloat16 | uint8
+    memory_dtype: str = param("float16", choices=DTYPES)  # float32 | float16 | bfloat16 | uint8
 
 
 def progressive_alpha(epoch: int, epochs: int, w_div: float) -> float:
@@ -70,7 +71,7 @@ def ipasd_loss(logits: torch.Tensor, embedding: torch.Tensor, labels: torch.Tens
     w_s, w_l = blend_weights(labels, s_rows, l_rows)
     teacher = w_s * s_rows + w_l * l_rows
     target = (1.0 - alpha) * F.one_hot(labels, num_classes).float() + alpha * teacher
-    loss_soft = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_soft = soft_cross_entropy(logits, target)
     out = {"loss_soft": loss_soft, "w_s": w_s, "alpha": torch.tensor(alpha, device=logits.device)}
     new_s = None
     if prototypes is not None:
@@ -144,14 +145,6 @@ class IPASD(Method):
     name = "ipasd"
     Params = IPASDParams
 
-    @classmethod
-    def check_params(cls, params: IPASDParams) -> None:
-        if not params.tau > 0:
-            raise UserError(f"method.tau must be positive, got {params.tau}")
-        if params.w_div < 0 or params.w_con < 0:
-            raise UserError(f"method.w_div and method.w_con must not be negative, got {params.w_div}, {params.w_con}")
-        check_memory_dtype(params.memory_dtype)
-
     def __init__(self, params: IPASDParams, ctx: MethodContext):
         super().__init__(params, ctx)
         onehot = F.one_hot(ctx.train_labels, ctx.num_classes).float()
@@ -164,7 +157,7 @@ class IPASD(Method):
     def on_epoch_start(self, epoch: int) -> None:
         self.prototypes.reset()
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         out = net(batch.images)
         idx, labels = batch.indices, batch.labels
         p = self.params
@@ -179,10 +172,7 @@ class IPASD(Method):
         if new_s is not None:
             self.last_proto.write(idx, new_s)
         self.prototypes.accumulate(out["embedding"], labels)
-        result["logits"] = out["logits"]
-        result["loss_soft"] = result["loss_soft"].detach()
-        result["loss_con"] = result["loss_con"].detach()
-        return result
+        return StepResult.of(result, out["logits"], labels)
 
     def on_epoch_end(self, epoch: int) -> None:
         self.prototypes.finish_epoch()

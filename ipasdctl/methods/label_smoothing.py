@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import METHODS, Method, MethodContext
+from ..params import param
+from .base import METHODS, Method, MethodContext, StepResult
+from .losses import soft_cross_entropy
 
 
 @dataclass
 class LabelSmoothingParams:
-    eps: float = 0.1
+    eps: float = param(0.1, ge=0, lt=1)
 
 
 def smoothed_targets(labels: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
@@ -31,7 +33,7 @@ def smoothed_targets(labels: torch.Tensor, num_classes: int, eps: float) -> torc
 def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
     logits = logits.float()
     target = smoothed_targets(labels, logits.shape[1], eps)
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    return soft_cross_entropy(logits, target)
 
 
 @METHODS.register
@@ -39,17 +41,12 @@ class LabelSmoothing(Method):
     name = "ls"
     Params = LabelSmoothingParams
 
-    @classmethod
-    def check_params(cls, params) -> None:
-        if not 0.0 <= params.eps < 1.0:
-            raise UserError(f"method.eps must be in [0, 1), got {params.eps}")
-
     def __init__(self, params: LabelSmoothingParams, ctx: MethodContext):
         super().__init__(params, ctx)
         if ctx.num_classes < 2:
             raise UserError("label smoothing needs at least 2 classes")
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         logits = net(batch.images)["logits"]
         loss = label_smoothing_loss(logits, batch.labels, self.params.eps)
-        return {"loss": loss, "logits": logits, "loss_ls": loss.detach()}
+        return StepResult(loss, logits, batch.labels, {"loss_ls": loss})

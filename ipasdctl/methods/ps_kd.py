@@ -17,15 +17,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .base import METHODS, Method, MethodContext
-from .memory import SampleMemory, check_memory_dtype
+from ..params import param
+from .base import METHODS, Method, MethodContext, StepResult
+from .losses import soft_cross_entropy
+from .memory import DTYPES, SampleMemory
 
 
 @dataclass
 class PSKDParams:
-    alpha_T: float = 0.8
-    memory_dtype: str = "float16"  # float32 | float16 | bfloat16 | uint8
+    alpha_T: float = param(0.8, ge=0, le=1)
+    memory_dtype: str = param("float16", choices=DTYPES)  # float32 | float16 | bfloat16 | uint8
 
 
 def pskd_alpha(epoch: int, epochs: int, alpha_T: float) -> float:
@@ -37,7 +38,7 @@ def pskd_loss(logits: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor
     """Cross-entropy against (1 - alpha) onehot(y) + alpha * previous (rows of the memory)."""
     logits = logits.float()
     target = (1.0 - alpha) * F.one_hot(labels, logits.shape[1]).float() + alpha * previous
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    return soft_cross_entropy(logits, target)
 
 
 @METHODS.register
@@ -45,19 +46,13 @@ class PSKD(Method):
     name = "ps-kd"
     Params = PSKDParams
 
-    @classmethod
-    def check_params(cls, params) -> None:
-        if not 0.0 <= params.alpha_T <= 1.0:
-            raise UserError(f"method.alpha_T must be in [0, 1], got {params.alpha_T}")
-        check_memory_dtype(params.memory_dtype)
-
     def __init__(self, params: PSKDParams, ctx: MethodContext):
         super().__init__(params, ctx)
         onehot = F.one_hot(ctx.train_labels, ctx.num_classes).float()
         self.last_softmax = SampleMemory(ctx.num_train, ctx.num_classes, params.memory_dtype, ctx.device, onehot,
                                          ctx.collectives)
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         out = net(batch.images)
         logits, idx, labels = out["logits"], batch.indices, batch.labels
         if batch.epoch == 0:
@@ -67,8 +62,7 @@ class PSKD(Method):
         alpha = pskd_alpha(batch.epoch, self.ctx.epochs, self.params.alpha_T)
         loss = pskd_loss(logits, labels, previous, alpha)
         self.last_softmax.write(idx, F.softmax(logits.detach().float(), dim=1))
-        return {"loss": loss, "logits": logits, "loss_pskd": loss.detach(),
-                "alpha": loss.new_full((), alpha)}
+        return StepResult(loss, logits, labels, {"loss_pskd": loss, "alpha": loss.new_full((), alpha)})
 
     def state_dict(self) -> dict:
         return {"last_softmax": self.last_softmax.state_dict()}

@@ -32,26 +32,27 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..params import param
 from ..runs import load_model
-from .base import METHODS, Method, MethodContext
+from .base import METHODS, Method, MethodContext, StepResult
 
 CORRECT_PROB = 0.99  # the virtual teacher's probability on the label (fixed in the release)
 
 
 @dataclass
 class TfKDRegParams:
-    alpha: float = 0.1
-    temperature: float = 20.0
-    multiplier: float = 100.0
+    alpha: float = param(0.1, ge=0, le=1)
+    temperature: float = param(20.0, gt=0)
+    multiplier: float = param(100.0, ge=0)
     soften_student: bool = False  # true: log_softmax(z / T) on the student side (the paper's equation)
 
 
 @dataclass
 class TfKDSelfParams:
     teacher: Optional[str] = None  # run folder of a finished training run (its checkpoints/best.pt)
-    alpha: float = 0.95
-    temperature: float = 6.0
-    multiplier: float = 50.0
+    alpha: float = param(0.95, ge=0, le=1)
+    temperature: float = param(6.0, gt=0)
+    multiplier: float = param(50.0, ge=0)
 
 
 def elementwise_mean_kl(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
@@ -87,21 +88,8 @@ def tf_kd_self_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return {"loss": (1.0 - alpha) * loss_ce + alpha * loss_kd, "loss_ce": loss_ce, "loss_kd": loss_kd}
 
 
-class TfKDMethod(Method):
-    """What both variants check: alpha in [0, 1], a positive temperature, a non-negative multiplier."""
-
-    @classmethod
-    def check_params(cls, params) -> None:
-        if not 0.0 <= params.alpha <= 1.0:
-            raise UserError(f"method.alpha must be in [0, 1], got {params.alpha}")
-        if not params.temperature > 0:
-            raise UserError(f"method.temperature must be positive, got {params.temperature}")
-        if params.multiplier < 0:
-            raise UserError(f"method.multiplier must not be negative, got {params.multiplier}")
-
-
 @METHODS.register
-class TfKDReg(TfKDMethod):
+class TfKDReg(Method):
     name = "tf-kd-reg"
     Params = TfKDRegParams
 
@@ -110,12 +98,11 @@ class TfKDReg(TfKDMethod):
         if ctx.num_classes < 2:
             raise UserError("tf-kd-reg needs at least 2 classes")
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         logits = net(batch.images)["logits"]
         p = self.params
         result = tf_kd_reg_loss(logits, batch.labels, p.alpha, p.temperature, p.multiplier, p.soften_student)
-        return {"loss": result["loss"], "logits": logits, "loss_ce": result["loss_ce"].detach(),
-                "loss_kd": result["loss_kd"].detach()}
+        return StepResult.of(result, logits, batch.labels)
 
 
 def load_teacher(run_dir: Optional[str], num_classes: int, device, channels_last: bool = False) -> torch.nn.Module:
@@ -138,7 +125,7 @@ def load_teacher(run_dir: Optional[str], num_classes: int, device, channels_last
 
 
 @METHODS.register
-class TfKDSelf(TfKDMethod):
+class TfKDSelf(Method):
     name = "tf-kd-self"
     Params = TfKDSelfParams
     reference_run_param = "teacher"  # `compare` gives it the ce run of the same seed
@@ -148,11 +135,10 @@ class TfKDSelf(TfKDMethod):
         # a plain attribute, not a submodule of the training network: never trained, never exported
         self.teacher = load_teacher(params.teacher, ctx.num_classes, ctx.device, ctx.channels_last)
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         logits = net(batch.images)["logits"]
         with torch.no_grad():
             teacher_logits = self.teacher(batch.images)
         p = self.params
         result = tf_kd_self_loss(logits, teacher_logits, batch.labels, p.alpha, p.temperature, p.multiplier)
-        return {"loss": result["loss"], "logits": logits, "loss_ce": result["loss_ce"].detach(),
-                "loss_kd": result["loss_kd"].detach()}
+        return StepResult.of(result, logits, batch.labels)

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import METHODS, Method, MethodContext
-from .zipf_ls import non_target_columns
+from .base import METHODS, Method, MethodContext, StepResult
+from .losses import non_target_columns, soft_cross_entropy
 
 WEAK_LABEL_WEIGHT = 0.9  # the weak head's target: 0.9 onehot + 0.1 / K (fixed in the release)
 EPS = 1e-6
@@ -92,8 +92,7 @@ def uskd_loss(logits: torch.Tensor, weak_logits: torch.Tensor, labels: torch.Ten
     loss_weak = -(weak_target * log_w).sum(1).mean()
 
     non_target = zipf_non_target_labels(log_p.detach(), log_w.detach().exp(), labels, release_rank)
-    log_q = F.log_softmax(logits.gather(1, non_target_columns(labels, num_classes)), dim=1)
-    loss_non_target = -(non_target * log_q).sum(1).mean()
+    loss_non_target = soft_cross_entropy(logits.gather(1, non_target_columns(labels, num_classes)), non_target)
 
     loss_ce = F.cross_entropy(logits, labels)
     loss = loss_ce + alpha * loss_target + beta * loss_non_target + mu * loss_weak
@@ -119,9 +118,8 @@ class USKD(Method):
         channels = self.ctx.stage_channels[self.params.weak_stage]
         return WeakHead(self.params.weak_stage, channels, self.ctx.num_classes)
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         out = net(batch.images)
         p = self.params
         result = uskd_loss(out["logits"], out["weak_logits"], batch.labels, p.alpha, p.beta, p.mu, p.release_rank)
-        terms = {k: v.detach() for k, v in result.items() if k != "loss"}
-        return {"loss": result["loss"], "logits": out["logits"], **terms}
+        return StepResult.of(result, out["logits"], batch.labels)

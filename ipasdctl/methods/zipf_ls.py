@@ -25,16 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import METHODS, Method, MethodContext
+from ..params import param
+from .base import METHODS, Method, MethodContext, StepResult
+from .losses import non_target_columns
 
 UPSAMPLE_MODES = ("none", "bilinear", "bicubic")
 
 
 @dataclass
 class ZipfLSParams:
-    loss_lambda: float = 0.1
+    loss_lambda: float = param(0.1, ge=0)
     power: float = 1.0
-    upsample: str = "bilinear"  # none | bilinear | bicubic: 2x upsampling of the dense map before voting
+    upsample: str = param("bilinear", choices=UPSAMPLE_MODES)  # none | bilinear | bicubic: 2x upsampling of the dense map before voting
 
 
 def unwrap_training_net(net: nn.Module) -> nn.Module:
@@ -46,12 +48,6 @@ def unwrap_training_net(net: nn.Module) -> nn.Module:
             net = net.module
         else:
             return net
-
-
-def non_target_columns(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, K-1) column indices of every class but the label, in class order (for gather: no boolean masks)."""
-    columns = torch.arange(num_classes - 1, device=labels.device).unsqueeze(0)
-    return columns + (columns >= labels.unsqueeze(1)).long()
 
 
 def min_ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -100,22 +96,14 @@ class ZipfLS(Method):
     name = "zipf-ls"
     Params = ZipfLSParams
 
-    @classmethod
-    def check_params(cls, params) -> None:
-        if params.upsample not in UPSAMPLE_MODES:
-            raise UserError(f"method.upsample must be one of {', '.join(UPSAMPLE_MODES)}, got '{params.upsample}'")
-        if params.loss_lambda < 0:
-            raise UserError(f"method.loss_lambda must not be negative, got {params.loss_lambda}")
-
     def __init__(self, params: ZipfLSParams, ctx: MethodContext):
         super().__init__(params, ctx)
         if ctx.num_classes < 2:
             raise UserError("zipf-ls needs at least 2 classes")
 
-    def loss(self, net, batch) -> dict:
+    def loss(self, net, batch) -> StepResult:
         out = net(batch.images)
         classifier = unwrap_training_net(net).model.classifier
         votes = dense_votes(out["stages"][-1], classifier, self.params.upsample)
         result = zipf_ls_loss(out["logits"], votes, batch.labels, self.params.loss_lambda, self.params.power)
-        return {"loss": result["loss"], "logits": out["logits"], "loss_ce": result["loss_ce"].detach(),
-                "loss_zipf": result["loss_zipf"].detach()}
+        return StepResult.of(result, out["logits"], batch.labels)

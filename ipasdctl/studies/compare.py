@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional, Union
 import yaml
 
 from .. import training
-from ..config import Recipe, differing_keys, recipe_from_dict
+from ..config import Recipe, ResolvedRecipe, differing_keys, recipe_from_dict
 from ..errors import UserError, did_you_mean
 from ..files import atomic_write_text
 from ..analysis.tables import count_noun
@@ -102,7 +102,7 @@ class PlannedRun:
     method: str
     seed: int
     run_dir: Path
-    recipe: Recipe  # resolved: the method's defaults filled in, as the run's config.yaml will record it
+    recipe: ResolvedRecipe  # as the run's config.yaml will record it
 
     @property
     def name(self) -> str:
@@ -112,7 +112,7 @@ class PlannedRun:
 @dataclass
 class ComparisonPlan:
     out: Path
-    recipe: Recipe  # the shared recipe, method = the main method's resolved parameters
+    recipe: ResolvedRecipe  # the shared recipe, method = the main method's parameters
     main: str
     methods: list[str]
     seeds: list[int]
@@ -135,21 +135,20 @@ def plan(recipe: Recipe, baselines: Union[str, Iterable[str], None], seeds: Unio
     """Every run of the comparison, seed by seed (ce first, then the main method, then the baselines), with its
     recipe resolved and checked: a mistake in any of them is found before anything trains."""
     seeds = parse_seeds(seeds)
-    main = recipe.method.get("name", "ipasd")
-    methods = method_names(main, baselines)
-    out = Path(out) if out is not None else default_out(recipe)
-    shared = copy.deepcopy(recipe)
-    training.check_recipe(shared)
+    methods = method_names(recipe.method.get("name"), baselines)
+    shared = training.resolved(recipe)
+    main = shared.method["name"]
+    out = Path(out) if out is not None else default_out(shared)
     runs = []
     for seed in seeds:  # seed-major: an interrupted comparison already holds complete seeds
         for method in methods:
-            run_recipe = copy.deepcopy(recipe)
-            run_recipe.method = copy.deepcopy(recipe.method) if method == main else {"name": method}
+            values = shared.to_dict()
+            values["method"] = values["method"] if method == main else {"name": method}
             reference_key = method_class(method).reference_run_param
-            if reference_key and not run_recipe.method.get(reference_key):
-                run_recipe.method[reference_key] = reference_run(out, seed)
-            run_recipe.train.seed = seed
-            training.check_recipe(run_recipe)
+            if reference_key and not values["method"].get(reference_key):
+                values["method"][reference_key] = reference_run(out, seed)
+            values["train"]["seed"] = seed
+            run_recipe = training.resolve_recipe(recipe_from_dict(values))
             runs.append(PlannedRun(method, seed, out / comparison_run_name(method, seed), run_recipe))
     return ComparisonPlan(out, shared, main, methods, seeds, runs)
 
@@ -173,10 +172,7 @@ def _without_method_and_seed(recipe: dict) -> dict:
 def _with_defaults(recipe: dict) -> dict:
     """A recipe recorded by an older version, with the keys added since filled in at their defaults: a new
     key left at its default (data.val_split, say) is no difference. Unreadable as a recipe: as it is."""
-    try:
-        return recipe_from_dict(recipe).to_dict()
-    except UserError:
-        return recipe
+    return training.resolved_dict(recipe)
 
 
 def _has_trained_runs(out: Path) -> bool:

@@ -2,10 +2,11 @@
 
 Imports nothing of studies, analysis or deploy (import-linter checks it)."""
 
-from .checks import check_recipe
 from .progress import Progress
+from .resolve import resolve_recipe, resolved, resolved_dict
 from .sessions import resume, resume_recipe, train, train_into
 from .stopping import Interrupted
 from .trainer import Trainer
 
-__all__ = ["Interrupted", "Progress", "Trainer", "check_recipe", "resume", "resume_recipe", "train", "train_into"]
+__all__ = ["Interrupted", "Progress", "Trainer", "resolve_recipe", "resolved", "resolved_dict", "resume",
+           "resume_recipe", "train", "train_into"]

@@ -1,43 +1,9 @@
-"""Checks of a recipe and its data before anything trains: each failure is one UserError line."""
+"""Checks of a run's data before anything trains (the recipe's are in resolve.py): each failure is one
+UserError line."""
 
 from __future__ import annotations
 
-import math
-
-from ..config import Recipe
-from ..data.noise import check_label_noise
 from ..errors import UserError
-from ..methods import resolved_method_config
-from .tracking import check_track
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """Value checks the types cannot express; also fills in (and checks) the method's parameters."""
-    recipe.method = resolved_method_config(recipe.method)
-    t, o = recipe.train, recipe.optim
-    if t.epochs <= 0:
-        raise UserError(f"epochs must be a positive integer, got {t.epochs}; use --epochs N with N >= 1")
-    if t.batch_size <= 0:
-        raise UserError(f"batch size must be a positive integer, got {t.batch_size}; use --batch-size N with N >= 1")
-    if t.eval_batch_size <= 0:
-        raise UserError(f"train.eval_batch_size must be positive, got {t.eval_batch_size}")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise UserError(f"learning rate must be a positive number, got {o.lr}; e.g. --lr 0.1")
-    d = recipe.data
-    for key, seed in (("seed", t.seed), ("data.val_seed", d.val_seed), ("data.label_noise.seed", d.label_noise.seed)):
-        if not 0 <= seed < 2**63:
-            raise UserError(f"{key} must be an integer from 0 to 2^63-1, got {seed}")
-    if recipe.checkpoint.every_steps < 0:
-        raise UserError(f"checkpoint.every_steps must be 0 (epoch ends only) or positive, got {recipe.checkpoint.every_steps}")
-    if o.schedule not in ("multistep", "cosine", "constant"):
-        raise UserError(f"optim.schedule must be multistep, cosine or constant, got '{o.schedule}'")
-    if o.warmup_epochs < 0 or o.weight_decay < 0 or o.momentum < 0:
-        raise UserError("optim.warmup_epochs, weight_decay and momentum must not be negative")
-    check_track(t.track)
-    if d.val_split is not None and d.val_split <= 0:
-        raise UserError(f"data.val_split must be a positive number of training images, got {d.val_split}; "
-                        "leave it unset for no validation split")
-    check_label_noise(d.label_noise.rate, d.label_noise.kind)
 
 
 def check_labels(data, name: str) -> None:

@@ -15,7 +15,6 @@ import torch
 
 from .. import runtime
 from ..errors import UserError
-from .checks import check_recipe
 from .distributed import SYNC_BN_NEEDS_CUDA, context_from_env
 
 ERROR_DIR_ENV = "IPASDCTL_ERROR_DIR"  # set by `train --nproc`: where each worker leaves its one-line error
@@ -81,8 +80,8 @@ def _killed_line(rank: int, signum: int) -> str:
 def launch(nproc: int, args: list[str], recipe=None) -> int:
     """`ipasdctl train --nproc N`: run `python -m ipasdctl <args>` as N processes on this machine through
     torchrun (`python -m ipasdctl.training.torchrun --standalone --nproc_per_node N`: torch.distributed.run without its
-    traceback), wait, and return its exit status. A new run's recipe is checked first, so a bad option is one
-    line, not N tracebacks; an error the workers meet later is printed once, the first failing rank's, with
+    traceback), wait, and return its exit status. A new run's recipe (resolved by the command, so its values are
+    checked) is checked against N first, so a bad option is one line, not N tracebacks; an error the workers meet later is printed once, the first failing rank's, with
     its status (`report_failure`).
 
     Signals: torchrun is started in a session of its own and SIGINT/SIGTERM are forwarded to it once, so a
@@ -127,8 +126,7 @@ def _run_torchrun(nproc: int, args: list[str], errors: str) -> tuple[int, list[i
 
 
 def _check_launch(nproc: int, recipe) -> None:
-    check_recipe(recipe)
-    t = recipe.train
+    t = recipe.train  # resolved (checked) by the command line
     if t.batch_size < nproc:
         raise UserError(f"batch size {t.batch_size} is smaller than --nproc {nproc}: it is the global batch, "
                         f"shared out among the processes; use --batch-size {nproc} or more")

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import runtime
 from ..accuracy import topk_hits
+from ..methods import StepResult
 from . import distributed
 from .distributed import DistContext
 from .progress import Progress
@@ -78,19 +79,19 @@ class EpochMeter:
         self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
         self.nonfinite_terms: dict[str, torch.Tensor] = {}  # the terms of that step
 
-    def update(self, result: dict, labels: torch.Tensor, step: int) -> None:
+    def update(self, result: StepResult, step: int) -> None:
+        """Add one step: its loss and terms weighted by its number of samples, and its correct predictions."""
+        labels = result.labels
         n = labels.numel()
-        first_bad = ~torch.isfinite(result["loss"].detach()) & (self.first_nonfinite_step < 0)
-        for key, value in result.items():
-            if key == "logits" or key == "labels":
-                continue
+        first_bad = ~torch.isfinite(result.loss.detach()) & (self.first_nonfinite_step < 0)
+        for key, value in {"loss": result.loss, **result.terms}.items():
             value = value.detach().float()
             if key not in self.sums:
                 self.sums[key] = torch.zeros((), device=self.device)
                 self.nonfinite_terms[key] = torch.zeros((), device=self.device)
             self.sums[key] += value * n
             self.nonfinite_terms[key] = torch.where(first_bad, value, self.nonfinite_terms[key])
-        logits = result["logits"].detach()
+        logits = result.logits.detach()
         self.correct += (logits.argmax(1) == labels).sum()
         self.count += n
         self.first_nonfinite_step = torch.where(first_bad, torch.full_like(self.first_nonfinite_step, step),

@@ -3,7 +3,8 @@
 A run folder is locked (runs.RunLock) while a process trains into it; the kernel drops the lock when that
 process dies, even by SIGKILL, so a crashed run never leaves it locked. A new run that fails before its first
 checkpoint removes its run folder: bad input never leaves half a run behind. Under torchrun every rank calls
-these; rank 0 creates, locks and writes the run folder.
+these; rank 0 creates, locks and writes the run folder. Each takes a recipe resolved by its caller (the API, the
+CLI, compare's plan) and resolves a plain one itself; a recipe read from a run folder is resolved where it is read.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import functools
 from pathlib import Path
 from typing import Optional
 
-from ..config import Recipe, deep_merge, differing_keys, load_recipe, recipe_from_dict
+from ..config import Recipe, ResolvedRecipe, deep_merge, differing_keys, load_recipe, recipe_from_dict
 from ..errors import UserError
 from ..runs import RunFolder, check_out_folder, check_run_name, create_run_dir, default_run_name
 from . import distributed
-from .checks import check_recipe
 from .progress import Progress
+from .resolve import resolve_recipe, resolved, resolved_dict
 from .stopping import Interrupted
 from .trainer import Trainer
 
@@ -29,6 +30,7 @@ def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optio
 
     `reuse`: when out/name already holds a run of exactly this recipe, return it if finished and resume it if
     interrupted, instead of starting another (name-2) beside it (what a rerun chain wants)."""
+    recipe = resolved(recipe)
     out = Path(out)
     if reuse:
         reused = _same_run(recipe, out / (name or default_run_name(recipe)), progress)
@@ -52,17 +54,15 @@ def train(recipe: Recipe, out: Path, name: Optional[str] = None, progress: Optio
         return _train_new(trainer, run_dir, created=True)
 
 
-def _same_run(recipe: Recipe, run_dir: Path, progress: Optional[Progress]) -> Optional[Path]:
+def _same_run(recipe: ResolvedRecipe, run_dir: Path, progress: Optional[Progress]) -> Optional[Path]:
     """run_dir when it holds a finished run of this recipe; resumed to the end when it holds an interrupted one;
     else None."""
-    check_recipe(recipe)
     folder = RunFolder(run_dir)
     try:
         saved = folder.read_config()
         if saved is None:
             return None
-        saved = recipe_from_dict(saved)  # a config.yaml from before a key existed gets its default
-        check_recipe(saved)
+        saved = resolve_recipe(recipe_from_dict(saved))  # a config.yaml from before a key existed gets its default
     except UserError:
         return None
     if saved.to_dict() != recipe.to_dict():
@@ -78,6 +78,7 @@ def _same_run(recipe: Recipe, run_dir: Path, progress: Optional[Progress]) -> Op
 
 def train_into(recipe: Recipe, run_dir: Path, progress: Optional[Progress] = None) -> Path:
     """A new run in exactly `run_dir` (which must not hold a run yet); used by `compare`."""
+    recipe = resolved(recipe)
     folder = RunFolder(run_dir)
     with distributed.session(clean_exits=(Interrupted,)):
         trainer = Trainer(recipe, None, progress)
@@ -110,14 +111,13 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
                 raise UserError(f"--resume {folder.path}: it has no checkpoints/last.pt (the run stopped before its "
                                 "first checkpoint); start a new run instead")
             state = folder.load_state("last")
-            saved = recipe_from_dict(state["config"])
+            saved = resolve_recipe(recipe_from_dict(state["config"]))
             if distributed.on_main(ctx, functools.partial(_check_folder_agrees, folder, state)) and ctx.is_main:
                 folder.write_config(saved)  # config.yaml was missing: the checkpoint's recipe is the run's
             if recipe is not None:
-                check_recipe(recipe)
-                check_recipe(saved)
-                if recipe.to_dict() != saved.to_dict():
-                    diff = sorted(differing_keys(saved.to_dict(), recipe.to_dict()))
+                given = resolved(recipe)
+                if given.to_dict() != saved.to_dict():
+                    diff = sorted(differing_keys(saved.to_dict(), given.to_dict()))
                     raise UserError(f"--resume {folder.path}: the given recipe differs from the run's ({', '.join(diff)}); "
                                     "resume without recipe options, or start a new run")
             summary = folder.read_summary() if folder.state() == "finished" else None
@@ -141,7 +141,8 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
 def resume_recipe(run_dir: Path, recipe: Optional[str], overrides: Optional[dict]) -> Optional[Recipe]:
     """The recipe a `train --resume` command line asks for, to compare with the run's own: the named recipe
     (with the options over it), or, without --recipe, the run's saved recipe with the options over it; None
-    when the command line gives neither (then the run's recipe is used as it is)."""
+    when the command line gives neither (then the run's recipe is used as it is). `resume` resolves it, after
+    its checks of the run folder."""
     if recipe:
         return load_recipe(recipe, overrides)
     if not overrides:
@@ -170,7 +171,8 @@ def _check_folder_agrees(folder: RunFolder, state: dict) -> bool:
         raise UserError(f"--resume {folder.path}: its config.yaml is not readable YAML, so the folder no longer "
                         "says what the run is; the recipe in checkpoints/last.pt is the run's: remove config.yaml "
                         "(resume writes it again from the checkpoint) and resume")
-    diff = differing_keys(state["config"], on_disk) if on_disk is not None else []
+    # resolved: a run written by an older version may record keys since added or dropped; only values differ
+    diff = differing_keys(resolved_dict(state["config"]), resolved_dict(on_disk)) if on_disk is not None else []
     if diff:
         raise UserError(f"--resume {folder.path}: config.yaml disagrees with the recipe in checkpoints/last.pt "
                         f"({', '.join(diff[:5])}); was config.yaml edited, or last.pt copied from another run? The "

@@ -30,14 +30,14 @@ import torch
 from torch import nn
 
 from .. import runtime
-from ..config import Recipe
+from ..config import ResolvedRecipe
 from ..data import RandomBatches, build_data
 from ..errors import UserError, one_line
 from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
 from ..runs import RunFolder
 from . import distributed
-from .checks import check_labels, check_recipe
+from .checks import check_labels
 from .meters import EpochMeter, test_metrics
 from .progress import Progress
 from .schedule import lr_at
@@ -48,8 +48,9 @@ CHECKPOINT_FORMAT = "ipasdctl-checkpoint-1"
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, run_dir: Optional[Path] = None, progress: Optional[Progress] = None):
-        check_recipe(recipe)
+    def __init__(self, recipe: ResolvedRecipe, run_dir: Optional[Path] = None, progress: Optional[Progress] = None):
+        if not isinstance(recipe, ResolvedRecipe):  # a plain Recipe would train on unchecked values
+            raise TypeError("Trainer takes a ResolvedRecipe: pass training.resolve_recipe(recipe)")
         self.recipe = recipe
         self.progress = progress or Progress()
         t = recipe.train
@@ -277,10 +278,10 @@ class Trainer:
         with runtime.autocast(self.device, self.dtype):
             result = self.method.loss(self.train_step_fn, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(result["loss"]).backward()
+        self.scaler.scale(result.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.meter.update(result, result.get("labels", batch.labels), batch.step)
+        self.meter.update(result, batch.step)
 
     def _check_finite(self, epoch: int) -> None:
         self.stops.check_finite(self.meter, epoch, self.folder.last if self.folder is not None else None)
