@@ -187,7 +187,8 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     torch_checkpoint = _torch_checkpoint(torch_run, record, meta, checkpoint, log) if with_torch else None
     if torch_checkpoint is not None and torch_timed is not None and str(torch_checkpoint) in torch_timed:
         if log:
-            log(f"PyTorch eager of {_checkpoint_name(torch_checkpoint)} was timed before in this run: not again")
+            log(f"PyTorch eager of {_checkpoint_name(torch_checkpoint)} was timed with a model before this one: "
+                "not again")
         torch_checkpoint = None
     torch_sha256 = sha256_of(torch_checkpoint) if torch_checkpoint is not None else None
     if torch_checkpoint is not None and torch_timed is not None:
