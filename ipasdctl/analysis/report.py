@@ -49,7 +49,8 @@ def _interval_cell(values) -> str:
 
 def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list[dict]]:
     """The group's summary table: training results and eval metrics, mean ± std over seeds."""
-    header = ["method", "seeds", "best top-1 (%)", "last top-1 (%)", "last top-1 95 % CI", "best top-5 (%)", "eval top-1 (%)",
+    header = ["method", "seeds", "best top-1 (%)", "last top-1 (%)", "last top-1 95 % CI", "best top-5 (%)",
+              "eval top-1 (%)",
               "NLL (nats)", "ECE (%)", "cos to class mean", "intra/inter dist.", "params", "MACs",
               "train time (s)", "train img/s"]
     rows, records = [], []
@@ -79,8 +80,8 @@ def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list
 
 
 SELECTION_SHOWN = ["dataset", "method", "arch", "precision", "checkpoint", "seeds", "seeds_compared",
-                   "missing_seeds", "top1", "top1_std", "params", "macs", "file_size_mb", "latency_ms", "slower_than_fp32", "pareto_optimal",
-                   "within_budget"]
+                   "missing_seeds", "top1", "top1_std", "params", "macs", "file_size_mb", "latency_ms",
+                   "slower_than_fp32", "pareto_optimal", "within_budget"]
 
 
 def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Optional[float], out: Path,
@@ -136,7 +137,8 @@ def _recommendation_line(pick, budget: str) -> str:
         print(f"warning: {message}", file=sys.stderr)
         return f"**{message}.**"
     if pick.pick is None:
-        return f"**No model meets the budget{budget} on {pick.dataset}** (or none has a measured latency: run `ipasdctl bench`)."
+        return (f"**No model meets the budget{budget} on {pick.dataset}** (or none has a measured latency: run "
+                "`ipasdctl bench`).")
     row = pick.pick
     line = (f"**Best{budget} on {pick.dataset}:** {_row_name(row)}: top-1 {format_cell(row['top1'])} % over "
             f"{row['seeds']} seed(s), {format_cell(row['latency_ms'])} ms. ")
@@ -153,7 +155,8 @@ def _recommendation_line(pick, budget: str) -> str:
     test = f"95 % CI [{lead['low']:+.2f}, {lead['high']:+.2f}], p = {lead['p']:.3g}"
     if lead["verdict"] == "better":
         return line + f"{said}, is larger than the seed-to-seed noise ({test})."
-    return line + f"{said}, is not larger than the seed-to-seed noise ({test}): {runner_up} is as good a choice on this evidence."
+    return line + (f"{said}, is not larger than the seed-to-seed noise ({test}): {runner_up} is as good a choice "
+                   "on this evidence.")
 
 
 def check_budget(max_latency_ms: Optional[float]) -> None:
@@ -189,9 +192,9 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
         if run.eval is None and RunFolder(run.run_dir).best.is_file():
             print(f"evaluating {run.run_dir} ...", file=sys.stderr)
             try:
-                run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device,
-                                                   tsne_points=(tsne_points or evaluation.TSNE_POINTS) if with_tsne else 0,
-                                                   progress=progress)
+                points = (tsne_points or evaluation.TSNE_POINTS) if with_tsne else 0
+                run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device, tsne_points=points,
+                                               progress=progress)
             except UserError as exc:
                 skipped.append(f"{run.run_dir}: {exc}")
                 print(f"warning: eval of {run.run_dir} skipped: {exc}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Model selection: accuracy (mean over seeds) against size, compute and measured latency, with the Pareto set.
 
 `selection_table` joins each comparison's `results.csv` (one row per trained run; a run folder given alone is
-one row too) with the exports of those runs (`<name>.json` written by `ipasdctl export`, matched to runs by the `run_dir` recorded in the json) and
-their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, epochs,
+one row too) with the exports of those runs (`<name>.json` written by `ipasdctl export`, matched to runs by the
+`run_dir` recorded in the json) and their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, epochs,
 precision), and every row's `top1` has one definition: the test top-1 of the model that would ship, measured
 by the runtime it ships in. For an exported precision that is the exported models' own onnxruntime top-1 on
 the whole test set, averaged over the seeds that were exported (`seeds` of `seeds_compared`; fp32 and int8 of
@@ -46,7 +46,8 @@ from .tables import seed_key
 GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
 COLUMNS = ["dataset", "method", "arch", "epochs", "precision", "checkpoint", "seeds", "seeds_compared",
-           "missing_seeds", "top1", "top1_std", "top1_by_seed", "top5", "accuracy_source", "pytorch_best_top1", "pytorch_last_top1", "params", "macs",
+           "missing_seeds", "top1", "top1_std", "top1_by_seed", "top5", "accuracy_source", "pytorch_best_top1",
+           "pytorch_last_top1", "params", "macs",
            "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "latency_batch_size",
            "threads", "cpu_model", "slower_than_fp32", "exports", "comparisons", "pareto_optimal"]
 
@@ -275,7 +276,8 @@ def _exported_row(mine: pd.DataFrame, precision: str, latency_batch_size: int) -
     """One precision of a group: the exported models' own onnxruntime top-1 and latency, over their seeds."""
     checkpoint = _common(mine["checkpoint"], "mixed")
     latency = pd.to_numeric(mine["latency_ms"], errors="coerce")
-    return {"precision": precision, "checkpoint": checkpoint, "_top1": pd.to_numeric(mine["export_top1"], errors="coerce"),
+    return {"precision": precision, "checkpoint": checkpoint,
+            "_top1": pd.to_numeric(mine["export_top1"], errors="coerce"),
             "top5": pd.to_numeric(mine["export_top5"], errors="coerce").mean(),
             "accuracy_source": f"onnxruntime {precision}, {checkpoint} checkpoint, test set",
             "file_size_mb": pd.to_numeric(mine["file_size_bytes"], errors="coerce").mean() / 1e6,

@@ -1,6 +1,7 @@
 """The tables of a comparison: results.csv (one row per run), summary.csv and summary.md (per method: mean,
-sample std and 95 % t-interval over seeds (clipped to 0-100 %, left out below 3 seeds), difference of means to ce, the paired difference to ce over shared
-seeds with its interval, p-value and verdict, rank; the statistics are in analysis/statistics.py)."""
+sample std and 95 % t-interval over seeds (clipped to 0-100 %, left out below 3 seeds), difference of means to
+ce, the paired difference to ce over shared seeds with its interval, p-value and verdict, rank; the statistics
+are in analysis/statistics.py)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
 
 def summary_table(results, reference: str = REFERENCE, best_chosen_on: str = "test", partial: bool = False):
     """Per method: runs, mean, sample std (n - 1; empty for one run) and 95 % t-interval of best- and
-    last-epoch top-1 (statistics.accuracy_interval: clipped to 0-100 %, empty below 3 runs), the difference of means to `reference`, the paired difference to it over the seeds both
-    have (mean, 95 % interval, paired t-test p-value, verdict; analysis/statistics.py), which split chose the
-    best epoch, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank, then by best-epoch mean.
+    last-epoch top-1 (statistics.accuracy_interval: clipped to 0-100 %, empty below 3 runs), the difference of
+    means to `reference`, the paired difference to it over the seeds both have (mean, 95 % interval, paired
+    t-test p-value, verdict; analysis/statistics.py), which split chose the best epoch, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank, then by best-epoch mean.
     A partial table (`partial`: some runs not finished) may lack the reference: its differences are empty."""
     import pandas as pd
 
