@@ -76,8 +76,10 @@ ROWS = {
     "malformed-yaml-tab": (lambda t, d: ["--recipe", write_recipe(t, "train:\n  epochs: 3\n\tseed: 1\n")],
                            "is not valid YAML at line 3, column 1"),
     "data-folder-missing": (lambda t, d: ["--dataset", "cifar10", "--data", str(t / "nowhere")],
-                            f"does not contain cifar-10-batches-py/; point --data at the folder holding it (the "
-                            f"'python version' from {CIFAR_URL})"),
+                            f"nowhere does not exist; point --data at the folder that contains cifar-10-batches-py/ "
+                            f"(the 'python version' from {CIFAR_URL})"),
+    "data-folder-without-cifar": (lambda t, d: ["--dataset", "cifar10", "--data", str(t)],
+                                  "does not contain cifar-10-batches-py/; point --data at the folder holding it"),
     "data-option-missing": (lambda t, d: ["--dataset", "cifar10"], "cifar10 needs --data DIR"),
     "epochs-zero": (lambda t, d: ["--epochs", "0"], "epochs must be a positive integer, got 0"),
     "epochs-negative": (lambda t, d: ["--epochs", "-3"], "epochs must be a positive integer, got -3"),

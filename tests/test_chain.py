@@ -193,17 +193,18 @@ def test_a_rerun_chain_exports_again_after_calibrate_and_predict_uses_the_temper
     chain_args = ["train", *TINY_TRAIN, "--out", str(runs), "--name", "r", "export", "--out", str(exports), "-q"]
     code, _, err = run_cli(chain_args, capsys)
     assert code == 0, err
-    assert json.loads((exports / "r.json").read_text())["temperature"] is None
+    model = exports / "digits-resnet8-ipasd-s0"  # named after what it is, not after the run folder "r"
+    assert json.loads(model.with_suffix(".json").read_text())["temperature"] is None
     _, state, _ = load_model(runs / "r", "best")
     RunFolder(runs / "r").write_temperature("best", {"temperature": 2.0, "epoch": int(state["epoch"])})
     code, out, err = run_cli(chain_args, capsys)
     assert code == 0, err
-    assert json.loads((exports / "r.json").read_text())["temperature"] == 2.0  # exported again, T folded in
+    assert json.loads(model.with_suffix(".json").read_text())["temperature"] == 2.0  # exported again, T folded in
     png = tmp_path / "x.png"
     from PIL import Image
 
     Image.new("RGB", (16, 16), (200, 30, 90)).save(png)
-    onnx, run = predict(exports / "r.onnx", [png], top_k=3)[0], predict(runs / "r", [png], top_k=3)[0]
+    onnx, run = predict(model.with_suffix(".onnx"), [png], top_k=3)[0], predict(runs / "r", [png], top_k=3)[0]
     assert onnx.classes == run.classes and onnx.probabilities == pytest.approx(run.probabilities, abs=1e-5)
 
 

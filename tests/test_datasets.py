@@ -210,7 +210,7 @@ def test_file_data_subset_is_class_balanced(split_folder):
 def test_imagefolder_refuses_bad_layouts_with_one_line(tmp_path):
     with pytest.raises(UserError, match="needs --data"):
         load_image_folder(None)
-    with pytest.raises(UserError, match="no such folder"):
+    with pytest.raises(UserError, match="missing does not exist"):
         load_image_folder(str(tmp_path / "missing"))
     (tmp_path / "loose").mkdir()
     write_image(tmp_path / "loose" / "a.png", noise_image(0, 8, 8))

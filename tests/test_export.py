@@ -286,6 +286,48 @@ def test_bench_cli_prints_table_and_writes_csv_beside_the_model(exported, capsys
     assert set(table["backend"]) == {"onnxruntime"}  # --no-torch
 
 
+def test_bench_of_int8_names_pytorch_rows_after_the_run_shows_the_fp32_latency_and_times_eager_once(
+        exported, run_dir, tmp_path, capsys, monkeypatch):
+    _failing_dynamo(monkeypatch)
+    out = tmp_path / "exports"
+    code = _exit_code(["export", str(run_dir), "--int8", "--calib-samples", "16", "--out", str(out), "-q",
+                       "bench", "--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    table = pd.read_csv(out / "latency.csv")
+    eager = table[table["backend"] == "pytorch"]
+    # once for the run (not once per exported precision), named after its checkpoint, which is fp32
+    assert list(eager["model"]) == [f"{run_dir.name}/checkpoints/best.pt"] and list(eager["precision"]) == ["fp32"]
+    assert eager["model_path"].item() == str((run_dir / "checkpoints" / "best.pt").resolve())
+    int8 = table[(table["backend"] == "onnxruntime") & (table["precision"] == "int8")]
+    assert int8["model"].tolist() == [f"{run_dir.name}-int8.onnx"]
+    assert int8["fp32_p50_ms"].item() > 0
+    assert int8["int8_vs_fp32"].item() == pytest.approx(int8["fp32_p50_ms"].item() / int8["p50_ms"].item())
+    int8_table = printed.split(f"{run_dir.name}-int8.onnx: ")[1]
+    assert "fp32_p50_ms" in int8_table.splitlines()[1] and "precision" in int8_table.splitlines()[1]
+
+
+def test_a_rerun_measures_again_what_was_flagged_unstable(exported, tmp_path):
+    rows, csv_path = bench(exported["fp32"], [1], threads=1, runs=3, warmup=0, out=tmp_path, with_torch=False)
+    kept, _ = bench(exported["fp32"], [1], threads=1, runs=3, warmup=0, out=tmp_path, with_torch=False,
+                    skip_measured=True)
+    assert kept.attrs.get("skipped") and kept["p50_ms"].tolist() == pytest.approx(rows["p50_ms"].tolist())
+    table = pd.read_csv(csv_path)
+    table["p99_ms"] = 100 * table["p50_ms"]  # as a busy machine leaves it: flagged unstable
+    table.to_csv(csv_path, index=False)
+    assert unstable_rows(table)
+    again, _ = bench(exported["fp32"], [1], threads=1, runs=3, warmup=0, out=tmp_path, with_torch=False,
+                     skip_measured=True)
+    assert not again.attrs.get("skipped")
+    assert pd.read_csv(csv_path)["p99_ms"].item() == pytest.approx(again["p99_ms"].item(), rel=1e-5)
+
+
+def _exit_code(argv) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
@@ -298,11 +340,26 @@ def _one_line_error(capsys, argv) -> str:
     return err
 
 
-def test_run_folder_without_checkpoint(tmp_path, capsys):
+def test_run_folder_without_checkpoint(run_dir, tmp_path, capsys):
     (tmp_path / "run").mkdir()
+    err = _one_line_error(capsys, ["export", str(tmp_path / "run"), "--onnx", "--out", str(tmp_path / "x")])
+    assert "is not a run folder (no config.yaml in it)" in err
+    (tmp_path / "run" / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     err = _one_line_error(capsys, ["export", str(tmp_path / "run"), "--onnx", "--out", str(tmp_path / "x")])
     assert "checkpoints/best.pt" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_folder_says_it_does_not_exist(exported, tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    for argv in (["export", str(missing), "--onnx", "--out", str(tmp_path / "x")],
+                 ["bench", str(exported["fp32"]), "--torch", str(missing), "--runs", "1", "--out", str(tmp_path)]):
+        err = _one_line_error(capsys, argv)
+        assert f"{missing} does not exist" in err, err
+        assert "checkpoints" not in err
+    with pytest.raises(UserError, match="does not exist"):
+        export_onnx(missing, tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "latency.csv").exists()
 
 
 def test_unwritable_out(run_dir, tmp_path, capsys):

@@ -99,16 +99,19 @@ def test_cpu_model_and_flags_come_from_proc_cpuinfo(monkeypatch, tmp_path):
 
 
 def test_unknown_target_is_refused_before_anything_runs(tmp_path, capsys):
-    with pytest.raises(UserError, match="--int8-target must be one of auto, avx2, avx512-vnni, arm64"):
+    with pytest.raises(UserError, match="unknown --int8-target 'avx512'; known targets: auto, avx2, avx512-vnni, arm64"):
         choose_settings("avx512")
     assert set(TARGETS) == {"auto", "avx2", "avx512-vnni", "arm64"}
-    for argv in (["export", str(tmp_path), "--onnx", "--int8", "--int8-target", "sse4"],
-                 ["export", str(tmp_path), "--onnx", "--int8-target", "arm64"]):
+    # an unknown target says so with or without --int8; a known one without --int8 says it needs --int8
+    for argv, said in ((["export", str(tmp_path), "--onnx", "--int8", "--int8-target", "sse4"], "unknown --int8-target"),
+                       (["export", str(tmp_path), "--onnx", "--int8-target", "arm32"], "unknown --int8-target 'arm32'"),
+                       (["export", str(tmp_path), "--onnx", "--int8-target", "arm64"], "needs --int8")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv + ["--out", str(tmp_path / "x")])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "--int8-target" in err
+        assert len(err.splitlines()) == 1 and said in err, err
+        assert "known targets: auto, avx2, avx512-vnni, arm64" in err or said == "needs --int8"
         assert not (tmp_path / "x").exists()
 
 

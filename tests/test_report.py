@@ -221,6 +221,64 @@ def test_report_selection_table_from_exports(comparison, tmp_path, capsys):
     assert sorted(selection["method"]) == ["ce", "ipasd"]
 
 
+def test_report_of_one_exported_and_benchmarked_run_gives_its_selection_table(trained_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    """The README's first chain, `train ... export --onnx --int8 bench report`: no comparison folder, and yet
+    the run's accuracy, size and latency per precision in selection.csv; --no-tsne leaves the t-SNE out."""
+    import torch
+
+    from ipasdctl.deploy.bench import bench
+    from ipasdctl.deploy.export import export_onnx
+
+    real_export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, dynamo=True, **k: real_export(*a, dynamo=False, **k))
+    run = tmp_path / trained_run.name
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(*EVAL_FILES, ".lock"))
+    exports = tmp_path / "exports"
+    record = export_onnx(run, exports, int8=True, calib_samples=16, validation_batch_sizes=(1, 2))
+    for model in (record["onnx_path"], record["int8"]["onnx_path"]):
+        bench(model, [1], threads=1, runs=3, warmup=0, with_torch=False)
+    out_dir = tmp_path / "report"
+    code, _, err = run_cli(["report", str(run), "--exports", str(exports), "--out", str(out_dir), "--no-tsne",
+                            "--max-latency-ms", "1000"], capsys)
+    assert code == 0, err
+    selection = pd.read_csv(out_dir / "selection.csv").set_index("precision")
+    latency = pd.read_csv(exports / "latency.csv").set_index("model")
+    assert sorted(selection.index) == ["fp32", "int8"]
+    for precision, stem in (("fp32", record["name"]), ("int8", f"{record['name']}-int8")):
+        saved = json.loads((exports / f"{stem}.json").read_text())
+        assert selection.loc[precision, "top1"] == pytest.approx(saved["onnx_test"]["top1"], abs=1e-4)
+        assert selection.loc[precision, "file_size_mb"] == pytest.approx(saved["file_size_bytes"] / 1e6, rel=1e-5)
+        assert selection.loc[precision, "latency_ms"] == pytest.approx(latency.loc[f"{stem}.onnx", "p50_ms"], rel=1e-5)
+        assert (selection.loc[precision, "seeds"], selection.loc[precision, "seeds_compared"]) == (1, 1)
+    text = (out_dir / "report.md").read_text()
+    assert "## Selection (exported models)" in text and "No selection table" not in text
+    assert "**Best under 1000 ms on digits:**" in text
+    # --no-tsne: no t-SNE panel, and the run evaluated on the way computed none
+    assert not list(out_dir.glob("eval_tsne-*")) and "t-SNE of test embeddings" not in text
+    assert (run / "eval.json").is_file() and not (run / "embedding_tsne.png").exists()
+
+
+def test_report_tables_rank_methods_by_last_epoch_top1_as_summary_md_does():
+    from ipasdctl.analysis.report import ranked, summary_rows
+
+    def run(method, seed, best, last):
+        row = {"method": method, "seed": seed, "dataset": "digits", "arch": "resnet8", "epochs": 2,
+               "best_top1": best, "last_top1": last}
+        return Run(Path(f"/c/{method}-s{seed}"), row, Path("/c"))
+
+    by_method = {"ce": [run("ce", 0, 90.0, 70.0), run("ce", 1, 90.0, 72.0)],  # last 71
+                 "ipasd": [run("ipasd", 0, 80.0, 75.0)],                      # last 75
+                 "ls": [run("ls", 0, 95.0, 71.0)]}                            # last 71, best 95: before ce
+    assert list(ranked(by_method)) == ["ipasd", "ls", "ce"]
+    header, rows, _ = summary_rows(ranked(by_method))
+    assert [r[0] for r in rows] == ["ipasd", "ls", "ce"]
+    ci = header.index("last top-1 95 % CI")
+    assert [r[ci] for r in rows] == ["—", "—", "—"]  # fewer than 3 seeds: left out, not [-5.45, 125.51]
+    three = {"ce": [run("ce", s, 90.0, v) for s, v in enumerate((98.0, 99.5, 100.0))]}
+    assert summary_rows(three)[1][0][ci].endswith(", 100.00]")  # clipped to the range
+
+
 def test_runs_group_by_dataset_arch_epochs_and_repeated_seeds_keep_their_source():
     def run(method, seed, epochs, source):
         row = {"method": method, "seed": seed, "dataset": "digits", "arch": "resnet8", "epochs": epochs}

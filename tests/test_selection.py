@@ -36,7 +36,8 @@ EXPORTS = {
     "ce-r8-s1": ("ce-resnet8-s1", "fp32", 1.0, 300_000, 72.0),
     "ipasd-r8-s0": ("ipasd-resnet8-s0", "fp32", 0.9, 300_000, 75.0),
     "ipasd-r8-s1": ("ipasd-resnet8-s1", "fp32", 1.1, 300_000, 77.0),
-    "ipasd-r8-s0-int8": ("ipasd-resnet8-s0", "int8", 0.5, 90_000, 75.5),
+    "ipasd-r8-s0-int8": ("ipasd-resnet8-s0", "int8", 0.5, 90_000, 75.0),
+    "ipasd-r8-s1-int8": ("ipasd-resnet8-s1", "int8", 0.5, 90_000, 76.0),
     "ipasd-r20-s0": ("ipasd-resnet20-s0", "fp32", 3.0, 1_000_000, 80.0),
     "ipasd-r56-s0": ("ipasd-resnet56-s0", "fp32", 5.0, 3_300_000, 79.0),
     "cs_kd-r20-s0": ("cs_kd-resnet20-s0", "fp32", 3.0, 1_000_000, 80.0),
@@ -114,8 +115,9 @@ def test_accuracy_is_the_mean_over_seeds_and_exports_join_by_run_dir(workspace):
     assert ipasd8["file_size_mb"] == pytest.approx(0.3)
     assert set(ipasd8["exports"].split(";")) == {"ipasd-r8-s0.onnx", "ipasd-r8-s1.onnx"}
     int8 = row(table, "ipasd", "resnet8", "int8")
-    assert int8["top1"] == pytest.approx(75.5) and int8["latency_ms"] == pytest.approx(0.5) and int8["seeds"] == 1
-    assert int8["seeds_compared"] == 2 and not int8["slower_than_fp32"]
+    assert int8["top1"] == pytest.approx(75.5) and int8["latency_ms"] == pytest.approx(0.5) and int8["seeds"] == 2
+    assert int8["seeds_compared"] == 2 and not int8["slower_than_fp32"] and int8["missing_seeds"] == ""
+    assert int8["top1_by_seed"] == "0:75;1:76"
     assert int8["file_size_mb"] == pytest.approx(0.09)
     never_exported = row(table, "ps_kd", "resnet32")
     assert math.isnan(never_exported["latency_ms"]) and never_exported["exports"] == ""
@@ -258,3 +260,79 @@ def test_like_with_like_recommends_the_fast_fp32_where_the_old_table_picked_a_sl
     assert "cs-kd / resnet8 (fp32)" in lines and "over 2 seed(s)" in lines
     assert "int8 is slower than its fp32 export" in lines and "stray.onnx" in lines
     assert "stray.onnx" in capsys.readouterr().err
+
+
+def _comparison_with_exports(tmp_path: Path, runs: dict, p50: float = 1.5) -> tuple[Path, Path]:
+    """A comparison of `runs` {method: {seed: (pytorch best top-1, onnxruntime top-1 or None: not exported)}}, and
+    an exports folder with the exported ones (fp32, all at `p50` ms)."""
+    comparison, exports = tmp_path / "cmp", tmp_path / "exports"
+    comparison.mkdir()
+    exports.mkdir()
+    rows, latency = [], []
+    for method, seeds in runs.items():
+        for seed, (best, exported) in seeds.items():
+            name = f"{method}-s{seed}"
+            (comparison / name).mkdir()
+            rows.append({"method": method, "seed": seed, "arch": "resnet8", "dataset": "cifar10", "epochs": 30,
+                         "best_top1": best, "last_top1": best, "best_epoch": 29, "best_top5": 90.0, "params": 78_000,
+                         "macs": 12_000_000, "train_seconds": 1.0, "images_per_second": 1.0, "run_dir": name})
+            if exported is None:
+                continue
+            (exports / f"{name}.json").write_text(json.dumps({
+                "onnx_file": f"{name}.onnx", "precision": "fp32", "run_dir": str(comparison / name),
+                "checkpoint": "best", "file_size_bytes": 1000, "onnx_test": {"top1": exported, "top5": 90.0}}))
+            (exports / f"{name}.onnx").write_bytes(b"\0")
+            latency.append({"model": f"{name}.onnx", "backend": "onnxruntime", "provider": "CPUExecutionProvider",
+                            "batch_size": 1, "threads": 2, "p50_ms": p50, "p90_ms": p50, "p99_ms": p50,
+                            "cpu_model": "Test CPU", "model_path": str(exports / f"{name}.onnx")})
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(comparison / "results.csv", index=False)
+    pd.DataFrame(latency).to_csv(exports / "latency.csv", index=False)
+    return comparison, exports
+
+
+def test_no_recommendation_from_a_row_with_fewer_seeds_than_were_compared(tmp_path, capsys):
+    """The case a user met: only ipasd's seed 0 exported (24.62 %) against ce's and cs-kd's two seeds each; the
+    old table ranked ipasd first and concluded "Best under 2 ms: ipasd" although its 2-seed mean was 22.46."""
+    from ipasdctl.analysis.report import selection_section
+
+    comparison, exports = _comparison_with_exports(tmp_path, {
+        "ce": {0: (22.3, 22.30), 1: (22.4, 22.42)}, "cs-kd": {0: (22.4, 22.38), 1: (22.4, 22.42)},
+        "ipasd": {0: (24.6, 24.62), 1: (20.3, None)}})
+    table = selection_table([comparison], exports, 2.0)
+    ipasd = row(table, "ipasd", "resnet8")
+    assert (ipasd["seeds"], ipasd["seeds_compared"], ipasd["missing_seeds"]) == (1, 2, "1")
+    assert row(table, "ce", "resnet8")["missing_seeds"] == ""
+    assert best_under_budget(table, 2.0).empty
+
+    text = "\n".join(selection_section([comparison], exports, 2.0, tmp_path))
+    err = capsys.readouterr().err
+    assert "Best under" not in text
+    said = "No recommendation under 2 ms on cifar10: ipasd / resnet8 (fp32) has 1 of 2 seeds (missing: seed 1)"
+    assert said in text and said in err
+    written = pd.read_csv(tmp_path / "selection.csv", dtype={"missing_seeds": str}, keep_default_na=False)
+    assert written["missing_seeds"].tolist() == ["1", "", ""]  # ipasd (24.62 on one seed) first
+
+
+@pytest.mark.parametrize("first,second,said", [
+    ([80.0, 81.0, 82.0], [78.0, 79.1, 79.9], "is larger than the seed-to-seed noise"),
+    ([80.0, 78.0, 82.0], [79.0, 79.5, 80.5], "is not larger than the seed-to-seed noise"),
+    ([80.0, 81.0], [78.0, 79.0], "cannot be told from the seed-to-seed noise: the paired t-test needs 3 seeds"),
+])
+def test_a_pick_says_whether_its_lead_over_the_next_row_is_larger_than_the_seed_noise(tmp_path, first, second, said):
+    from scipy import stats
+
+    from ipasdctl.analysis.report import selection_section
+    from ipasdctl.analysis.selection import recommend
+
+    comparison, exports = _comparison_with_exports(tmp_path, {
+        "ipasd": {s: (v, v) for s, v in enumerate(first)}, "ce": {s: (v, v) for s, v in enumerate(second)}})
+    table = selection_table([comparison], exports, 2.0)
+    (pick,) = recommend(table, 2.0)
+    assert pick.pick["method"] == "ipasd" and pick.runner_up["method"] == "ce"
+    differences = [a - b for a, b in zip(first, second)]
+    assert pick.lead["pairs"] == len(first) and pick.lead["mean"] == pytest.approx(sum(differences) / len(first))
+    text = "\n".join(selection_section([comparison], exports, 2.0, tmp_path))
+    line = next(line for line in text.splitlines() if line.startswith("**Best under 2 ms on cifar10:** ipasd"))
+    assert said in line and "ce / resnet8 (fp32)" in line
+    if len(first) >= 3:
+        assert f"p = {stats.ttest_rel(first, second).pvalue:.3g}" in line

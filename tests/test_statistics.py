@@ -92,3 +92,31 @@ def test_summary_markdown_shows_intervals_p_values_verdicts_and_the_seed_note(tm
     assert "needs more seeds" in ls_row
     assert "**The verdicts need more seeds**: this comparison has 1 paired seed" in text
     assert "optimistic" in text  # no validation split: the best epoch was chosen on the test set
+
+
+def test_accuracy_intervals_stay_within_0_to_100_and_are_left_out_below_three_seeds(tmp_path):
+    from ipasdctl.analysis.statistics import accuracy_interval
+
+    # two seeds: the t-interval runs far outside the range (12.7 standard errors either way): left out
+    assert t_interval([55.0, 65.0])[2] < 0 and t_interval([55.0, 65.0])[3] > 100
+    mean, std, low, high = accuracy_interval([55.0, 65.0])
+    assert (mean, std) == (60.0, pytest.approx(math.sqrt(50.0))) and math.isnan(low) and math.isnan(high)
+    # three seeds near the top: the upper bound is clipped to 100 %, the lower one is the t-interval's
+    raw = t_interval([98.0, 99.5, 100.0])
+    assert raw[3] > 100
+    clipped = accuracy_interval([98.0, 99.5, 100.0])
+    assert clipped[2] == pytest.approx(raw[2]) and clipped[3] == 100.0
+    assert accuracy_interval([2.0, 0.5, 0.0])[2] == 0.0
+
+    results = pd.DataFrame({"method": ["ce", "ce", "ce", "ipasd", "ipasd"], "seed": [0, 1, 2, 0, 1],
+                            "best_top1": [98.0, 99.5, 100.0, 55.0, 65.0], "last_top1": [98.0, 99.5, 100.0, 55.0, 65.0],
+                            "train_seconds": [1.0] * 5})
+    table = summary_table(results).set_index("method")
+    assert table.loc["ce", "last_top1_ci_high"] == 100.0 and math.isnan(table.loc["ipasd", "last_top1_ci_low"])
+    recipe = load_recipe("demo", {"train": {"epochs": 1}})
+    text = summary_markdown(compare.plan(recipe, "", [0, 1, 2], tmp_path / "c"), summary_table(results))
+    ce_row = next(line for line in text.splitlines() if "`ce`" in line)
+    ipasd_row = next(line for line in text.splitlines() if "`ipasd`" in line)
+    assert f"[{raw[2]:.2f}, 100.00]" in ce_row
+    assert ipasd_row.split(" | ")[4] == "—"  # the 95 % CI column: left out for two seeds
+    assert "clipped to 0-100 %; left out (—) below 3 seeds" in text

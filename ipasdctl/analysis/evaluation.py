@@ -168,6 +168,7 @@ def load_run_and_data(run_dir: Path, checkpoint: str, data_root: Optional[Path],
 def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] = None, device: str = "auto",
              batch_size: Optional[int] = None, tsne_points: int = TSNE_POINTS, progress: bool = False) -> dict:
     """Evaluate a run folder's checkpoint on its test set; writes EVAL_FILES into the folder, returns eval.json.
+    `tsne_points` 0: no t-SNE (`report --no-tsne`; an older checkpoint's t-SNE files are removed).
     `progress`: a bar over the test batches on a terminal."""
     folder = RunFolder(run_dir).check().path
     if not os.access(folder, os.W_OK | os.X_OK):  # fail before the evaluation, not at its first file
@@ -180,7 +181,8 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
     logits, embeddings, labels = collect_outputs(model, data, torch_device, batch_size or recipe.train.eval_batch_size,
                                                  progress)
     result, columns = compute_eval(logits, embeddings, labels, num_classes)
-    coords, tsne_labels = tsne_coordinates(embeddings, labels, tsne_points, seed=recipe.train.seed)
+    coords, tsne_labels = (tsne_coordinates(embeddings, labels, tsne_points, seed=recipe.train.seed) if tsne_points
+                           else (None, np.zeros(0)))
 
     method = recipe.method.get("name", "?")
     summary = {
@@ -199,8 +201,12 @@ def eval_run(run_dir: Path, checkpoint: str = "best", data_root: Optional[Path] 
         "device": runtime.device_description(torch_device),
     }
     title = f"{recipe.data.name}, {recipe.model.arch}, {method} (seed {recipe.train.seed}, {checkpoint} checkpoint)"
-    atomic_write_text(run_dir / "embedding_tsne.csv", tsne_csv(coords, tsne_labels))
-    plots.plot_tsne(coords, tsne_labels, class_names, run_dir / "embedding_tsne.png", title)
+    if coords is not None:
+        atomic_write_text(run_dir / "embedding_tsne.csv", tsne_csv(coords, tsne_labels))
+        plots.plot_tsne(coords, tsne_labels, class_names, run_dir / "embedding_tsne.png", title)
+    else:
+        for stale in ("embedding_tsne.csv", "embedding_tsne.png"):
+            (run_dir / stale).unlink(missing_ok=True)
     return write_eval({name: run_dir / name for name in EVAL_FILES}, summary, columns, class_names, title, started)
 
 

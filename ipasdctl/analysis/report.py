@@ -1,9 +1,10 @@
 """`ipasdctl report`: plots and a Markdown report from run folders and comparison folders.
 
-Runs are grouped by (data set, arch, epochs): every group gets its summary table (mean ± std over seeds), test
-top-1 by epoch (mean over seeds, band = min..max over seeds), the loss terms per method, and the eval plots per
-method side by side (reliability bins pooled over seeds; the t-SNE of the lowest seed). Runs without eval.json
-are evaluated first (evaluation.py).
+Runs are grouped by (data set, arch, epochs): every group gets its summary table (mean ± std over seeds, the
+95 % interval of last-epoch top-1 as summary.md gives it; methods ranked by last-epoch top-1, as summary.md
+ranks them), test top-1 by epoch (mean over seeds, band = min..max over seeds), the loss terms per method, and
+the eval plots per method side by side (reliability bins pooled over seeds; the t-SNE of the lowest seed, unless
+`with_tsne=False`). Runs without eval.json are evaluated first (evaluation.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,37 @@ from ..runs import RunFolder
 from . import evaluation, plots
 from .collect import collect_runs, group_runs, is_stale
 from .metrics import pool_reliability_bins
-from .selection import best_under_budget, selection_table, write_selection
+from .selection import incomplete_rows, recommend, selection_table, write_selection
+from .statistics import ACCURACY_CI_NOTE, MIN_SEEDS, NEEDS_MORE_SEEDS, accuracy_interval
 from .tables import format_cell, human_count, markdown_table, mean_std, seed_key, slug
+
+
+def ranked(runs_by_method: dict) -> dict:
+    """Methods by mean last-epoch top-1, highest first (ties: by mean best-epoch top-1), as summary.md ranks."""
+    def mean_of(runs, column) -> float:
+        values = [float(v) for v in (r.row.get(column) for r in runs) if _is_number(v)]
+        return sum(values) / len(values) if values else float("-inf")
+
+    return dict(sorted(runs_by_method.items(),
+                       key=lambda item: (-mean_of(item[1], "last_top1"), -mean_of(item[1], "best_top1"))))
+
+
+def _is_number(value) -> bool:
+    try:
+        return value is not None and float(value) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _interval_cell(values) -> str:
+    _, _, low, high = accuracy_interval([float(v) for v in values if _is_number(v)])
+    return "—" if low != low else f"[{low:.2f}, {high:.2f}]"
 
 
 def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list[dict]]:
     """The group's summary table: training results and eval metrics, mean ± std over seeds."""
-    header = ["method", "seeds", "best top-1 (%)", "last top-1 (%)", "best top-5 (%)", "eval top-1 (%)",
+    header = ["method", "seeds", "best top-1 (%)", "last top-1 (%)", "last top-1 95 % CI", "best top-5 (%)",
+              "eval top-1 (%)",
               "NLL (nats)", "ECE (%)", "cos to class mean", "intra/inter dist.", "params", "MACs",
               "train time (s)", "train img/s"]
     rows, records = [], []
@@ -36,7 +61,8 @@ def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list
         evals = [r.eval for r in runs if r.eval]
         rows.append([
             method, ", ".join(str(s) for s in sorted(col("seed"), key=seed_key)),
-            mean_std(col("best_top1")), mean_std(col("last_top1")), mean_std(col("best_top5")),
+            mean_std(col("best_top1")), mean_std(col("last_top1")), _interval_cell(col("last_top1")),
+            mean_std(col("best_top5")),
             mean_std([e["top1"] for e in evals]), mean_std([e["nll"] for e in evals], 4),
             mean_std([e["ece"] for e in evals], 2, 100.0),
             mean_std([e["compactness"]["mean_cosine_to_class_mean"] for e in evals], 4),
@@ -53,19 +79,18 @@ def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list
     return header, rows, records
 
 
-SELECTION_SHOWN = ["dataset", "method", "arch", "precision", "checkpoint", "seeds", "seeds_compared", "top1",
-                   "top1_std", "params", "macs", "file_size_mb", "latency_ms", "slower_than_fp32", "pareto_optimal",
-                   "within_budget"]
+SELECTION_SHOWN = ["dataset", "method", "arch", "precision", "checkpoint", "seeds", "seeds_compared",
+                   "missing_seeds", "top1", "top1_std", "params", "macs", "file_size_mb", "latency_ms",
+                   "slower_than_fp32", "pareto_optimal", "within_budget"]
 
 
-def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Optional[float], out: Path) -> list[str]:
-    """The deployment selection table of ipasdctl.selection (accuracy against latency, Pareto set, budget)."""
+def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Optional[float], out: Path,
+                      run_dirs: Sequence[Path] = ()) -> list[str]:
+    """The deployment selection table of ipasdctl.selection (accuracy against latency, Pareto set, budget), of
+    the comparisons and of the run folders given alone."""
     lines = ["## Selection (exported models)", ""]
-    if not comparisons:
-        return lines + ["_No selection table: it is built from comparison folders (results.csv); none was given._", ""]
-    table = selection_table(comparisons, exports, max_latency_ms)
+    table = selection_table(comparisons, exports, max_latency_ms, run_dirs=run_dirs)
     write_selection(table, out / "selection.csv")
-    budget = f" under {max_latency_ms:g} ms" if max_latency_ms is not None else ""
     shown = [c for c in SELECTION_SHOWN if c in table.columns]
     unmatched = table.attrs.get("unmatched_exports", [])
     if unmatched:
@@ -77,15 +102,17 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
               "(top-1, latency). Every column, with PyTorch's best- and last-epoch top-1: selection.csv.", "",
               markdown_table(shown, [[human_count(v) if c in ("params", "macs") else format_cell(v) for c, v in zip(shown, row)]
                                      for row in table[shown].itertuples(index=False)]), ""]
-    if max_latency_ms is not None:
-        best = best_under_budget(table, max_latency_ms)
-        if best.empty:
-            lines += [f"**No model meets the budget{budget}** (or none has a measured latency: run `ipasdctl bench`).", ""]
-        else:
-            for row in best.to_dict("records"):
-                lines += [f"**Best{budget} on {row['dataset']}:** {row['method']} / {row['arch']} ({row['precision']}): "
-                          f"top-1 {format_cell(row['top1'])} % over {row['seeds']} seed(s), "
-                          f"{format_cell(row['latency_ms'])} ms", ""]
+    picks = recommend(table, max_latency_ms) if max_latency_ms is not None else []
+    withheld = {(r["dataset"], _row_name(r)) for pick in picks for r in pick.incomplete}  # said there, not twice
+    for row in incomplete_rows(table).to_dict("records"):
+        missing = str(row["missing_seeds"]).replace(";", ", ")
+        line = (f"{_row_name(row)} stands on {row['seeds']} of the {row['seeds_compared']} compared seeds "
+                f"(missing: seed {missing}); its mean is not comparable with the others' and it is not recommended")
+        if (row["dataset"], _row_name(row)) not in withheld:
+            print(f"warning: {line}; export and bench the missing seeds", file=sys.stderr)
+        lines += [f"- {line}.", ""]
+    for pick in picks:
+        lines += [_recommendation_line(pick, f" under {max_latency_ms:g} ms"), ""]
     slower = table[table["slower_than_fp32"]]
     for row in slower.to_dict("records"):
         lines += [f"- {row['method']} / {row['arch']} {row['precision']} is slower than its fp32 export on this CPU "
@@ -93,6 +120,43 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
     if unmatched:
         lines += [f"- {len(unmatched)} export(s) match no compared run and are left out: {', '.join(unmatched)}.", ""]
     return lines
+
+
+def _row_name(row: dict) -> str:
+    return f"{row['method']} / {row['arch']} ({row['precision']})"
+
+
+def _recommendation_line(pick, budget: str) -> str:
+    """The pick of one data set, with whether its lead over the next row is larger than the seed noise; or
+    why there is none."""
+    if pick.incomplete:
+        rows = "; ".join(f"{_row_name(r)} has {r['seeds']} of {r['seeds_compared']} seeds (missing: seed "
+                         f"{str(r['missing_seeds']).replace(';', ', ')})" for r in pick.incomplete)
+        message = (f"No recommendation{budget} on {pick.dataset}: {rows}; a pick needs every row under the budget "
+                   "on every compared seed: export and bench them all (a chain `compare ... export bench report` does)")
+        print(f"warning: {message}", file=sys.stderr)
+        return f"**{message}.**"
+    if pick.pick is None:
+        return (f"**No model meets the budget{budget} on {pick.dataset}** (or none has a measured latency: run "
+                "`ipasdctl bench`).")
+    row = pick.pick
+    line = (f"**Best{budget} on {pick.dataset}:** {_row_name(row)}: top-1 {format_cell(row['top1'])} % over "
+            f"{row['seeds']} seed(s), {format_cell(row['latency_ms'])} ms. ")
+    if pick.runner_up is None:
+        return line + "It is the only model under the budget."
+    lead, runner_up = pick.lead, _row_name(pick.runner_up)
+    other = f"{runner_up} ({format_cell(pick.runner_up['top1'])} %)"
+    if lead["pairs"] == 0:
+        return line + f"Its lead over {other} cannot be tested: the two share no seed."
+    said = f"Its lead over {other}, {lead['mean']:+.2f} points paired over {lead['pairs']} seed(s)"
+    if lead["verdict"] == NEEDS_MORE_SEEDS:
+        return line + (f"{said}, cannot be told from the seed-to-seed noise: the paired t-test needs {MIN_SEEDS} "
+                       "seeds (compare --seeds 0,1,2).")
+    test = f"95 % CI [{lead['low']:+.2f}, {lead['high']:+.2f}], p = {lead['p']:.3g}"
+    if lead["verdict"] == "better":
+        return line + f"{said}, is larger than the seed-to-seed noise ({test})."
+    return line + (f"{said}, is not larger than the seed-to-seed noise ({test}): {runner_up} is as good a choice "
+                   "on this evidence.")
 
 
 def check_budget(max_latency_ms: Optional[float]) -> None:
@@ -103,8 +167,9 @@ def check_budget(max_latency_ms: Optional[float]) -> None:
 
 def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Optional[Path] = None,
                  max_latency_ms: Optional[float] = None, data_root: Optional[Path] = None, device: str = "auto",
-                 tsne_points: Optional[int] = None, progress: bool = False) -> Path:
-    """Write report.md and its images into `out` (default: the first folder); returns report.md's path."""
+                 tsne_points: Optional[int] = None, progress: bool = False, with_tsne: bool = True) -> Path:
+    """Write report.md and its images into `out` (default: the first folder); returns report.md's path.
+    `with_tsne=False`: no t-SNE panel, and runs evaluated on the way skip their t-SNE (the slow part of an eval)."""
     if not dirs:
         raise UserError("report needs at least one run folder or comparison folder")
     for directory in dirs:
@@ -127,9 +192,9 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
         if run.eval is None and RunFolder(run.run_dir).best.is_file():
             print(f"evaluating {run.run_dir} ...", file=sys.stderr)
             try:
-                run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device,
-                                                   tsne_points=tsne_points or evaluation.TSNE_POINTS,
-                                                   progress=progress)
+                points = (tsne_points or evaluation.TSNE_POINTS) if with_tsne else 0
+                run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device, tsne_points=points,
+                                               progress=progress)
             except UserError as exc:
                 skipped.append(f"{run.run_dir}: {exc}")
                 print(f"warning: eval of {run.run_dir} skipped: {exc}", file=sys.stderr)
@@ -140,6 +205,7 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
     lines = ["# ipasdctl report", "", f"Generated {now} from: " + ", ".join(f"`{d}`" for d in dirs) + ".", ""]
     all_records = []
     for (dataset, arch, epochs), by_method in groups.items():
+        by_method = ranked(by_method)
         title = f"{dataset}, {arch}, {epochs} epochs"
         name = slug(dataset, arch, f"{epochs}ep")
         lines += [f"## {title}", ""]
@@ -147,7 +213,8 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
         all_records += records
         used = sorted({r.eval.get("checkpoint", "best") for rs in by_method.values() for r in rs if r.eval})
         checkpoints = f"{used[0]} checkpoint" if len(used) == 1 else f"checkpoints: {', '.join(used)}"
-        lines += ["Mean ± std over seeds. Top-1 from training (best epoch / last epoch); eval columns from eval.json "
+        lines += ["Mean ± std over seeds, ranked by last-epoch top-1 (as summary.md). Top-1 from training (best "
+                  f"epoch / last epoch); 95 % CI: {ACCURACY_CI_NOTE}; eval columns from eval.json "
                   f"({checkpoints}; ECE: 15 equal-width bins; compactness on L2-normalised embeddings, "
                   "intra/inter = mean same-class / mean different-class pair distance, lower is tighter).", "",
                   markdown_table(header, rows), ""]
@@ -171,7 +238,7 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
                                    [r.eval["ece"] for r in evaluated])
             first = min(evaluated, key=lambda r: seed_key(r.row.get("seed")))
             tsne_path = first.run_dir / "embedding_tsne.csv"
-            if tsne_path.is_file():
+            if with_tsne and tsne_path.is_file():
                 coords, labels = evaluation.read_tsne_csv(tsne_path)
                 tsne[method] = (coords, labels, first.row.get("seed"))
             if class_names is None and (first.run_dir / "per_class.csv").is_file():
@@ -197,7 +264,8 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
         if (comparison / "summary.md").is_file():
             lines += [f"The comparison's own summary (reference method, parameters): `{comparison / 'summary.md'}`.", ""]
     if exports is not None:
-        lines += selection_section(comparisons, Path(exports), max_latency_ms, out)
+        alone = [run.run_dir for run in runs if run.source == run.run_dir]  # not through a comparison
+        lines += selection_section(comparisons, Path(exports), max_latency_ms, out, alone)
     if skipped:
         lines += ["## Not evaluated", ""] + [f"- {s}" for s in skipped] + [""]
     report_path = out / "report.md"

@@ -1,13 +1,14 @@
 """Model selection: accuracy (mean over seeds) against size, compute and measured latency, with the Pareto set.
 
-`selection_table` joins each comparison's `results.csv` (one row per trained run) with the exports of those
-runs (`<name>.json` written by `ipasdctl export`, matched to runs by the `run_dir` recorded in the json) and
-their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, epochs,
+`selection_table` joins each comparison's `results.csv` (one row per trained run; a run folder given alone is
+one row too) with the exports of those runs (`<name>.json` written by `ipasdctl export`, matched to runs by the
+`run_dir` recorded in the json) and their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, epochs,
 precision), and every row's `top1` has one definition: the test top-1 of the model that would ship, measured
 by the runtime it ships in. For an exported precision that is the exported models' own onnxruntime top-1 on
 the whole test set, averaged over the seeds that were exported (`seeds` of `seeds_compared`; fp32 and int8 of
-the same exports stand on the same seeds); a group without exports gets one fp32 row with the PyTorch top-1 of
-the same checkpoint kind (`accuracy_source` says which). PyTorch's best- and last-epoch top-1 over all compared
+the same exports stand on the same seeds; `missing_seeds` names the compared seeds a row lacks, `top1_by_seed`
+gives its figure per seed); a group without exports gets one fp32 row with the PyTorch top-1 of the same
+checkpoint kind (`accuracy_source` says which). PyTorch's best- and last-epoch top-1 over all compared
 seeds stand in their own columns. Latency is the `latency_stat` (p50 by default) of onnxruntime's CPU provider
 at `latency_batch_size` (1), averaged over the group's exported models of that precision. An INT8 row slower
 than its group's fp32 row is flagged (`slower_than_fp32`) and never recommended. Exports that match no
@@ -16,14 +17,21 @@ compared run are listed in `table.attrs["unmatched_exports"]`.
 Pareto optimality is judged within each data set, on (top-1 up, latency down): a row is Pareto-optimal when
 no other row has top-1 >= its top-1 and latency <= its latency with at least one of the two strict. Rows
 without a measured latency are not judged (pareto_optimal is False).
+
+`recommend` picks, per data set, the most accurate row under a latency budget, but only among rows that stand
+on every compared seed: while a row under the budget lacks seeds, its mean is not comparable with the others'
+and no pick is made (the rows and their missing seeds are named instead). A pick says whether its lead over
+the next row is larger than the seed-to-seed noise: the paired t-test of statistics.py over the seeds both
+rows have (per-seed figures: `top1_by_seed`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,11 +39,15 @@ import pandas as pd
 from ..deploy.bench import read_latency_csv
 from ..errors import UserError
 from ..files import atomic_write_text
+from ..runs import RunFolder
+from .statistics import paired_test
+from .tables import seed_key
 
 GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
-COLUMNS = ["dataset", "method", "arch", "epochs", "precision", "checkpoint", "seeds", "seeds_compared", "top1",
-           "top1_std", "top5", "accuracy_source", "pytorch_best_top1", "pytorch_last_top1", "params", "macs",
+COLUMNS = ["dataset", "method", "arch", "epochs", "precision", "checkpoint", "seeds", "seeds_compared",
+           "missing_seeds", "top1", "top1_std", "top1_by_seed", "top5", "accuracy_source", "pytorch_best_top1",
+           "pytorch_last_top1", "params", "macs",
            "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "latency_batch_size",
            "threads", "cpu_model", "slower_than_fp32", "exports", "comparisons", "pareto_optimal"]
 
@@ -56,8 +68,9 @@ def _run_key(run_dir: str, comparison_dir: Path) -> str:
     return _key(comparison_dir / path)
 
 
-def load_results(comparison_dirs: Sequence[Path]) -> pd.DataFrame:
-    """All comparisons' results.csv rows, with `comparison` and the resolved `run_key` added."""
+def load_results(comparison_dirs: Sequence[Path], run_dirs: Sequence[Path] = ()) -> pd.DataFrame:
+    """All comparisons' results.csv rows and one row per run folder given alone (its summary), with `comparison`
+    (the comparison's name, or the run's) and the resolved `run_key` added."""
     frames = []
     for folder in comparison_dirs:
         folder = Path(folder)
@@ -77,9 +90,13 @@ def load_results(comparison_dirs: Sequence[Path]) -> pd.DataFrame:
         table["comparison"] = folder.name
         table["run_key"] = [_run_key(r, folder) for r in table["run_dir"]]
         frames.append(table)
+    runs = [{**RunFolder(run).result_row(), "comparison": Path(run).name, "run_key": _key(run)} for run in run_dirs]
+    if runs:
+        frames.append(pd.DataFrame(runs))
     if not frames:
-        raise UserError("no comparison folders given; name at least one folder written by `ipasdctl compare`")
-    return pd.concat(frames, ignore_index=True)
+        raise UserError("no comparison or run folders given; name at least one folder written by `ipasdctl "
+                        "compare` or `ipasdctl train`")
+    return pd.concat(frames, ignore_index=True).drop_duplicates("run_key", keep="first")
 
 
 def _visible(paths, root: Path) -> list[Path]:
@@ -184,12 +201,13 @@ def _join_unique(values) -> str:
 
 def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_latency_ms: float | None, *,
                     latency_batch_size: int = 1, backend: str = "onnxruntime", provider: str = "CPUExecutionProvider",
-                    latency_stat: str = "p50_ms") -> pd.DataFrame:
+                    latency_stat: str = "p50_ms", run_dirs: Sequence[Path] = ()) -> pd.DataFrame:
     """Accuracy vs params, MACs, file size and latency per (dataset, method, arch, epochs, precision), with
-    `pareto_optimal` (per data set) and, when a budget is given, `within_budget` (latency <= max_latency_ms)."""
+    `pareto_optimal` (per data set) and, when a budget is given, `within_budget` (latency <= max_latency_ms).
+    `run_dirs`: run folders given alone (not through a comparison), one seed each."""
     if max_latency_ms is not None and not max_latency_ms > 0:
         raise UserError(f"the latency budget must be a positive number of milliseconds, got {max_latency_ms}")
-    results = load_results(comparison_dirs)
+    results = load_results(comparison_dirs, run_dirs)
     if exports_dir is not None:
         exports = load_exports(exports_dir)
         latencies = load_latencies(exports_dir, latency_batch_size, backend, provider, latency_stat)
@@ -200,9 +218,12 @@ def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_l
     rows = []
     for key, group in results.groupby(GROUP_KEYS, dropna=False, sort=True):
         matched = exports[exports["run_key"].isin(set(group["run_key"]))]
+        seed_of = {run_key: _seed_text(seed) for run_key, seed in zip(group["run_key"], group["seed"])}
+        matched = matched.assign(seed=matched["run_key"].map(seed_of))
+        compared = sorted(set(seed_of.values()), key=seed_key)
         shared = {
             **dict(zip(GROUP_KEYS, key)),
-            "seeds_compared": group["seed"].nunique(),
+            "seeds_compared": len(compared),
             "pytorch_best_top1": group["best_top1"].mean(),
             "pytorch_last_top1": group["last_top1"].mean() if "last_top1" in group else np.nan,
             "params": group["params"].mean() if "params" in group else np.nan,
@@ -210,11 +231,15 @@ def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_l
             "comparisons": _join_unique(group["comparison"]),
         }
         if matched.empty:
-            rows.append({**shared, **_pytorch_row(group, _common(exports["checkpoint"], "best"))})
+            row = _pytorch_row(group, _common(exports["checkpoint"], "best"))
+            per_seed = _seed_columns(group["seed"].map(_seed_text), row.pop("_top1"), compared)
+            rows.append({**shared, **row, **per_seed})
             continue
         for precision in sorted(set(matched["precision"]), key=lambda p: (p != "fp32", p)):
-            rows.append({**shared, **_exported_row(matched[matched["precision"] == precision], precision,
-                                                   latency_batch_size)})
+            mine = matched[matched["precision"] == precision]
+            row = _exported_row(mine, precision, latency_batch_size)
+            per_seed = _seed_columns(mine["seed"], row.pop("_top1"), compared)
+            rows.append({**shared, **row, **per_seed})
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "pareto_optimal"])
     table["slower_than_fp32"] = _slower_than_fp32(table)
     unmatched = sorted(exports.loc[~exports["run_key"].isin(set(results["run_key"])), "export"])
@@ -240,8 +265,7 @@ def _pytorch_row(group: pd.DataFrame, checkpoint: str) -> dict:
     """A group without exports: fp32, the PyTorch top-1 of the checkpoint kind the exports use, every seed."""
     column = "best_top1" if checkpoint == "best" else "last_top1"
     top1 = pd.to_numeric(group[column], errors="coerce")
-    return {"precision": "fp32", "checkpoint": checkpoint, "seeds": int(top1.notna().sum()), "top1": top1.mean(),
-            "top1_std": top1.std(ddof=1) if top1.notna().sum() > 1 else np.nan,
+    return {"precision": "fp32", "checkpoint": checkpoint, "_top1": top1,
             "top5": group["best_top5"].mean() if checkpoint == "best" and "best_top5" in group else np.nan,
             "accuracy_source": f"pytorch, {checkpoint} epoch, not exported", "slower_than_fp32": False,
             "file_size_mb": np.nan, "latency_ms": np.nan, "latency_p90_ms": np.nan, "latency_p99_ms": np.nan,
@@ -250,11 +274,10 @@ def _pytorch_row(group: pd.DataFrame, checkpoint: str) -> dict:
 
 def _exported_row(mine: pd.DataFrame, precision: str, latency_batch_size: int) -> dict:
     """One precision of a group: the exported models' own onnxruntime top-1 and latency, over their seeds."""
-    top1 = pd.to_numeric(mine["export_top1"], errors="coerce")
     checkpoint = _common(mine["checkpoint"], "mixed")
     latency = pd.to_numeric(mine["latency_ms"], errors="coerce")
-    return {"precision": precision, "checkpoint": checkpoint, "seeds": int(top1.notna().sum()), "top1": top1.mean(),
-            "top1_std": top1.std(ddof=1) if top1.notna().sum() > 1 else np.nan,
+    return {"precision": precision, "checkpoint": checkpoint,
+            "_top1": pd.to_numeric(mine["export_top1"], errors="coerce"),
             "top5": pd.to_numeric(mine["export_top5"], errors="coerce").mean(),
             "accuracy_source": f"onnxruntime {precision}, {checkpoint} checkpoint, test set",
             "file_size_mb": pd.to_numeric(mine["file_size_bytes"], errors="coerce").mean() / 1e6,
@@ -265,6 +288,34 @@ def _exported_row(mine: pd.DataFrame, precision: str, latency_batch_size: int) -
             "latency_batch_size": latency_batch_size if latency.notna().any() else np.nan,
             "threads": _join_unique(mine["threads"]), "cpu_model": _join_unique(mine["cpu_model"]),
             "exports": _join_unique(mine["export"])}
+
+
+def _seed_text(seed) -> str:
+    """A seed as results.csv and summaries write it: 0, not 0.0."""
+    try:
+        return str(int(seed)) if float(seed).is_integer() else str(seed)
+    except (TypeError, ValueError):
+        return str(seed)
+
+
+def _seed_columns(seeds: pd.Series, top1: pd.Series, compared: list[str]) -> dict:
+    """seeds, top1 (mean of the per-seed figures), its sample std, top1_by_seed and missing_seeds of one row."""
+    per_seed = pd.Series(top1.to_numpy(), index=seeds.to_numpy()).dropna()
+    per_seed = per_seed.groupby(level=0).mean()  # a seed exported twice counts once
+    ordered = sorted(per_seed.index, key=seed_key)
+    return {"seeds": len(ordered), "top1": per_seed.mean() if ordered else np.nan,
+            "top1_std": per_seed.std(ddof=1) if len(ordered) > 1 else np.nan,
+            "top1_by_seed": ";".join(f"{s}:{per_seed[s]:.10g}" for s in ordered),
+            "missing_seeds": ";".join(s for s in compared if s not in per_seed.index)}
+
+
+def top1_by_seed(row) -> dict[str, float]:
+    """A selection row's `top1_by_seed` ("0:75.1;1:77.3") as {seed: top-1}."""
+    text = row.get("top1_by_seed") if hasattr(row, "get") else None
+    if not isinstance(text, str) or not text:
+        return {}
+    pairs = (part.rsplit(":", 1) for part in text.split(";") if ":" in part)
+    return {seed: float(value) for seed, value in pairs}
 
 
 def _slower_than_fp32(table: pd.DataFrame) -> pd.Series:
@@ -279,11 +330,26 @@ def _slower_than_fp32(table: pd.DataFrame) -> pd.Series:
     return pd.Series(slower, index=table.index, dtype=bool)
 
 
-def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
-    """Per data set, the most accurate row whose latency is at most `max_latency_ms` (ties: the faster one).
+@dataclass
+class Recommendation:
+    """The pick of one data set under a latency budget, or why there is none."""
 
-    Rows without a measured latency never qualify. An empty frame when nothing fits the budget.
-    """
+    dataset: str
+    pick: Optional[dict] = None  # the most accurate complete row under the budget (None: see incomplete)
+    incomplete: list[dict] = field(default_factory=list)  # rows under the budget lacking compared seeds
+    runner_up: Optional[dict] = None  # the next row under the budget
+    lead: Optional[dict] = None  # statistics.paired_test of pick against runner_up over the seeds both have
+
+
+def incomplete_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows with fewer seeds than were compared (`missing_seeds` names them)."""
+    if "missing_seeds" not in df.columns:
+        return df.iloc[0:0]
+    return df[df["missing_seeds"].fillna("").astype(str) != ""]
+
+
+def _candidates(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
+    """The rows that may be recommended under the budget, most accurate first (ties: the faster)."""
     if max_latency_ms is None or not max_latency_ms > 0:
         raise UserError(f"the latency budget must be a positive number of milliseconds, got {max_latency_ms}")
     missing = {"dataset", "top1", "latency_ms"} - set(df.columns)
@@ -292,11 +358,43 @@ def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
     latency = pd.to_numeric(df["latency_ms"], errors="coerce")
     slower = df["slower_than_fp32"].astype(bool) if "slower_than_fp32" in df else False
     fits = df[(latency <= max_latency_ms) & df["top1"].notna() & ~slower]
-    if fits.empty:
-        return fits.reset_index(drop=True)
-    ranked = fits.assign(_lat=latency[fits.index]).sort_values(["dataset", "top1", "_lat"],
-                                                                ascending=[True, False, True], kind="stable")
-    return ranked.groupby("dataset", dropna=False, sort=True).head(1).drop(columns="_lat").reset_index(drop=True)
+    return fits.assign(_lat=latency[fits.index]).sort_values(["dataset", "top1", "_lat"], ascending=[True, False, True],
+                                                             kind="stable").drop(columns="_lat")
+
+
+def recommend(df: pd.DataFrame, max_latency_ms: float) -> list[Recommendation]:
+    """Per data set of the table: the pick under the budget with its lead over the next row, no pick while a
+    row under the budget lacks compared seeds, or nothing when no row fits."""
+    fits = _candidates(df, max_latency_ms)
+    out = []
+    for dataset in sorted(set(df["dataset"]), key=str):
+        mine = fits[fits["dataset"] == dataset]
+        gaps = incomplete_rows(mine)
+        if not gaps.empty:
+            out.append(Recommendation(dataset, incomplete=gaps.to_dict("records")))
+            continue
+        if mine.empty:
+            out.append(Recommendation(dataset))
+            continue
+        ranked = mine.to_dict("records")
+        pick, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+        lead = None
+        if runner_up is not None:
+            mine_by_seed, theirs = top1_by_seed(pick), top1_by_seed(runner_up)
+            shared = sorted(set(mine_by_seed) & set(theirs), key=seed_key)
+            lead = paired_test([mine_by_seed[s] for s in shared], [theirs[s] for s in shared])
+        out.append(Recommendation(dataset, pick, runner_up=runner_up, lead=lead))
+    return out
+
+
+def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
+    """Per data set, the most accurate row whose latency is at most `max_latency_ms` (ties: the faster one),
+    among rows on every compared seed; no row for a data set where a row under the budget lacks seeds.
+
+    Rows without a measured latency never qualify. An empty frame when nothing fits the budget.
+    """
+    picks = [r.pick for r in recommend(df, max_latency_ms) if r.pick is not None]
+    return pd.DataFrame(picks, columns=list(df.columns)).reset_index(drop=True)
 
 
 def write_selection(df: pd.DataFrame, path: Path) -> Path:

@@ -70,6 +70,7 @@ def report(
     data: Annotated[Optional[Path], typer.Option(help="Data folder for runs that still need an eval.")] = None,
     device: Annotated[str, typer.Option(help="Device for runs that still need an eval: auto, cpu, cuda or cuda:N.")] = "auto",
     tsne_points: Annotated[int, typer.Option(help="At most this many test images in the t-SNE of runs that still need an eval.")] = 2000,
+    no_tsne: Annotated[bool, typer.Option("--no-tsne", help="No t-SNE panel, and no t-SNE for runs that still need an eval (its slowest part).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Training curves, summary table, loss terms, calibration and embedding plots (and the selection
@@ -80,7 +81,8 @@ def report(
     dirs = chain.inputs(dirs, "run folders or comparison folders", "report", "comparisons", "run_dirs")
     if exports is None and chain.current() is not None:
         exports = chain.current().exports_dir
-    path = build_report(dirs, out, exports, max_latency_ms, data, device, tsne_points, progress=not quiet)
+    path = build_report(dirs, out, exports, max_latency_ms, data, device, tsne_points, progress=not quiet,
+                        with_tsne=not no_tsne)
     typer.echo(str(path))
 
 

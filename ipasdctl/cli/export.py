@@ -22,25 +22,28 @@ def export(
     int8_target: Annotated[str, typer.Option("--int8-target", help="CPU the INT8 model is for: auto (this CPU), avx2 (U8S8, 7-bit weights), avx512-vnni (U8S8), arm64 (S8S8).")] = "auto",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="File name stem (default: what the model is, <dataset>-<arch>-<method>-s<seed>, from the run's recipe).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model of the same name exported from another run (all of its files).")] = False,
     quiet: QuietOpt = False,
 ) -> "chain.Outputs":
     """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch and measure its test
     top-1 in onnxruntime; prints the .onnx path last (with -q, only the path(s)). In a chain, an export whose
     source checkpoint is unchanged is kept as it is."""
     from ..deploy import export_onnx
+    from ..deploy.export_names import check_targets
     from ..errors import UserError
 
     _check_export(locals())
     run_folders = chain.inputs(run_folder, "a run folder", "export", "run_dirs")
     if name is not None and len(run_folders) > 1:
         raise UserError(f"--name names one export, but this chain exports {len(run_folders)} runs; drop --name")
+    check_targets(run_folders, out, checkpoint, name, overwrite)  # every name, before the first export
     made = chain.Outputs(exports_dir=out)
     for folder in run_folders:
         record = export_onnx(folder, out, opset=opset, int8=int8, calib_samples=calib_samples, int8_target=int8_target,
                              checkpoint=checkpoint,
                              data_root=str(data) if data is not None else None, name=name,
-                             skip_unchanged=chain.current() is not None)
+                             skip_unchanged=chain.current() is not None, overwrite=overwrite)
         _print_export(record, quiet)
         made.models += [Path(record["onnx_path"])] + ([Path(record["int8"]["onnx_path"])] if "int8" in record else [])
     return made
@@ -114,9 +117,11 @@ def bench(
     _check_bench(locals())  # before the first model
     models = chain.inputs(model, "an exported .onnx model", "bench", "models")
     made = chain.Outputs()
+    torch_timed: set = set()  # a run's checkpoint is timed in PyTorch once, not once per exported precision
     for path in models:
         rows, csv_path = run_bench(path, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
-                                   log=None if quiet else say, skip_measured=chain.current() is not None)
+                                   log=None if quiet else say, skip_measured=chain.current() is not None,
+                                   torch_timed=torch_timed)
         for warning in unstable_rows(rows):
             say(warning)
         typer.echo(f"{path.name}: {cpu_model()}, {int(rows['threads'].iloc[0])} threads, {runs} runs per size"

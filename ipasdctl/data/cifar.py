@@ -118,6 +118,9 @@ def find_folder(root: str | None, folder: str, dataset: str) -> Path:
         raise UserError(f"{dataset} needs --data DIR: the folder that contains {folder}/ (download the "
                         f"'python version' from {_WHERE} and unpack it there)")
     base = Path(root).expanduser()
+    if not base.exists():
+        raise UserError(f"--data {base} does not exist; point --data at the folder that contains {folder}/ "
+                        f"(the 'python version' from {_WHERE})")
     for candidate in (base / folder, base):
         if candidate.name == folder and candidate.is_dir():
             return candidate

@@ -64,8 +64,10 @@ def require_folder(root: Optional[str], dataset: str, layout: str) -> Path:
     if not root:
         raise UserError(f"{dataset} needs --data DIR: the folder that holds {layout}")
     folder = Path(root).expanduser()
+    if not folder.exists():
+        raise UserError(f"--data {folder} does not exist; point --data at the folder that holds {layout}")
     if not folder.is_dir():
-        raise UserError(f"--data {folder}: no such folder (expected the folder that holds {layout})")
+        raise UserError(f"--data {folder} is not a folder; point --data at the folder that holds {layout}")
     return folder
 
 

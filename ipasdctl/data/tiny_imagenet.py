@@ -41,6 +41,9 @@ def find_tiny_imagenet(root: Optional[str]) -> Path:
     if not root:
         raise UserError(f"tiny-imagenet needs --data DIR: the folder that contains {FOLDER}/ (from {_WHERE})")
     base = Path(root).expanduser()
+    if not base.exists():
+        raise UserError(f"--data {base} does not exist; point --data at the folder that contains {FOLDER}/ "
+                        f"(from {_WHERE})")
     for candidate in (base / FOLDER, base):
         if (candidate / "wnids.txt").is_file():
             return candidate

@@ -11,7 +11,13 @@ for both backends), the CPU model and the library versions go into every row of 
 
 An INT8 model is timed against its fp32 original too (the file its json names, when it is beside it): the
 fp32 model is timed with onnxruntime right after the INT8 one, at each batch size with the same settings, and
-the INT8 rows carry `int8_vs_fp32` (fp32 p50 / INT8 p50, above 1 when INT8 is faster) and `int8_pays`.
+the INT8 rows carry `fp32_p50_ms` (the fp32 model's p50 they were compared with), `int8_vs_fp32` (fp32 p50 /
+INT8 p50, above 1 when INT8 is faster) and `int8_pays`.
+
+PyTorch eager rows time the run's checkpoint, whatever the exported model's precision: they are named after it
+(`model` = `<run>/checkpoints/<best|last>.pt`, precision fp32, `model_sha256` the checkpoint's), and one bench
+call of several models of one run (a chain's fp32 and INT8 exports) times it once (`torch_timed`). A rerun that
+may keep earlier rows (`skip_measured`) measures again when any of them was flagged unstable.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ PERCENTILES = (50, 90, 99)
 UNSTABLE_TAIL = 5.0  # p99 / p50 above this: other load disturbed the timing
 COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
-           "torch", "created", "model_path", "model_sha256", "int8_vs_fp32", "int8_pays"]
+           "torch", "created", "model_path", "model_sha256", "fp32_p50_ms", "int8_vs_fp32", "int8_pays"]
 
 
 def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
@@ -156,12 +162,13 @@ def _input_shape(model_path: Path, meta: dict, proto) -> list[int]:
 def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Optional[int] = None,
           runs: int = 200, warmup: Optional[int] = None, torch_run: Optional[Path] = None,
           out: Optional[Path] = None, with_torch: bool = True, log: Optional[Callable[[str], None]] = None,
-          skip_measured: bool = False):
+          skip_measured: bool = False, torch_timed: Optional[set] = None):
     """Time `model_path` (and its PyTorch source) at each batch size; merge the rows into latency.csv.
 
     `torch_run` is the run folder whose checkpoint PyTorch eager times; without it the run recorded in the
-    export's json is used when it still exists (`with_torch=False` skips PyTorch). Rows already in the csv for
-    the same model are replaced. Returns (DataFrame of the new rows, path of latency.csv).
+    export's json is used when it still exists (`with_torch=False` skips PyTorch). `torch_timed`: the
+    checkpoints timed in PyTorch already by this caller (not timed again; the one timed now is added). Rows
+    already in the csv for the same model are replaced. Returns (DataFrame of the new rows, path of latency.csv).
     """
     import pandas as pd
     import torch
@@ -174,21 +181,26 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     warmup = max(5, runs // 10) if warmup is None else int(warmup)
     csv_path = _csv_path(model_path, out)
     model_sha256 = sha256_of(model_path)
-    if skip_measured:
-        kept = _measured_before(csv_path, model_sha256, sizes, threads, runs, warmup)
-        if kept is not None:
-            return kept, csv_path
-    shape = _input_shape(model_path, meta, proto)
     record = {k: v for k, v in (read_json(model_path.with_suffix(".json")) or {}).items()
               if isinstance(v, str)}  # the json beside the model: only its strings are read, others ignored
     checkpoint = record.get("checkpoint") or meta.get("checkpoint") or "best"
-    if torch_run is None and with_torch:
-        recorded = record.get("run_dir") or meta.get("source_run")
-        if recorded and RunFolder(recorded).checkpoint(checkpoint).is_file():
-            torch_run = Path(recorded)
-        elif log:
-            log("no PyTorch run folder (--torch) and none recorded beside the model: timing onnxruntime only")
-    torch_model = load_model(torch_run, checkpoint, device="cpu")[0] if (torch_run is not None and with_torch) else None
+    torch_checkpoint = _torch_checkpoint(torch_run, record, meta, checkpoint, log) if with_torch else None
+    if torch_checkpoint is not None and torch_timed is not None and str(torch_checkpoint) in torch_timed:
+        if log:
+            log(f"PyTorch eager of {_checkpoint_name(torch_checkpoint)} was timed with a model before this one: "
+                "not again")
+        torch_checkpoint = None
+    torch_sha256 = sha256_of(torch_checkpoint) if torch_checkpoint is not None else None
+    if torch_checkpoint is not None and torch_timed is not None:
+        torch_timed.add(str(torch_checkpoint))
+    if skip_measured:
+        kept = _measured_before(csv_path, model_sha256, torch_sha256, sizes, threads, runs, warmup, log)
+        if kept is not None:
+            return kept, csv_path
+    shape = _input_shape(model_path, meta, proto)
+    torch_model = None
+    if torch_checkpoint is not None:
+        torch_model = load_model(torch_checkpoint.parent.parent, torch_checkpoint.stem, device="cpu")[0]
 
     import onnxruntime as ort
 
@@ -248,13 +260,15 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
                        "onnxruntime": ort.__version__, "torch": torch.__version__,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(model_path.resolve()),
                        "model_sha256": model_sha256}
-                if backend == "pytorch":
-                    row["precision"] = "fp32"
+                if backend == "pytorch":  # the run's checkpoint, not the exported file
+                    row.update(model=_checkpoint_name(torch_checkpoint), precision="fp32",
+                               model_path=str(torch_checkpoint), model_sha256=torch_sha256)
                 if fp32_session is not None and provider == "CPUExecutionProvider":
                     fp32_times = time_calls(lambda: fp32_session.run(None, {input_name: x}), runs, warmup)
                     fp32_p50 = summarize(fp32_times, b)["p50_ms"]
                     verdict = int8_verdict(fp32_p50, row["p50_ms"])
-                    row.update(int8_vs_fp32=verdict["int8_vs_fp32"], int8_pays=verdict["int8_pays"])
+                    row.update(fp32_p50_ms=fp32_p50, int8_vs_fp32=verdict["int8_vs_fp32"],
+                               int8_pays=verdict["int8_pays"])
                 rows.append(row)
     finally:
         torch.set_num_threads(previous_threads)
@@ -264,9 +278,36 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     return new, csv_path
 
 
-def _measured_before(csv_path: Path, model_sha256: str, sizes: Sequence[int], threads: int, runs: int, warmup: int):
-    """The rows of latency.csv that measured these model bytes on this CPU with these settings at every batch
-    size asked for (onnxruntime at least), or None."""
+def _torch_checkpoint(torch_run: Optional[Path], record: dict, meta: dict, checkpoint: str,
+                      log: Optional[Callable[[str], None]]) -> Optional[Path]:
+    """The checkpoint PyTorch eager times (absolute): of --torch, else of the run recorded beside the model."""
+    if torch_run is not None:
+        folder = RunFolder(torch_run)
+        if not folder.path.exists():
+            raise UserError(f"--torch {folder.path} does not exist; pass the run folder the model was exported from, "
+                            "or --no-torch")
+        if not folder.checkpoint(checkpoint).is_file():
+            raise UserError(f"--torch {folder.path} has no checkpoints/{checkpoint}.pt; pass the run folder the "
+                            "model was exported from, or --no-torch")
+        return folder.checkpoint(checkpoint).resolve()
+    recorded = record.get("run_dir") or meta.get("source_run")
+    if recorded and RunFolder(recorded).checkpoint(checkpoint).is_file():
+        return RunFolder(recorded).checkpoint(checkpoint).resolve()
+    if log:
+        log("no PyTorch run folder (--torch) and none recorded beside the model: timing onnxruntime only")
+    return None
+
+
+def _checkpoint_name(checkpoint: Path) -> str:
+    """`<run>/checkpoints/best.pt`: what a PyTorch row timed."""
+    return f"{checkpoint.parent.parent.name}/{checkpoint.parent.name}/{checkpoint.name}"
+
+
+def _measured_before(csv_path: Path, model_sha256: str, torch_sha256: Optional[str], sizes: Sequence[int],
+                     threads: int, runs: int, warmup: int, log: Optional[Callable[[str], None]] = None):
+    """The rows of latency.csv that measured these model bytes (and, with `torch_sha256`, the checkpoint's in
+    PyTorch) on this CPU with these settings at every batch size asked for, or None: also when one of them was
+    flagged unstable, so that a rerun measures it again."""
     import onnxruntime as ort
 
     if not csv_path.is_file():
@@ -274,15 +315,39 @@ def _measured_before(csv_path: Path, model_sha256: str, sizes: Sequence[int], th
     table = read_latency_csv(csv_path)
     if "model_sha256" not in table.columns:
         return None
-    mine = table[(table["model_sha256"] == model_sha256) & (table["cpu_model"] == runtime.cpu_model())
+    mine = table[table["model_sha256"].isin([model_sha256, torch_sha256]) & (table["cpu_model"] == runtime.cpu_model())
                  & (table["threads"] == threads) & (table["runs"] == runs) & (table["warmup"] == warmup)
                  & (table["onnxruntime"] == ort.__version__) & table["batch_size"].isin(list(sizes))]
-    measured = set(mine.loc[mine["backend"] == "onnxruntime", "batch_size"])
-    if not set(sizes) <= measured:
+    for backend, sha in (("onnxruntime", model_sha256), ("pytorch", torch_sha256)):
+        measured = set(mine.loc[(mine["backend"] == backend) & (mine["model_sha256"] == sha), "batch_size"])
+        if sha is not None and not set(sizes) <= measured:
+            return None
+    mine = mine.reset_index(drop=True).reindex(columns=[*COLUMNS, *(c for c in mine.columns if c not in COLUMNS)])
+    unstable = unstable_rows(mine)
+    if unstable:
+        if log:
+            log(f"{len(unstable)} latenc{'y' if len(unstable) == 1 else 'ies'} measured before were flagged unstable: "
+                "measuring again")
         return None
-    mine = mine.reset_index(drop=True)
     mine.attrs["skipped"] = True
     return mine
+
+
+def forget_latencies(csv_path: Path, models: Sequence[Path]) -> None:
+    """Drop the rows of `models` (files an export has replaced) from latency.csv: they timed other bytes."""
+    if not models or not Path(csv_path).is_file():
+        return
+    try:
+        table = read_latency_csv(csv_path)
+    except UserError:
+        return  # not a table of ours: left as it is
+    names = {Path(m).name for m in models}
+    paths = {str(Path(m).resolve()) for m in models}
+    replaced = table["model"].astype(str).isin(names)
+    if "model_path" in table.columns:
+        replaced |= table["model_path"].astype(str).isin(paths)
+    if replaced.any():
+        atomic_write_text(csv_path, table[~replaced].to_csv(index=False, float_format="%.6g"))
 
 
 def _csv_path(model_path: Path, out: Optional[Path]) -> Path:
@@ -333,12 +398,14 @@ def _merge(csv_path: Path, new):
 
 def format_table(rows) -> str:
     """The printed table: one line per backend and batch size; INT8 rows timed against their fp32 original
-    show the speed-up and 'no' where INT8 is not faster."""
+    show that model's p50, the speed-up and 'no' where INT8 is not faster."""
     import pandas as pd
 
-    columns = ["backend", "provider", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_ips"]
+    columns = ["backend", "provider", "precision", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms",
+               "throughput_ips"]
     shown = rows[columns].copy()
     if rows["int8_pays"].notna().any():
+        shown["fp32_p50_ms"] = [f"{v:.3f}" if pd.notna(v) else "" for v in rows["fp32_p50_ms"]]
         shown["vs_fp32"] = [f"{r:.2f}x" if r == r else "" for r in rows["int8_vs_fp32"]]
         shown["int8_pays"] = [("yes" if bool(p) else "no") if pd.notna(p) else "" for p in rows["int8_pays"]]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}" if v < 1e4 else f"{v:.0f}")

@@ -42,8 +42,9 @@ from ..errors import UserError
 from ..files import atomic_write_json, check_checkpoint, sha256_of
 from ..models import count_macs, count_params
 from ..runs import RunFolder, load_model, read_json
-from .bench import int8_speed_check
-from .int8 import Int8Settings, calibration_batches, choose_settings, quantize_int8
+from .bench import LATENCY_CSV, forget_latencies, int8_speed_check
+from .export_names import check_owner, export_name
+from .int8 import Int8Settings, calibration_batches, check_target, choose_settings, quantize_int8
 from . import onnx_files
 from .onnx_files import (ATOL, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, RTOL,
                          VALIDATION_BATCH_SIZES, file_size, first_line, opset_of, quiet_exporters, ort_session,
@@ -187,9 +188,10 @@ def check_export_options(opset: Optional[int], int8: bool, calib_samples: int, c
     if int8 and calib_samples <= 0:
         raise UserError(f"--calib-samples must be positive, got {calib_samples}")
     check_checkpoint(checkpoint)
+    check_target(int8_target)  # an unknown target says so, with or without --int8
     if not int8 and int8_target != "auto":
         raise UserError(f"--int8-target {int8_target} needs --int8 (it chooses how the INT8 model is quantised)")
-    return choose_settings(int8_target) if int8 else None  # an unknown target is one line here
+    return choose_settings(int8_target) if int8 else None
 
 
 def _prepare_out(out_dir: Path) -> Path:
@@ -227,9 +229,12 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
                 calib_samples: int = 512, int8_target: str = "auto", checkpoint: str = "best",
                 data_root: Optional[str] = None, name: Optional[str] = None,
                 validation_batch_sizes: Sequence[int] = VALIDATION_BATCH_SIZES, eval_batch_size: int = 256,
-                skip_unchanged: bool = False) -> dict:
+                skip_unchanged: bool = False, overwrite: bool = False) -> dict:
     """Export, validate and (optionally) quantize one run; returns the fp32 model's json record.
 
+    The files are named after what the model is (export_names.export_name). Files of that name exported from
+    another run are refused unless `overwrite`; every file of the name (INT8 model, eval files, ...) is replaced
+    together, and their rows leave the folder's latency.csv.
     `skip_unchanged`: when the output folder already holds this export (and its INT8 model, if asked for) made
     from a checkpoint with the same bytes, the same temperature and the same options, return its record (with
     "skipped": True) instead of exporting again."""
@@ -242,14 +247,15 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     int8_options = {"int8": int8, "calib_samples": calib_samples, "int8_target": int8_target} if int8 else {}
     if not validation_batch_sizes or min(validation_batch_sizes) <= 0:
         raise UserError("validation batch sizes must be positive integers")
+    if not run_dir.exists():
+        raise UserError(f"run folder {run_dir} does not exist; pass a run folder written by `ipasdctl train`")
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
     temperature = fitted_temperature(run_dir, checkpoint, state)
     if temperature is not None:
         model = TemperatureScaled(model, temperature).eval()
+    name = export_name(recipe, checkpoint, name)
+    replaced = check_owner(out_dir, name, run_dir, overwrite)  # before anything is written
     out_dir = _prepare_out(out_dir)
-    name = name or (run_dir.resolve().name + ("" if checkpoint == "best" else f"-{checkpoint}"))
-    if os.sep in name or name.startswith("."):
-        raise UserError(f"--name '{name}' must be a plain file name (no folders, not hidden)")
     source_sha256 = sha256_of(RunFolder(run_dir).checkpoint(checkpoint))
     if skip_unchanged:
         kept = _unchanged_export(out_dir, name, source_sha256, temperature, int8_options, opset)
@@ -386,11 +392,10 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         # external data, then models, then the jsons: a json in the output folder implies a whole model
         stems = [name] + ([f"{name}-int8"] if int8_record is not None else [])
         finals = [f"{s}.onnx.data" for s in stems] + [f"{s}.onnx" for s in stems] + [f"{s}.json" for s in stems]
+        _remove_replaced(out_dir, replaced, {f for f in finals if (staging / f).exists()})
         for file_name in finals:
             if (staging / file_name).exists():
                 os.replace(staging / file_name, out_dir / file_name)
-            elif file_name.endswith(".onnx.data"):
-                (out_dir / file_name).unlink(missing_ok=True)  # a previous, larger export's weights
     except OSError as exc:
         raise UserError(f"cannot write the export into {out_dir}: {exc.strerror or exc}; "
                         "free disk space or choose another --out") from None
@@ -401,6 +406,16 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     if int8_record is not None:
         record["int8"]["onnx_path"] = str(out_dir / f"{name}-int8.onnx")
     return record
+
+
+def _remove_replaced(out_dir: Path, replaced: list[Path], kept: set[str]) -> None:
+    """Before the new files are renamed into place: the old model's jsons first (a json in the folder implies
+    a whole model), its latency rows, then every other old file the new export does not replace (an INT8
+    model not asked for again, eval files of the old model, a previous, larger export's weights)."""
+    for path in sorted(replaced, key=lambda p: p.suffix != ".json"):
+        if path.suffix == ".json" or path.name not in kept:
+            path.unlink(missing_ok=True)
+    forget_latencies(out_dir / LATENCY_CSV, [p for p in replaced if p.suffix == ".onnx"])
 
 
 def _unchanged_export(out_dir: Path, name: str, source_sha256: str, temperature: Optional[float], int8_options: dict,

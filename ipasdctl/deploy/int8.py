@@ -92,11 +92,16 @@ def detect_target(machine: Optional[str] = None, flags: Optional[frozenset[str]]
     return "avx2", "CPU flags list avx2 but no VNNI" if "avx2" in flags else "CPU flags list neither avx2 nor VNNI"
 
 
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise UserError(f"unknown --int8-target '{target}'; known targets: {', '.join(TARGETS)}")
+    return target
+
+
 def choose_settings(target: str = "auto", machine: Optional[str] = None,
                     flags: Optional[frozenset[str]] = None) -> Int8Settings:
     """The quantisation settings for `target` (one of TARGETS; auto = this CPU's, see detect_target)."""
-    if target not in TARGETS:
-        raise UserError(f"--int8-target must be one of {', '.join(TARGETS)}, got '{target}'")
+    check_target(target)
     detected_from = "--int8-target"
     if target == "auto":
         target, detected_from = detect_target(machine, flags)

@@ -1,6 +1,7 @@
 """The tables of a comparison: results.csv (one row per run), summary.csv and summary.md (per method: mean,
-sample std and 95 % t-interval over seeds, difference of means to ce, the paired difference to ce over shared
-seeds with its interval, p-value and verdict, rank; the statistics are in analysis/statistics.py)."""
+sample std and 95 % t-interval over seeds (clipped to 0-100 %, left out below 3 seeds), difference of means to
+ce, the paired difference to ce over shared seeds with its interval, p-value and verdict, rank; the statistics
+are in analysis/statistics.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from ..analysis.statistics import MIN_SEEDS, paired_test, t_interval
+from ..analysis.statistics import ACCURACY_CI_NOTE, MIN_SEEDS, accuracy_interval, paired_test
 from ..analysis.tables import count_noun
 from ..errors import UserError
 from ..files import atomic_write_text
@@ -46,9 +47,9 @@ def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
 
 def summary_table(results, reference: str = REFERENCE, best_chosen_on: str = "test", partial: bool = False):
     """Per method: runs, mean, sample std (n - 1; empty for one run) and 95 % t-interval of best- and
-    last-epoch top-1, the difference of means to `reference`, the paired difference to it over the seeds both
-    have (mean, 95 % interval, paired t-test p-value, verdict; analysis/statistics.py), which split chose the
-    best epoch, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank, then by best-epoch mean.
+    last-epoch top-1 (statistics.accuracy_interval: clipped to 0-100 %, empty below 3 runs), the difference of
+    means to `reference`, the paired difference to it over the seeds both have (mean, 95 % interval, paired
+    t-test p-value, verdict; analysis/statistics.py), which split chose the best epoch, rank 1 = highest last-epoch mean (ties share a rank); sorted by rank, then by best-epoch mean.
     A partial table (`partial`: some runs not finished) may lack the reference: its differences are empty."""
     import pandas as pd
 
@@ -64,7 +65,7 @@ def summary_table(results, reference: str = REFERENCE, best_chosen_on: str = "te
         pairs = _paired(runs, reference_runs)
         row["paired_seeds"] = len(pairs)
         for column in STAT_COLUMNS:
-            mean, std, low, high = t_interval(runs[column].tolist())
+            mean, std, low, high = accuracy_interval(runs[column].tolist())  # clipped; none below 3 seeds
             row.update({f"{column}_mean": mean, f"{column}_std": std, f"{column}_ci_low": low, f"{column}_ci_high": high})
             test = paired_test(pairs[f"{column}_x"].tolist(), pairs[f"{column}_ref"].tolist())
             row.update({f"paired_delta_{column}_mean": test["mean"], f"paired_delta_{column}_ci_low": test["low"],
@@ -196,7 +197,7 @@ def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: 
         "- **Last-epoch top-1** is the test accuracy of the model the run ends with: the honest number, the model "
         "you would ship.",
         best_note,
-        f"- 95 % CI: the t-interval of the mean over seeds. Δ is the mean of the paired differences to `{REFERENCE}` "
+        f"- 95 % CI: {ACCURACY_CI_NOTE}. Δ is the mean of the paired differences to `{REFERENCE}` "
         "(plain cross-entropy) over the seeds both ran, in percentage points, with its 95 % t-interval and the "
         "two-sided paired t-test's p-value: runs with the same seed share data order and initial weights, so "
         f"pairing removes what the seed does to both. Verdict: better or worse when p < 0.05, else no clear "
