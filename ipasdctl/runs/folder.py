@@ -20,27 +20,23 @@ builds the evaluated network with `load_model` (weights-only, from `models`).
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config import Recipe, dump_recipe, recipe_from_dict
-from .errors import UserError, one_line
-from .files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, remove_temporaries,
-                    save_checkpoint)
-from .models import build_model
-from .runtime import resolve_device
-
-# the columns of a comparison's results.csv (and of a report's runs): what a finished run's summary holds
-RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
-                  "params", "macs", "train_seconds", "images_per_second", "run_dir"]
+from ..config import Recipe, dump_recipe, recipe_from_dict
+from ..errors import UserError, one_line
+from ..files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, remove_temporaries,
+                     save_checkpoint)
+from ..models import build_model
+from ..runtime import resolve_device
+from .lock import RunLock
+from .schemas import RESULT_COLUMNS, check_state
 
 
 def default_run_name(recipe: Recipe) -> str:
@@ -252,36 +248,6 @@ def read_json(path: Path) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
-MAX_CLASSES = 1_000_000
-
-
-def check_state(state: dict, path: Path) -> dict:
-    """The checkpoint's fields every command reads, with their types: a hand-made or damaged checkpoint is
-    one line naming what is wrong, never a KeyError deep inside a command."""
-    def problem() -> Optional[str]:
-        if not isinstance(state.get("config"), dict):
-            return "it holds no recipe ('config')"
-        num_classes = state.get("num_classes")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
-            return f"'num_classes' is {num_classes!r:.40}, not an integer from 1 to {MAX_CLASSES}"
-        if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
-            return "'model' is not a mapping of names to tensors"
-        epoch = state.get("epoch", 0)
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            return f"'epoch' is {epoch!r:.40}, not a whole number of epochs"
-        if not isinstance(state.get("arch", ""), str):
-            return "'arch' is not a name"
-        names = state.get("class_names")
-        if names is not None and (not isinstance(names, list) or len(names) != num_classes):
-            return f"'class_names' is not a list of {num_classes} names"
-        return None
-
-    what = problem()
-    if what:
-        raise UserError(f"{path} is not a checkpoint ipasdctl can use: {what}; use a checkpoint written by "
-                        "`ipasdctl train`")
-    return state
-
 
 def load_model(run_dir: Path, checkpoint: str = "best", device: str = "cpu"):
     """(model in eval mode, checkpoint state, recipe) of a run folder, weights loaded weights-only; weights that
@@ -360,92 +326,3 @@ def create_run_dir(out: Path, name: str) -> Path:
             n += 1
         except OSError as exc:
             raise UserError(f"cannot create run folder {candidate}: {exc.strerror}; choose a writable --out") from None
-
-
-# ------------------------------------------------------------------------------------------------ the lock
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: fall back to the owner's pid
-    fcntl = None
-
-
-class RunLock:
-    """run_dir/.lock: held (flock) by the one process that trains into the folder; holds its pid and host.
-
-    The kernel releases a flock when its process ends, however it ends, so the lock file of a crashed or
-    SIGKILLed run is free at once and the next `--resume` takes it over; nothing is ever stale for good.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> None:
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise UserError(f"cannot lock run folder {self.path.parent}: {exc.strerror}; "
-                                "make it writable or choose another folder") from None
-            if not self._lock(fd):
-                owner = _read_owner(fd)
-                os.close(fd)
-                raise UserError(f"run folder {self.path.parent} is in use by {owner}; wait for that run to "
-                                "finish or stop it first (its lock goes away when it ends)")
-            try:  # a releasing owner unlinks the file: make sure we locked the file that is at the path now
-                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                current = False
-            if not current:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            self._fd = fd
-            return
-
-    def _lock(self, fd: int) -> bool:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    return False
-                # no flock on this file system: fall through to the pid check
-        pid = _owner_fields(fd)[0]
-        return not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)))
-
-    def release(self) -> None:
-        if self._fd is not None:
-            try:
-                self.path.unlink()  # while still locked, so a waiter that opened it retries (see acquire)
-            except FileNotFoundError:
-                pass
-            os.close(self._fd)
-            self._fd = None
-
-
-def _owner_fields(fd: int) -> list[str]:
-    """[pid, host] as the lock's holder wrote them ('' where missing)."""
-    try:
-        fields = os.pread(fd, 200, 0).decode(errors="replace").split()
-    except OSError:
-        fields = []
-    return (fields + ["", ""])[:2]
-
-
-def _read_owner(fd: int) -> str:
-    pid, host = _owner_fields(fd)
-    return f"process {pid} on {host}" if pid and host else f"process {pid}" if pid else "another process"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
