@@ -14,6 +14,7 @@ import pytest
 from ipasdctl.analysis.statistics import paired_test, t_interval
 from ipasdctl.config import load_recipe
 from ipasdctl.studies import compare
+from ipasdctl.studies import plan as planning
 from ipasdctl.studies.summary import SUMMARY_COLUMNS, summary_markdown, summary_table
 
 T975_DOF2 = math.sqrt(1.805 / 0.0975)  # 4.302652...
@@ -83,7 +84,7 @@ def test_summary_table_columns_pair_by_seed():
 
 def test_summary_markdown_shows_intervals_p_values_verdicts_and_the_seed_note(tmp_path):
     recipe = load_recipe("demo", {"train": {"epochs": 1}})
-    plan = compare.plan(recipe, "ls", [0, 1, 2], tmp_path / "c")
+    plan = planning.plan(recipe, "ls", [0, 1, 2], tmp_path / "c")
     text = summary_markdown(plan, summary_table(hand_results()))
     ipasd_row = next(line for line in text.splitlines() if "`ipasd`" in line)
     assert "+1.33 [-0.10, +2.77]" in ipasd_row and "0.057" in ipasd_row and "no clear difference" in ipasd_row

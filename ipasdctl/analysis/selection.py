@@ -31,6 +31,7 @@ import pandas as pd
 from ..deploy.bench import read_latency_csv
 from ..errors import UserError
 from ..files import atomic_write_text
+from ..runs import ComparisonFolder
 
 GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
@@ -61,9 +62,9 @@ def load_results(comparison_dirs: Sequence[Path]) -> pd.DataFrame:
     frames = []
     for folder in comparison_dirs:
         folder = Path(folder)
-        csv_path = folder / "results.csv"
+        csv_path = ComparisonFolder(folder).results
         if not csv_path.is_file():
-            raise UserError(f"{folder} has no results.csv; give folders written by `ipasdctl compare`")
+            raise UserError(f"{folder} has no {csv_path.name}; give folders written by `ipasdctl compare`")
         try:
             table = pd.read_csv(csv_path)
         except Exception as exc:  # ParserError, EmptyDataError, UnicodeDecodeError

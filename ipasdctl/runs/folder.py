@@ -12,8 +12,7 @@
     <run>/../mlflow.db           `--track mlflow`'s default store, shared by the run folders beside it
     <run>/eval.json, ...         written by `ipasdctl eval` (analysis/evaluation.py names its files)
 
-A comparison holds one run folder per method and seed, named `<method>-s<seed>` (`comparison_run_name`).
-Training writes a run folder through `RunFolder`; every other command reads it through `RunFolder` too, and
+A comparison folder (comparison.py) holds one run folder per method and seed. Training writes a run folder through `RunFolder`; every other command reads it through `RunFolder` too, and
 builds the evaluated network with `load_model` (weights-only, from `models`).
 """
 
@@ -41,10 +40,6 @@ from .schemas import RESULT_COLUMNS, check_state
 
 def default_run_name(recipe: Recipe) -> str:
     return f"{recipe.data.name}-{recipe.model.arch}-{recipe.method['name']}-s{recipe.train.seed}"
-
-
-def comparison_run_name(method: str, seed: int) -> str:
-    return f"{method}-s{seed}"
 
 
 class RunFolder:
