@@ -23,7 +23,7 @@ from ipasdctl import runtime, training
 from ipasdctl.analysis.collect import collect_runs
 from ipasdctl.analysis.selection import load_results
 from ipasdctl.errors import UserError
-from ipasdctl.runs import RunFolder
+from ipasdctl.runs import RunFolder, RunSummary
 from ipasdctl.studies import compare, executors
 from ipasdctl.studies import plan as planning
 from ipasdctl.studies.executors import Executor, LocalProcesses, Outcome, Sequential, choose_gpus, make_executor
@@ -171,8 +171,8 @@ class Scripted(Executor):
         folder.last.write_bytes(b"")
         folder.write_config(job.recipe)
         if status == "finished":
-            folder.write_summary({"finished": True, "method": job.recipe.method["name"], "seed": job.recipe.train.seed,
-                                  "best_top1": 50.0, "last_top1": 40.0, "train_seconds": 1.0, "macs": 3125888})
+            folder.write_summary(RunSummary(finished=True, method=job.recipe.method["name"], seed=job.recipe.train.seed,
+                                            best_top1=50.0, last_top1=40.0, train_seconds=1.0, macs=3125888))
         self.events.append(("end", job.name, status))
         return [Outcome(job, status, f"{status} on purpose", seconds=2.0)]
 

@@ -13,7 +13,6 @@ import pytest
 
 from ipasdctl.analysis.statistics import paired_test, t_interval
 from ipasdctl.config import load_recipe
-from ipasdctl.studies import compare
 from ipasdctl.studies import plan as planning
 from ipasdctl.studies.summary import SUMMARY_COLUMNS, summary_markdown, summary_table
 

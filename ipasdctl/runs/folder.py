@@ -35,7 +35,7 @@ from ..files import (atomic_write_json, atomic_write_text, check_checkpoint, loa
 from ..models import build_model
 from ..runtime import resolve_device
 from .lock import RunLock
-from .schemas import RESULT_COLUMNS, check_state
+from .schemas import RESULT_COLUMNS, RunSummary, check_state
 
 
 def default_run_name(recipe: Recipe) -> str:
@@ -118,14 +118,15 @@ class RunFolder:
                             "written by `ipasdctl train`")
         return self
 
-    def read_summary(self) -> Optional[dict]:
-        """summary.json as a dict; None when missing or unreadable."""
-        return read_json(self.summary)
+    def read_summary(self) -> Optional[RunSummary]:
+        """summary.json; None when missing or unreadable."""
+        value = read_json(self.summary)
+        return RunSummary.from_dict(value) if value is not None else None
 
     def state(self) -> str:
         """'finished' (summary.json says so), 'resumable' (checkpoints/last.pt exists) or 'new'."""
         summary = self.read_summary()
-        if summary is not None and summary.get("finished") is True:
+        if summary is not None and summary.finished:
             return "finished"
         if self.last.is_file():
             return "resumable"
@@ -161,14 +162,16 @@ class RunFolder:
 
     def result_row(self) -> dict:
         """The RESULT_COLUMNS of this run, from summary.json (or config.yaml + metrics.csv if unfinished)."""
-        summary = self.read_summary() or {}
-        if not summary:
+        summary = self.read_summary()
+        if summary is not None and summary.finished:
+            row = summary.result_row()
+        else:
             config = self.read_config() or {}
-            summary = {"method": (config.get("method") or {}).get("name"),
-                       "seed": (config.get("train") or {}).get("seed"),
-                       "arch": (config.get("model") or {}).get("arch"),
-                       "dataset": (config.get("data") or {}).get("name"),
-                       "epochs": (config.get("train") or {}).get("epochs")}
+            row = {"method": (config.get("method") or {}).get("name"),
+                   "seed": (config.get("train") or {}).get("seed"),
+                   "arch": (config.get("model") or {}).get("arch"),
+                   "dataset": (config.get("data") or {}).get("name"),
+                   "epochs": (config.get("train") or {}).get("epochs")}
             if self.metrics.is_file():
                 import pandas as pd
 
@@ -176,9 +179,9 @@ class RunFolder:
                 if len(frame):
                     chosen_on = "val_top1" if "val_top1" in frame else "test_top1"
                     best = frame[chosen_on].idxmax()
-                    summary.update(best_top1=frame["test_top1"][best], last_top1=frame["test_top1"].iloc[-1],
-                                   best_epoch=int(frame["epoch"][best]), best_top5=frame["test_top5"][best])
-        row = {column: summary.get(column) for column in RESULT_COLUMNS}
+                    row.update(best_top1=frame["test_top1"][best], last_top1=frame["test_top1"].iloc[-1],
+                               best_epoch=int(frame["epoch"][best]), best_top5=frame["test_top5"][best])
+            row = {column: row.get(column) for column in RESULT_COLUMNS}
         row["run_dir"] = str(self.path)
         return row
 
@@ -189,8 +192,8 @@ class RunFolder:
     def write_metrics(self, rows: list[dict]) -> None:
         write_metrics_csv(self.metrics, rows)
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.summary, summary)
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_json(self.summary, summary.to_dict())
 
     def write_splits(self, origin: dict) -> None:
         atomic_write_json(self.splits, origin)
@@ -203,6 +206,19 @@ class RunFolder:
     def write_temperature(self, checkpoint: str, entry: dict) -> None:
         """Record the temperature fitted for `checkpoint`, keeping the other checkpoint's."""
         atomic_write_json(self.temperature, {**(read_json(self.temperature) or {}), checkpoint: entry})
+
+    def fitted_temperature(self, checkpoint: str, state: dict) -> Optional[float]:
+        """The temperature `ipasdctl calibrate` fitted for this checkpoint (`state`, as loaded), None when there
+        is none; a UserError when it was fitted on another epoch's checkpoint (export and predict divide by it)."""
+        entry = self.read_temperature(checkpoint)
+        if entry is None:
+            return None
+        epoch = int(state.get("epoch", 0))
+        if int(entry.get("epoch", -1)) != epoch:
+            raise UserError(f"{self.temperature} was fitted on the {checkpoint} checkpoint of epoch "
+                            f"{entry.get('epoch')}, but that checkpoint is now epoch {epoch}; run `ipasdctl calibrate "
+                            f"{self.path} --checkpoint {checkpoint}` again")
+        return float(entry["temperature"])
 
     def save_checkpoint(self, state: dict, best: bool = False) -> None:
         """best.pt before last.pt: a kill or a full disk between the two leaves last.pt at the previous

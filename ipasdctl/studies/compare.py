@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from ..analysis.tables import count_noun
 from ..methods import method_class
-from ..runs import RunFolder
+from ..runs import RunFolder, RunSummary
 from .executors import Executor, Sequential
 from .plan import ComparisonPlan
 from .scheduler import RunsFailed, carry_out
@@ -116,7 +116,8 @@ def prerequisites(comparison: ComparisonPlan) -> dict[str, str]:
 
 
 def run(comparison: ComparisonPlan, progress: Optional[training.Progress] = None,
-        say: Optional[Callable[[str], None]] = say_on_stderr, executor: Optional[Executor] = None) -> list[dict]:
+        say: Optional[Callable[[str], None]] = say_on_stderr,
+        executor: Optional[Executor] = None) -> list[Optional[RunSummary]]:
     """Prepare the folder, then train, resume or skip every planned run through `executor` (default: one after
     another in this process, with `progress`), and rewrite the tables whenever a run ends (write_tables: a
     partial table, then the whole one). The comparison folder is locked meanwhile: a second `compare` on it is

@@ -34,8 +34,8 @@ def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
     rows = []
     for planned in comparison.runs:
         summary = RunFolder(planned.run_dir).read_summary()
-        finished = summary is not None and summary.get("finished") is True
-        row = {column: summary.get(column) for column in RESULT_COLUMNS} if finished else {}
+        finished = summary is not None and summary.finished
+        row = summary.result_row() if finished else {}
         row.update(method=planned.method, seed=planned.seed, run_dir=str(planned.run_dir),
                    status="finished" if finished else "failed" if planned.name in failed else "pending")
         rows.append(row)
