@@ -1,5 +1,6 @@
 """The runs a report is built from: run folders and comparison folders (their results.csv) read through
-runs.RunFolder and runs.ComparisonFolder, deduplicated, with their metrics.csv, and grouped by (data set, arch, epochs)."""
+runs.RunFolder and runs.ComparisonFolder, deduplicated, with their metrics.csv, and grouped by (data set, arch,
+epochs)."""
 
 from __future__ import annotations
 

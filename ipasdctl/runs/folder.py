@@ -12,8 +12,9 @@
     <run>/../mlflow.db           `--track mlflow`'s default store, shared by the run folders beside it
     <run>/eval.json, ...         written by `ipasdctl eval` (analysis/evaluation.py names its files)
 
-A comparison folder (comparison.py) holds one run folder per method and seed. Training writes a run folder through `RunFolder`; every other command reads it through `RunFolder` too, and
-builds the evaluated network with `load_model` (weights-only, from `models`).
+A comparison folder (comparison.py) holds one run folder per method and seed. Training writes a run folder
+through `RunFolder`; every other command reads it through `RunFolder` too, and builds the evaluated network with
+`load_model` (weights-only, from `models`). What its files hold: schemas.py.
 """
 
 from __future__ import annotations

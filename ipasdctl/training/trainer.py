@@ -7,7 +7,7 @@ stopped: on CPU a run killed mid-epoch and resumed ends with the same metrics an
 and atomic-add kernels (index_add_, scatter, conv backward) may round differently from run to run, so metrics
 agree to float noise unless `train.deterministic` is set.
 
-Checkpoints (runs.py names the files): last.pt at every epoch end and, with checkpoint.every_steps=N, every N
+Checkpoints (runs/ names the files): last.pt at every epoch end and, with checkpoint.every_steps=N, every N
 steps, so a kill loses at most N steps; best.pt at the epoch with the best top-1 on the validation split when
 the recipe holds one out (data.val_split), else on the test set (optimistic; summary.json says which). The
 test top-1 stays the reported number either way. Stops (signals, non-finite loss) are in stopping.py.
