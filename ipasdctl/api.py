@@ -19,7 +19,7 @@ from .deploy import bench, export_onnx
 from .deploy.predict import Prediction, predict
 from .runs import RunFolder, load_model
 from .studies import compare as comparing
-from .studies.summary import write_tables
+from .studies import plan as planning
 from . import training
 
 RecipeLike = Union[Recipe, str, Path]
@@ -46,9 +46,8 @@ def compare(recipe: RecipeLike = "demo", baselines: Union[str, Iterable[str]] = 
             progress: bool = False) -> Path:
     """Train the recipe's method, the baselines and ce with every seed (resumable) and write the tables;
     returns the comparison folder (results.csv, summary.csv, summary.md)."""
-    plan = comparing.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None)
-    comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None,
-                  tables=write_tables)
+    plan = planning.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None)
+    comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None)
     return plan.out
 
 

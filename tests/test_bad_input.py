@@ -132,7 +132,7 @@ def test_output_folder_without_write_permission(tmp_path, capsys, monkeypatch):
     out.chmod(0o555)
     if os.geteuid() == 0:  # root may write anyway: make access() answer as it does for everyone else
         real_access = os.access
-        monkeypatch.setattr("ipasdctl.runs.os.access",
+        monkeypatch.setattr("ipasdctl.runs.folder.os.access",
                             lambda path, mode: False if os.path.samefile(path, out) and mode & os.W_OK
                             else real_access(path, mode))
     try:

@@ -14,6 +14,7 @@ import pytest
 import typer
 
 from ipasdctl.cli import app, chain, main
+from ipasdctl.errors import UserError
 
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--set", "data.train_subset=64", "-q"]
 BENCH = ["--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--no-torch", "--threads", "1"]
@@ -226,3 +227,29 @@ def test_calibrate_options_are_checked_before_a_chain_trains(tmp_path, capsys):
     code, _, err = run_cli(["train", *TINY_TRAIN, "--out", str(tmp_path / "runs"), "calibrate", "--batch-size", "0"],
                            capsys)
     assert code == 2 and "--batch-size must be positive" in err and not (tmp_path / "runs").exists()
+
+
+def test_a_command_follows_the_parameters_of_the_link_it_is_given_not_a_global(tmp_path, capsys):
+    """What a chain changes is a parameter of the link: train given reuse returns the finished run of the same
+    name; given a link without it (or alone) it starts another beside it."""
+    runs = tmp_path / "runs"
+    args = ["train", *TINY_TRAIN, "--out", str(runs), "--name", "r"]
+    first = app(args=args, standalone_mode=False)
+    assert first.run_dirs == [runs / "r"]
+    again = app(args=args, standalone_mode=False, obj=chain.Link(made=chain.Outputs(), reuse=True))
+    assert again.run_dirs == [runs / "r"] and sorted(p.name for p in runs.iterdir()) == ["r"]
+    beside = app(args=args, standalone_mode=False, obj=chain.Link(made=chain.Outputs(), reuse=False))
+    assert beside.run_dirs == [runs / "r-2"]
+    capsys.readouterr()
+
+
+def test_a_link_gives_the_inputs_given_else_what_the_links_before_made(tmp_path):
+    made = chain.Outputs(run_dirs=[tmp_path / "a"], comparisons=[tmp_path / "c"], exports_dir=tmp_path / "e")
+    given = chain.Link(made=made)
+    assert given.inputs(tmp_path / "x", "a run folder", "export", "run_dirs") == [tmp_path / "x"]
+    assert given.inputs(None, "folders", "report", "comparisons", "run_dirs") == [tmp_path / "c"]
+    assert given.exports_dir == tmp_path / "e" and chain.ALONE.exports_dir is None
+    with pytest.raises(UserError, match="`bench` in a chain needs an exported .onnx model from a link before it"):
+        given.inputs(None, "an exported .onnx model", "bench", "models")
+    with pytest.raises(UserError, match="`bench` needs an exported .onnx model; give it on the command line"):
+        chain.ALONE.inputs(None, "an exported .onnx model", "bench", "models")

@@ -17,7 +17,8 @@ import yaml
 
 from ipasdctl import training
 from ipasdctl.studies import compare
-from ipasdctl.studies.summary import summary_table, write_tables
+from ipasdctl.studies import plan as planning
+from ipasdctl.studies.summary import summary_table
 from ipasdctl.training import trainer as trainer_module
 from ipasdctl.cli import main
 from ipasdctl.cli.options import recipe_overrides
@@ -38,10 +39,9 @@ def tiny_recipe(*sets):
 def finished(tmp_path_factory):
     """ce and ipasd, seeds 0 and 1, trained once for the module through the library functions."""
     out = tmp_path_factory.mktemp("comparison") / "c"
-    plan = compare.plan(tiny_recipe(), "ce", [0, 1], out)
+    plan = planning.plan(tiny_recipe(), "ce", [0, 1], out)
     messages: list[str] = []
-    compare.run(plan, training.Progress(enabled=False), messages.append)
-    write_tables(plan)
+    compare.run(plan, training.Progress(enabled=False), messages.append)  # it writes the tables too
     return out, messages
 
 
@@ -278,18 +278,18 @@ def test_seeds_that_are_not_integers_exit_2(tmp_path, capsys, seeds):
 
 
 def test_parse_seeds_keeps_order_and_drops_duplicates():
-    assert compare.parse_seeds(" 2, 0,2 ,1") == [2, 0, 1]
+    assert planning.parse_seeds(" 2, 0,2 ,1") == [2, 0, 1]
 
 
 def test_all_means_every_registered_method_with_ce_first():
-    names = compare.method_names("ipasd", "all")
+    names = planning.method_names("ipasd", "all")
     assert names[:2] == ["ce", "ipasd"] and sorted(names) == METHODS.names() and len(set(names)) == len(names)
-    assert compare.method_names("ipasd", "ipasd, ce") == ["ce", "ipasd"]
+    assert planning.method_names("ipasd", "ipasd, ce") == ["ce", "ipasd"]
 
 
 def test_plan_gives_method_parameters_to_the_main_method_only(tmp_path):
     recipe = tiny_recipe("method.w_div=0.5")
-    plan = compare.plan(recipe, "ce", "3,0", tmp_path / "c")
+    plan = planning.plan(recipe, "ce", "3,0", tmp_path / "c")
     assert [(r.method, r.seed, r.run_dir.name) for r in plan.runs] == [
         ("ce", 3, "ce-s3"), ("ipasd", 3, "ipasd-s3"), ("ce", 0, "ce-s0"), ("ipasd", 0, "ipasd-s0")]
     for run in plan.runs:
@@ -305,7 +305,7 @@ def test_tf_kd_self_distils_from_the_ce_run_of_its_seed(tmp_path):
     if "tf-kd-self" not in METHODS:
         pytest.skip("tf-kd-self is not registered in this tree")
     out = tmp_path / "c"
-    plan = compare.plan(tiny_recipe(), "tf-kd-self", [0, 4], out)
+    plan = planning.plan(tiny_recipe(), "tf-kd-self", [0, 4], out)
     order = [r.run_dir.name for r in plan.runs]
     for seed in [0, 4]:
         run = next(r for r in plan.runs if r.method == "tf-kd-self" and r.seed == seed)
@@ -314,7 +314,7 @@ def test_tf_kd_self_distils_from_the_ce_run_of_its_seed(tmp_path):
 
 
 def test_default_out_is_named_after_the_recipe():
-    assert str(compare.plan(tiny_recipe(), "", [0]).out) == os.path.join("comparisons", "demo")
+    assert str(planning.plan(tiny_recipe(), "", [0]).out) == os.path.join("comparisons", "demo")
 
 
 @pytest.mark.parametrize("method, setting", [("ls", "method.eps=2"), ("ps-kd", "method.alpha_T=-1"),
@@ -337,6 +337,6 @@ def test_the_reference_run_comes_from_the_method_not_from_compare(tmp_path):
 
     declaring = [name for name in METHODS.names() if METHODS.get(name).reference_run_param]
     assert declaring == ["tf-kd-self"]
-    comparison = compare.plan(tiny_recipe(), "tf-kd-self", [0, 3], tmp_path / "c")
+    comparison = planning.plan(tiny_recipe(), "tf-kd-self", [0, 3], tmp_path / "c")
     teachers = {run.seed: run.recipe.method["teacher"] for run in comparison.runs if run.method == "tf-kd-self"}
     assert teachers == {seed: str((tmp_path / "c" / f"ce-s{seed}").resolve()) for seed in (0, 3)}

@@ -23,8 +23,9 @@ from ipasdctl import runtime, training
 from ipasdctl.analysis.collect import collect_runs
 from ipasdctl.analysis.selection import load_results
 from ipasdctl.errors import UserError
-from ipasdctl.runs import RunFolder
+from ipasdctl.runs import RunFolder, RunSummary
 from ipasdctl.studies import compare, executors
+from ipasdctl.studies import plan as planning
 from ipasdctl.studies.executors import Executor, LocalProcesses, Outcome, Sequential, choose_gpus, make_executor
 from ipasdctl.studies.job import job_spec, run_job
 from ipasdctl.studies.scheduler import TEST_SIGNAL_RUN_ENV, RunsFailed
@@ -53,9 +54,8 @@ def rows(out: Path) -> pd.DataFrame:
 def sequential(tmp_path_factory):
     """ce and ipasd, seed 0, 2 epochs, one after another in this process with one thread each."""
     out = tmp_path_factory.mktemp("sequential") / "c"
-    comparison = compare.plan(tiny_two_epochs(), "", [0], out)
-    compare.run(comparison, say=None, executor=Sequential(training.Progress(enabled=False), threads=1),
-                tables=write_tables)
+    comparison = planning.plan(tiny_two_epochs(), "", [0], out)
+    compare.run(comparison, say=None, executor=Sequential(training.Progress(enabled=False), threads=1))
     return out
 
 
@@ -92,9 +92,8 @@ def test_ray_with_a_local_instance_gives_the_sequential_rows(sequential, tmp_pat
         with pytest.raises(UserError, match="no node of the Ray cluster has that many CPUs .the largest has 2"):
             executors.RayTasks("local", threads=3, gpu=False).open(tmp_path)  # it would wait for ever
         messages: list[str] = []
-        comparison = compare.plan(tiny_two_epochs(), "", [0], out)
-        compare.run(comparison, say=messages.append, executor=executors.RayTasks("local", threads=1, gpu=False),
-                    tables=write_tables)
+        comparison = planning.plan(tiny_two_epochs(), "", [0], out)
+        compare.run(comparison, say=messages.append, executor=executors.RayTasks("local", threads=1, gpu=False))
     finally:
         ray.shutdown()
     pd.testing.assert_frame_equal(rows(out), rows(sequential))
@@ -172,14 +171,14 @@ class Scripted(Executor):
         folder.last.write_bytes(b"")
         folder.write_config(job.recipe)
         if status == "finished":
-            folder.write_summary({"finished": True, "method": job.recipe.method["name"], "seed": job.recipe.train.seed,
-                                  "best_top1": 50.0, "last_top1": 40.0, "train_seconds": 1.0, "macs": 3125888})
+            folder.write_summary(RunSummary(finished=True, method=job.recipe.method["name"], seed=job.recipe.train.seed,
+                                            best_top1=50.0, last_top1=40.0, train_seconds=1.0, macs=3125888))
         self.events.append(("end", job.name, status))
         return [Outcome(job, status, f"{status} on purpose", seconds=2.0)]
 
 
 def test_a_run_waits_for_the_run_it_needs_without_holding_up_the_others(tmp_path):
-    comparison = compare.plan(tiny_recipe(), "tf-kd-self", [0, 1], tmp_path / "c")
+    comparison = planning.plan(tiny_recipe(), "tf-kd-self", [0, 1], tmp_path / "c")
     assert compare.prerequisites(comparison) == {"tf-kd-self-s0": "ce-s0", "tf-kd-self-s1": "ce-s1"}
     executor = Scripted(slots=3)
     compare.run(comparison, say=None, executor=executor)
@@ -192,11 +191,11 @@ def test_a_run_waits_for_the_run_it_needs_without_holding_up_the_others(tmp_path
 
 def test_a_crashed_run_is_retried_once_then_failed_while_the_others_finish(tmp_path):
     out = tmp_path / "c"
-    comparison = compare.plan(tiny_recipe(), "", [0, 1], out)
+    comparison = planning.plan(tiny_recipe(), "", [0, 1], out)
     executor = Scripted(slots=2, script={"ipasd-s0": ["crashed", "crashed"], "ce-s1": ["crashed", "finished"]})
     messages: list[str] = []
     with pytest.raises(RunsFailed) as failure:
-        compare.run(comparison, say=messages.append, executor=executor, tables=write_tables)
+        compare.run(comparison, say=messages.append, executor=executor)
     assert failure.value.exit_code == 1 and "1 run of 4 failed (ipasd-s0" in str(failure.value)
     starts = [event for event in executor.events if event[0] == "start"]
     assert ("start", "ce-s1", 2, True) in starts and ("start", "ipasd-s0", 2, True) in starts  # resumed
@@ -218,7 +217,7 @@ def test_a_crashed_run_is_retried_once_then_failed_while_the_others_finish(tmp_p
 
 
 def test_an_error_is_not_retried_and_a_run_that_needs_a_failed_run_is_not_trained(tmp_path):
-    comparison = compare.plan(tiny_recipe(), "tf-kd-self", [0], tmp_path / "c")
+    comparison = planning.plan(tiny_recipe(), "tf-kd-self", [0], tmp_path / "c")
     executor = Scripted(slots=2, script={"ce-s0": ["error"]})
     messages: list[str] = []
     with pytest.raises(RunsFailed):
@@ -227,16 +226,17 @@ def test_an_error_is_not_retried_and_a_run_that_needs_a_failed_run_is_not_traine
     assert "[3/3] tf-kd-self-s0: failed: not trained: the run it needs, ce-s0, failed" in messages
 
 
-def test_the_tables_are_partial_while_runs_are_pending(tmp_path):
+def test_the_tables_are_partial_while_runs_are_pending(tmp_path, monkeypatch):
     out = tmp_path / "c"
-    comparison = compare.plan(tiny_recipe(), "", [0], out)
+    comparison = planning.plan(tiny_recipe(), "", [0], out)
     seen = []
 
     def tables(comparison, failed):
         write_tables(comparison, failed)
         seen.append((pd.read_csv(out / "results.csv")["status"].tolist(), (out / "summary.md").read_text()))
 
-    compare.run(comparison, say=None, executor=Scripted(slots=1), tables=tables)
+    monkeypatch.setattr(compare, "write_tables", tables)  # what the tables say each time compare rewrites them
+    compare.run(comparison, say=None, executor=Scripted(slots=1))
     assert seen[0][0] == ["finished", "pending"]
     assert "**Partial table**: 1 of 2 runs finished. Pending (training, or not started): ipasd-s0." in seen[0][1]
     assert seen[-1][0] == ["finished", "finished"] and "Partial" not in seen[-1][1]
@@ -244,10 +244,10 @@ def test_the_tables_are_partial_while_runs_are_pending(tmp_path):
 
 def test_a_stop_signal_starts_no_new_job_and_raises_interrupted(tmp_path):
     out = tmp_path / "c"
-    comparison = compare.plan(tiny_recipe(), "", [0, 1], out)
+    comparison = planning.plan(tiny_recipe(), "", [0, 1], out)
     executor = Scripted(slots=2, stop_on_first_wait=True)
     with pytest.raises(training.Interrupted) as stop:
-        compare.run(comparison, say=None, executor=executor, tables=write_tables)
+        compare.run(comparison, say=None, executor=executor)
     assert stop.value.code == 130 and stop.value.run_dir == out
     assert [event[1] for event in executor.events] == ["ce-s0", "ipasd-s0"]
     assert pd.read_csv(out / "results.csv")["status"].tolist() == ["pending"] * 4
@@ -266,7 +266,7 @@ def test_a_worker_that_cannot_see_out_is_one_fatal_line(tmp_path):
             return [Outcome(self.running.pop(0), "error", result["message"], fatal=True)]
 
     with pytest.raises(UserError, match="cannot see --out"):
-        compare.run(compare.plan(tiny_recipe(), "", [0], tmp_path / "c"), say=None, executor=Blind(slots=1))
+        compare.run(planning.plan(tiny_recipe(), "", [0], tmp_path / "c"), say=None, executor=Blind(slots=1))
 
 
 # ------------------------------------------------------------------------------------------------ choices
@@ -329,7 +329,7 @@ def test_each_local_job_gets_its_own_gpu_and_its_threads(tmp_path, monkeypatch):
     executor = LocalProcesses(2, threads=3, gpus=["5", "7"])
     executor.open(tmp_path)
     try:
-        comparison = compare.plan(tiny_recipe(), "", [0], tmp_path / "c")
+        comparison = planning.plan(tiny_recipe(), "", [0], tmp_path / "c")
         for planned in comparison.runs:
             executor.start(executors.Job(planned.name, planned.run_dir, False, planned.recipe))
         assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["5", "7"]

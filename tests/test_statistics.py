@@ -13,7 +13,7 @@ import pytest
 
 from ipasdctl.analysis.statistics import paired_test, t_interval
 from ipasdctl.config import load_recipe
-from ipasdctl.studies import compare
+from ipasdctl.studies import plan as planning
 from ipasdctl.studies.summary import SUMMARY_COLUMNS, summary_markdown, summary_table
 
 T975_DOF2 = math.sqrt(1.805 / 0.0975)  # 4.302652...
@@ -83,7 +83,7 @@ def test_summary_table_columns_pair_by_seed():
 
 def test_summary_markdown_shows_intervals_p_values_verdicts_and_the_seed_note(tmp_path):
     recipe = load_recipe("demo", {"train": {"epochs": 1}})
-    plan = compare.plan(recipe, "ls", [0, 1, 2], tmp_path / "c")
+    plan = planning.plan(recipe, "ls", [0, 1, 2], tmp_path / "c")
     text = summary_markdown(plan, summary_table(hand_results()))
     ipasd_row = next(line for line in text.splitlines() if "`ipasd`" in line)
     assert "+1.33 [-0.10, +2.77]" in ipasd_row and "0.057" in ipasd_row and "no clear difference" in ipasd_row
@@ -114,7 +114,7 @@ def test_accuracy_intervals_stay_within_0_to_100_and_are_left_out_below_three_se
     table = summary_table(results).set_index("method")
     assert table.loc["ce", "last_top1_ci_high"] == 100.0 and math.isnan(table.loc["ipasd", "last_top1_ci_low"])
     recipe = load_recipe("demo", {"train": {"epochs": 1}})
-    text = summary_markdown(compare.plan(recipe, "", [0, 1, 2], tmp_path / "c"), summary_table(results))
+    text = summary_markdown(planning.plan(recipe, "", [0, 1, 2], tmp_path / "c"), summary_table(results))
     ce_row = next(line for line in text.splitlines() if "`ce`" in line)
     ipasd_row = next(line for line in text.splitlines() if "`ipasd`" in line)
     assert f"[{raw[2]:.2f}, 100.00]" in ce_row

@@ -18,6 +18,7 @@ from ipasdctl.data.base import complement
 from ipasdctl.data.digits import load_digits_data
 from ipasdctl.files import load_checkpoint
 from ipasdctl.studies import compare
+from ipasdctl.studies import plan as planning
 from ipasdctl.studies.summary import SUMMARY_COLUMNS, write_tables
 
 
@@ -127,7 +128,7 @@ def test_the_split_is_stable_across_resume(tmp_path, one_thread, monkeypatch, ca
 def test_compare_summaries_say_which_split_chose_the_best_epoch(tmp_path, one_thread):
     overrides = {"train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
                  "data": {"train_subset": 64, "val_split": 40}}
-    plan = compare.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c")
+    plan = planning.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c")
     compare.run(plan, training.Progress(enabled=False), None)
     _, summary = write_tables(plan)
     assert summary["best_chosen_on"].tolist() == ["val", "val"]
@@ -145,7 +146,7 @@ def test_a_comparison_recorded_before_the_new_keys_is_rerun_not_refused(tmp_path
     import yaml
 
     overrides = {"train": {"epochs": 1, "batch_size": 32, "device": "cpu"}, "data": {"train_subset": 64}}
-    plan = compare.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c")
+    plan = planning.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c")
     compare.run(plan, training.Progress(enabled=False), None)
     for path in [tmp_path / "c" / "comparison.yaml", *(tmp_path / "c").glob("*/config.yaml")]:
         record = yaml.safe_load(path.read_text())
@@ -154,6 +155,6 @@ def test_a_comparison_recorded_before_the_new_keys_is_rerun_not_refused(tmp_path
             data.pop(key)
         path.write_text(yaml.safe_dump(record, sort_keys=False))
     messages: list[str] = []
-    compare.run(compare.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c"),
+    compare.run(planning.plan(load_recipe("demo", overrides), "", [0], tmp_path / "c"),
                 training.Progress(enabled=False), messages.append)
     assert len(messages) == 2 and all("finished, skipped" in m for m in messages)

@@ -1,2 +1,3 @@
 """Analysis: evaluation of runs and exported models, metrics, selection, report assembly and its plots
-(matplotlib lives only in plots.py). Reads run folders through runs.py; imports nothing of training or methods."""
+(matplotlib lives only in plots.py). Reads run and comparison folders through runs/; imports nothing of
+training, methods or studies."""

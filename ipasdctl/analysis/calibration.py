@@ -7,7 +7,7 @@ log T so that T stays positive. Dividing by T never changes the argmax: accuracy
 the confidences move (T > 1 softens an overconfident model, T < 1 sharpens an underconfident one, as IPASD's
 soft targets leave it). The validation split (`data.val_split`) is training images the model never trained
 on; fitting T on the test set would make the reported test calibration optimistic, so a run without one is
-refused. The result goes into the run folder (runs.py: temperature.json, per checkpoint, with the epoch it
+refused. The result goes into the run folder (runs/: temperature.json, per checkpoint, with the epoch it
 belongs to), and `ipasdctl export` folds it into the exported graph.
 """
 

@@ -1,5 +1,6 @@
 """The runs a report is built from: run folders and comparison folders (their results.csv) read through
-runs.RunFolder, deduplicated, with their metrics.csv, and grouped by (data set, arch, epochs)."""
+runs.RunFolder and runs.ComparisonFolder, deduplicated, with their metrics.csv, and grouped by (data set, arch,
+epochs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from ..runs import RESULT_COLUMNS, RunFolder, comparison_run_name
+from ..runs import RESULT_COLUMNS, ComparisonFolder, RunFolder
 from .tables import epochs_text, seed_key
 
 
@@ -24,7 +25,7 @@ class Run:
 
 
 def is_comparison_folder(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "results.csv").is_file()
+    return ComparisonFolder(path).is_comparison()
 
 
 def resolve_run_dir(comparison: Path, row: dict) -> Optional[Path]:
@@ -38,12 +39,12 @@ def resolve_run_dir(comparison: Path, row: dict) -> Optional[Path]:
     if value is not None:
         candidates += [comparison / value] if not Path(value).is_absolute() else []
         candidates.append(comparison / Path(value).name)
-    candidates.append(comparison / comparison_run_name(row.get("method"), row.get("seed")))
+    candidates.append(ComparisonFolder(comparison).run(row.get("method"), row.get("seed")).path)
     found = next((c for c in candidates if _inside(c, comparison) and RunFolder(c).config.is_file()), None)
     which = f"{row.get('method')} seed {row.get('seed')}"
     if value is not None and Path(value).is_absolute() and not _inside(Path(value), comparison):
         used = f"using {found} instead" if found is not None else "it is left out of the report"
-        print(f"warning: {comparison / 'results.csv'}: the row of {which} points at {value}, outside this "
+        print(f"warning: {ComparisonFolder(comparison).results}: the row of {which} points at {value}, outside this "
               f"comparison; {used}", file=sys.stderr)
     elif found is None:
         print(f"warning: {comparison}: no run folder for {which}; it is left out of the report", file=sys.stderr)
@@ -66,13 +67,14 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[Path]]:
     for directory in map(Path, dirs):
         if is_comparison_folder(directory):
             comparisons.append(directory)
+            results = ComparisonFolder(directory).results
             try:
-                table = pd.read_csv(directory / "results.csv")
+                table = pd.read_csv(results)
             except (ValueError, OSError) as exc:
-                raise UserError(f"{directory / 'results.csv'} is not a readable CSV ({exc}); rerun `ipasdctl compare`") from None
+                raise UserError(f"{results} is not a readable CSV ({exc}); rerun `ipasdctl compare`") from None
             missing = {"method", "seed"} - set(table.columns)
             if missing:
-                raise UserError(f"{directory / 'results.csv'} lacks the columns {', '.join(sorted(missing))}; "
+                raise UserError(f"{results} lacks the columns {', '.join(sorted(missing))}; "
                                 "it is not a comparison written by `ipasdctl compare`")
             for record in table.to_dict("records"):
                 if record.get("status", "finished") != "finished":  # a partial comparison: pending or failed

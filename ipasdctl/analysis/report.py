@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..runs import RunFolder
+from ..runs import ComparisonFolder, RunFolder
 from . import evaluation, plots
 from .collect import collect_runs, group_runs, is_stale
 from .metrics import pool_reliability_bins
@@ -261,8 +261,8 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
         atomic_write_text(out / "report_runs.csv", pd.DataFrame(all_records).to_csv(index=False, float_format="%.6g"))
         lines += ["Every run, with its eval metrics: report_runs.csv.", ""]
     for comparison in comparisons:
-        if (comparison / "summary.md").is_file():
-            lines += [f"The comparison's own summary (reference method, parameters): `{comparison / 'summary.md'}`.", ""]
+        if (own_summary := ComparisonFolder(comparison).summary_markdown).is_file():
+            lines += [f"The comparison's own summary (reference method, parameters): `{own_summary}`.", ""]
     if exports is not None:
         alone = [run.run_dir for run in runs if run.source == run.run_dir]  # not through a comparison
         lines += selection_section(comparisons, Path(exports), max_latency_ms, out, alone)

@@ -39,7 +39,7 @@ import pandas as pd
 from ..deploy.bench import read_latency_csv
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..runs import RunFolder
+from ..runs import ComparisonFolder, RunFolder
 from .statistics import paired_test
 from .tables import seed_key
 
@@ -74,9 +74,9 @@ def load_results(comparison_dirs: Sequence[Path], run_dirs: Sequence[Path] = ())
     frames = []
     for folder in comparison_dirs:
         folder = Path(folder)
-        csv_path = folder / "results.csv"
+        csv_path = ComparisonFolder(folder).results
         if not csv_path.is_file():
-            raise UserError(f"{folder} has no results.csv; give folders written by `ipasdctl compare`")
+            raise UserError(f"{folder} has no {csv_path.name}; give folders written by `ipasdctl compare`")
         try:
             table = pd.read_csv(csv_path)
         except Exception as exc:  # ParserError, EmptyDataError, UnicodeDecodeError

@@ -12,6 +12,7 @@ from .options import QuietOpt
 
 @app.command("calibrate")
 def calibrate(
+    ctx: typer.Context,
     run_folder: Annotated[Optional[Path], typer.Argument(
         metavar="[RUN_FOLDER]", help="A run folder trained with a validation split (data.val_split) (in a chain: "
                                      "default, every run folder made before).")] = None,
@@ -28,7 +29,7 @@ def calibrate(
     from ..runs import RunFolder
 
     _check_calibrate(locals())
-    for folder in chain.inputs(run_folder, "a run folder", "calibrate", "run_dirs"):
+    for folder in chain.link(ctx).inputs(run_folder, "a run folder", "calibrate", "run_dirs"):
         result = calibrate_run(folder, checkpoint, data, device, batch_size)
         if not quiet:
             typer.echo(format_calibration(result))

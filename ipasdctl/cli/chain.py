@@ -4,17 +4,18 @@ taking the previous ones' output when its own input is left out.
 The command line is split where a command's name stands in place of an option or argument of the command
 before it (a value of an option never starts a link: `--name bench` is a name). Every link is parsed by its own
 command before the first one runs, so a mistake in any of them is one line and exit 2 before anything trains.
-Each command then runs as it does alone; what it made (the `Outputs` it returns) goes into the chain's
-`Outputs`, which the next links read:
+Each command then runs as it does alone, given a `Link` (the click context's `obj`): what the links before it
+made (the `Outputs` they returned, which the next links read) and the parameters a chain sets:
 
     train / compare  ->  run folders (and the comparison folder)
     export           ->  exported models (and their folder)      (default input: every run folder so far)
     bench            ->  latency tables                          (default input: every exported model)
     report / eval                                                (default input: the comparison, or the runs)
 
-A chain is resumable: rerunning it skips finished runs (train reuses a finished run of the same name and
-recipe; compare skips as always), exports whose source checkpoint is unchanged, and latencies already
-measured on this CPU with the same settings.
+A chain is resumable: rerunning it skips finished runs (`reuse`: train reuses a finished run of the same name
+and recipe; compare skips as always), exports whose source checkpoint is unchanged (`skip_unchanged`), and
+latencies already measured on this CPU with the same settings (`skip_measured`). A command run alone gets
+`ALONE`: nothing made before, none of these set. No module-level state: the link is the command's argument.
 """
 
 from __future__ import annotations
@@ -39,7 +40,37 @@ class Outputs:
     latency_tables: list[Path] = field(default_factory=list)
 
 
-_current: Optional[Outputs] = None
+@dataclass(frozen=True)
+class Link:
+    """What the chain gives the command it runs: what the links before made, and how a rerun behaves. Each
+    command passes these on to the library as plain parameters."""
+
+    made: Optional[Outputs] = None  # None: the command runs alone
+    reuse: bool = False  # train: a finished run of the same name and recipe is returned, an interrupted one resumed
+    skip_unchanged: bool = False  # export: an export whose checkpoint (and settings) are unchanged is kept
+    skip_measured: bool = False  # bench: latencies measured on this CPU with the same settings are kept
+
+    @property
+    def exports_dir(self) -> Optional[Path]:
+        """The folder the links before exported into (report's default --exports)."""
+        return self.made.exports_dir if self.made is not None else None
+
+    def inputs(self, given, what: str, command: str, *made: str) -> list:
+        """A command's inputs: the ones given on its command line, else the first non-empty of the chain's
+        `made` fields (e.g. "comparisons", "run_dirs")."""
+        if given:
+            return list(given) if isinstance(given, (list, tuple)) else [given]
+        if self.made is None:
+            raise UserError(f"`{command}` needs {what}; give it on the command line, or chain it after a command "
+                            f"that makes it (e.g. ipasdctl train ... {command})")
+        available = next((getattr(self.made, name) for name in made if getattr(self.made, name)), None)
+        if available:
+            return list(available)
+        raise UserError(f"`{command}` in a chain needs {what} from a link before it (e.g. train or compare "
+                        f"first), or give it on its command line")
+
+
+ALONE = Link()
 PRECHECKS: dict[str, Callable[[dict], None]] = {}  # command -> its option checks that need no input
 
 
@@ -52,25 +83,9 @@ def precheck(command: str):
     return register
 
 
-def current() -> Optional[Outputs]:
-    """The chain being run, or None when a command runs alone."""
-    return _current
-
-
-def inputs(given, what: str, command: str, *made: str) -> list:
-    """A command's inputs: the ones given on its command line, else the first non-empty of the chain's `made`
-    fields (e.g. "comparisons", "run_dirs")."""
-    if given:
-        return list(given) if isinstance(given, (list, tuple)) else [given]
-    available = next((getattr(_current, name) for name in made if getattr(_current, name)), None) \
-        if _current is not None else None
-    if available:
-        return list(available)
-    if _current is not None:
-        raise UserError(f"`{command}` in a chain needs {what} from a link before it (e.g. train or compare "
-                        f"first), or give it on its command line")
-    raise UserError(f"`{command}` needs {what}; give it on the command line, or chain it after a command that "
-                    f"makes it (e.g. ipasdctl train ... {command})")
+def link(ctx: typer.Context) -> Link:
+    """The link a command was given by the chain running it; ALONE when it runs by itself."""
+    return ctx.obj if isinstance(ctx.obj, Link) else ALONE
 
 
 def split(argv: list[str], commands: dict) -> list[list[str]]:
@@ -107,8 +122,8 @@ def _options(command) -> dict[str, bool]:
 
 
 def run(app, links: list[list[str]]) -> None:
-    """Parse every link first (usage errors before anything runs), then run them in order."""
-    global _current
+    """Parse every link first (usage errors before anything runs), then run them in order, each given what the
+    links before it made and the rerun parameters."""
     group = typer.main.get_command(app)
     with group.make_context("ipasdctl", [], resilient_parsing=True) as root:
         for name, *args in links:
@@ -119,13 +134,9 @@ def run(app, links: list[list[str]]) -> None:
             if name in PRECHECKS:
                 PRECHECKS[name](parsed.params)
     chain = Outputs()
-    _current = chain
-    try:
-        for name, *args in links:
-            made = app(args=[name, *args], standalone_mode=False)
-            record(chain, made)
-    finally:
-        _current = None
+    for name, *args in links:
+        given = Link(made=chain, reuse=True, skip_unchanged=True, skip_measured=True)
+        record(chain, app(args=[name, *args], standalone_mode=False, obj=given))
 
 
 def record(chain: Outputs, made) -> None:

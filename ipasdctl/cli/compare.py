@@ -66,23 +66,24 @@ def compare(
     from .. import training
     from ..config import load_recipe
     from ..studies import compare as comparing
+    from ..studies import plan as planning
     from ..studies.executors import make_executor
-    from ..studies.summary import write_tables
 
     overrides = recipe_overrides(ctx.params)
-    seed_list = comparing.parse_seeds(seeds)  # before the recipe: the cheapest mistake to report first
+    seed_list = planning.parse_seeds(seeds)  # before the recipe: the cheapest mistake to report first
     base = training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, overrides))
-    comparison = comparing.plan(base, baselines, seed_list, out)
+    comparison = planning.plan(base, baselines, seed_list, out)
     progress = training.Progress(enabled=not quiet)
     executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)
     say = None if quiet else comparing.say_on_stderr
     try:
-        comparing.run(comparison, progress, say, executor, tables=write_tables)
+        comparing.run(comparison, progress, say, executor)
     except training.Interrupted as exc:
         print(f"interrupted: checkpoint written in {exc.run_dir}; rerun the same `ipasdctl compare` command to "
               "continue", file=sys.stderr)
         raise SystemExit(exc.code) from None
     if not quiet:
-        comparing.say_on_stderr(f"tables: {comparison.out / 'summary.md'}, summary.csv, results.csv")
+        folder = comparison.folder
+        comparing.say_on_stderr(f"tables: {folder.summary_markdown}, {folder.summary.name}, {folder.results.name}")
     typer.echo(str(comparison.out))
     return chain.Outputs(run_dirs=[run.run_dir for run in comparison.runs], comparisons=[comparison.out])

@@ -13,6 +13,7 @@ from .options import QuietOpt
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     target: Annotated[Optional[Path], typer.Argument(
         metavar="[RUN_FOLDER|MODEL.onnx]",
         help="A run folder written by `ipasdctl train`, or an exported .onnx model (in a chain: default, every "
@@ -29,7 +30,7 @@ def eval_(
     embedding_tsne.png into the run folder; a .onnx model (onnxruntime) gets the same but the embedding figures,
     as <model>.eval.json, <model>.per_class.csv and <model>.reliability.png beside it."""
     _check_eval(locals())
-    targets = chain.inputs(target, "a run folder or a .onnx model", "eval", "run_dirs")
+    targets = chain.link(ctx).inputs(target, "a run folder or a .onnx model", "eval", "run_dirs")
     _refuse_run_options_for_onnx(targets, checkpoint, device, tsne_points)  # before the (slow) library import
     from ..analysis import evaluation
 
@@ -60,6 +61,7 @@ def _refuse_run_options_for_onnx(targets: list, checkpoint, device, tsne_points)
 
 @app.command("report")
 def report(
+    ctx: typer.Context,
     dirs: Annotated[Optional[list[Path]], typer.Argument(
         metavar="[DIR...]", help="Run folders and/or comparison folders (with results.csv) (in a chain: default, "
                                  "the comparisons, else the run folders made before).")] = None,
@@ -78,9 +80,9 @@ def report(
     from ..analysis.report import build_report
 
     _check_report(locals())
-    dirs = chain.inputs(dirs, "run folders or comparison folders", "report", "comparisons", "run_dirs")
-    if exports is None and chain.current() is not None:
-        exports = chain.current().exports_dir
+    given = chain.link(ctx)
+    dirs = given.inputs(dirs, "run folders or comparison folders", "report", "comparisons", "run_dirs")
+    exports = exports if exports is not None else given.exports_dir
     path = build_report(dirs, out, exports, max_latency_ms, data, device, tsne_points, progress=not quiet,
                         with_tsne=not no_tsne)
     typer.echo(str(path))

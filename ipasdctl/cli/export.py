@@ -12,6 +12,7 @@ from .options import QuietOpt
 
 @app.command("export")
 def export(
+    ctx: typer.Context,
     run_folder: Annotated[Optional[Path], typer.Argument(
         help="Run folder of a finished `ipasdctl train` (in a chain: default, every run folder made before).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX: the default, and so far the one format.")] = True,
@@ -34,7 +35,8 @@ def export(
     from ..errors import UserError
 
     _check_export(locals())
-    run_folders = chain.inputs(run_folder, "a run folder", "export", "run_dirs")
+    given = chain.link(ctx)
+    run_folders = given.inputs(run_folder, "a run folder", "export", "run_dirs")
     if name is not None and len(run_folders) > 1:
         raise UserError(f"--name names one export, but this chain exports {len(run_folders)} runs; drop --name")
     check_targets(run_folders, out, checkpoint, name, overwrite)  # every name, before the first export
@@ -43,7 +45,7 @@ def export(
         record = export_onnx(folder, out, opset=opset, int8=int8, calib_samples=calib_samples, int8_target=int8_target,
                              checkpoint=checkpoint,
                              data_root=str(data) if data is not None else None, name=name,
-                             skip_unchanged=chain.current() is not None, overwrite=overwrite)
+                             skip_unchanged=given.skip_unchanged, overwrite=overwrite)
         _print_export(record, quiet)
         made.models += [Path(record["onnx_path"])] + ([Path(record["int8"]["onnx_path"])] if "int8" in record else [])
     return made
@@ -91,6 +93,7 @@ def _print_export(record: dict, quiet: bool) -> None:
 
 @app.command("bench")
 def bench(
+    ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(
         help="An exported .onnx model (in a chain: default, every model exported before).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64",
@@ -115,12 +118,13 @@ def bench(
         print(line, file=sys.stderr, flush=True)
 
     _check_bench(locals())  # before the first model
-    models = chain.inputs(model, "an exported .onnx model", "bench", "models")
+    given = chain.link(ctx)
+    models = given.inputs(model, "an exported .onnx model", "bench", "models")
     made = chain.Outputs()
     torch_timed: set = set()  # a run's checkpoint is timed in PyTorch once, not once per exported precision
     for path in models:
         rows, csv_path = run_bench(path, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
-                                   log=None if quiet else say, skip_measured=chain.current() is not None,
+                                   log=None if quiet else say, skip_measured=given.skip_measured,
                                    torch_timed=torch_timed)
         for warning in unstable_rows(rows):
             say(warning)

@@ -62,7 +62,7 @@ def train(
             run_dir = training.resume(resume, given, progress)
         else:
             run_dir = training.train(training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, overrides)), out,
-                                     name, progress, reuse=chain.current() is not None)
+                                     name, progress, reuse=chain.link(ctx).reuse)
     except training.Interrupted as exc:
         if not rank.is_main:  # rank 0 says how to resume; the others stop quietly with the same status
             sys.exit(exc.code)

@@ -1,5 +1,5 @@
 """Deployment: ONNX export validated against PyTorch, INT8 quantisation, latency. Reads run folders through
-runs.py and builds the network from models; imports nothing of training or methods (import-linter checks it)."""
+runs/ and builds the network from models; imports nothing of training or methods (import-linter checks it)."""
 
 from .bench import bench
 from .export import ExportValidationError, export_onnx

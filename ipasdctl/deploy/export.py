@@ -69,19 +69,6 @@ class TemperatureScaled(torch.nn.Module):
         return self.model(x) / self.temperature
 
 
-def fitted_temperature(run_dir: Path, checkpoint: str, state: dict) -> Optional[float]:
-    """The temperature `ipasdctl calibrate` fitted for this checkpoint, None when there is none."""
-    entry = RunFolder(run_dir).read_temperature(checkpoint)
-    if entry is None:
-        return None
-    epoch = int(state.get("epoch", 0))
-    if int(entry.get("epoch", -1)) != epoch:
-        raise UserError(f"{RunFolder(run_dir).temperature} was fitted on the {checkpoint} checkpoint of epoch "
-                        f"{entry.get('epoch')}, but that checkpoint is now epoch {epoch}; run `ipasdctl calibrate "
-                        f"{run_dir} --checkpoint {checkpoint}` again")
-    return float(entry["temperature"])
-
-
 def _parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -250,7 +237,7 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     if not run_dir.exists():
         raise UserError(f"run folder {run_dir} does not exist; pass a run folder written by `ipasdctl train`")
     model, state, recipe = load_model(run_dir, checkpoint, device="cpu")
-    temperature = fitted_temperature(run_dir, checkpoint, state)
+    temperature = RunFolder(run_dir).fitted_temperature(checkpoint, state)
     if temperature is not None:
         model = TemperatureScaled(model, temperature).eval()
     name = export_name(recipe, checkpoint, name)

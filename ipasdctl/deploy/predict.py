@@ -19,7 +19,6 @@ from ..data import build_data
 from ..data.imagefolder import transforms_for
 from ..errors import UserError
 from ..runs import RunFolder, load_model
-from .export import fitted_temperature
 from .onnx_files import ort_session, read_metadata
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -143,7 +142,7 @@ def predict_run(run_dir: Path, images: Sequence[Path], top_k: int = 5, checkpoin
     prep = Preprocessing([int(v) for v in stats["image_shape"]], [float(v) for v in stats["mean"]],
                          [float(v) for v in stats["std"]], [str(c) for c in class_names])
     _check_preprocessing(prep, Path(run_dir))
-    temperature = fitted_temperature(run_dir, checkpoint, state) or 1.0  # as the export folds it in
+    temperature = RunFolder(run_dir).fitted_temperature(checkpoint, state) or 1.0  # as the export folds it in
 
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -1,1 +1,1 @@
-"""Studies: orchestration of many runs (compare: one recipe, several methods and seeds, one table)."""
+"""Studies: orchestration of many runs (plan and compare: one recipe, several methods and seeds, one table)."""

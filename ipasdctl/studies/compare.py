@@ -1,20 +1,16 @@
 """`ipasdctl compare`: one recipe, several methods, several seeds, one honest table.
 
 The main method (the recipe's, ipasd unless `--method` says otherwise), every baseline named, and always `ce`
-(plain cross-entropy, the reference) are trained on the same recipe and data with each seed. A comparison
-folder holds:
-
-    comparison.yaml       the shared recipe (method = the main method's, no seed), the methods and the seeds
-    <method>-s<seed>/     one ordinary run folder per method and seed (config.yaml, metrics.csv, summary.json, ...)
-    results.csv           one row per run
-    summary.csv, .md      per method: runs, mean and sample std (n - 1) over seeds of best- and last-epoch top-1,
-                          difference of means to ce, rank (by last-epoch top-1); best first
+(plain cross-entropy, the reference) are trained on the same recipe and data with each seed (the plan:
+studies/plan.py). The comparison folder (its layout: runs/comparison.py) holds the comparison's record, one
+ordinary run folder per method and seed, and the tables (studies/summary.py): one row per run, and per method
+the mean and spread over seeds, the difference to ce and the rank.
 
 Method parameters given with `--set method.x=...` apply to the main method only; baselines run with their
 defaults. `tf-kd-self` distils from the `ce` run of the same seed (trained first), unless the main method is
 tf-kd-self and its teacher is given explicitly.
 
-A rerun is cheap: a finished run (summary.json says "finished") is skipped, an interrupted one (it has
+A rerun is cheap: a finished run (its summary says "finished") is skipped, an interrupted one (it has
 checkpoints/last.pt) is resumed, a leftover folder without a checkpoint is removed and trained again. A rerun
 may name other methods or seeds (runs are added or reused; the tables describe the latest command), but a
 folder that already holds runs of another recipe is refused.
@@ -28,136 +24,22 @@ from __future__ import annotations
 
 import copy
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Optional
 
 import yaml
 
 from .. import training
-from ..config import Recipe, ResolvedRecipe, differing_keys, recipe_from_dict
-from ..errors import UserError, did_you_mean
+from ..config import differing_keys
+from ..errors import UserError
 from ..files import atomic_write_text
 from ..analysis.tables import count_noun
-from ..methods import METHODS, method_class
-from ..runs import RunFolder, comparison_run_name
+from ..methods import method_class
+from ..runs import RunFolder, RunSummary
 from .executors import Executor, Sequential
+from .plan import ComparisonPlan
 from .scheduler import RunsFailed, carry_out
-
-REFERENCE = "ce"
-ALL = "all"
-
-
-# ------------------------------------------------------------------------------------------------ input
-
-
-def parse_seeds(text: Union[str, Iterable[int]]) -> list[int]:
-    """'0,1,2' -> [0, 1, 2] (duplicates dropped, order kept); anything else is a one-line UserError."""
-    if not isinstance(text, str):
-        text = ",".join(str(s) for s in text)
-    items = [item.strip() for item in text.split(",")]
-    if not text.strip() or any(not item for item in items):
-        raise UserError(f"--seeds expects comma-separated integers such as 0,1,2, got '{text}'")
-    seeds: list[int] = []
-    for item in items:
-        try:
-            seed = int(item)
-        except ValueError:
-            raise UserError(f"--seeds expects comma-separated integers such as 0,1,2; '{item}' is not an "
-                            "integer") from None
-        if seed < 0:
-            raise UserError(f"--seeds must be non-negative integers, got {seed}")
-        if seed not in seeds:
-            seeds.append(seed)
-    return seeds
-
-
-def method_names(main: str, baselines: Union[str, Iterable[str], None]) -> list[str]:
-    """[ce, main, *baselines] without duplicates; `all` means every registered method. Unknown names: UserError."""
-    known = METHODS.names()
-    if main not in METHODS:
-        raise UserError(f"unknown method '{main}'{did_you_mean(main, known)}; known: {', '.join(known)}")
-    if baselines is None:
-        baselines = []
-    if isinstance(baselines, str):
-        baselines = baselines.split(",")
-    tokens = [token.strip() for token in baselines if token and token.strip()]
-    names = [REFERENCE, main]
-    for token in tokens:
-        if token == ALL:
-            names += known
-        elif token in METHODS:
-            names.append(token)
-        else:
-            raise UserError(f"--baselines: unknown method '{token}'{did_you_mean(token, [ALL, *known])}; "
-                            f"known: {ALL}, {', '.join(known)}")
-    return list(dict.fromkeys(names))
-
-
-# ------------------------------------------------------------------------------------------------ plan
-
-
-@dataclass
-class PlannedRun:
-    method: str
-    seed: int
-    run_dir: Path
-    recipe: ResolvedRecipe  # as the run's config.yaml will record it
-
-    @property
-    def name(self) -> str:
-        return self.run_dir.name
-
-
-@dataclass
-class ComparisonPlan:
-    out: Path
-    recipe: ResolvedRecipe  # the shared recipe, method = the main method's parameters
-    main: str
-    methods: list[str]
-    seeds: list[int]
-    runs: list[PlannedRun]
-
-    def record(self) -> dict:
-        """What comparison.yaml holds."""
-        recipe = self.recipe.to_dict()
-        recipe["train"].pop("seed", None)  # the seeds are listed below
-        return {"recipe": recipe, "main": self.main, "reference": REFERENCE, "methods": list(self.methods),
-                "seeds": list(self.seeds)}
-
-
-def default_out(recipe: Recipe) -> Path:
-    return Path("comparisons") / recipe.name
-
-
-def plan(recipe: Recipe, baselines: Union[str, Iterable[str], None], seeds: Union[str, Iterable[int]],
-         out: Optional[Path] = None) -> ComparisonPlan:
-    """Every run of the comparison, seed by seed (ce first, then the main method, then the baselines), with its
-    recipe resolved and checked: a mistake in any of them is found before anything trains."""
-    seeds = parse_seeds(seeds)
-    methods = method_names(recipe.method.get("name"), baselines)
-    shared = training.resolved(recipe)
-    main = shared.method["name"]
-    out = Path(out) if out is not None else default_out(shared)
-    runs = []
-    for seed in seeds:  # seed-major: an interrupted comparison already holds complete seeds
-        for method in methods:
-            values = shared.to_dict()
-            values["method"] = values["method"] if method == main else {"name": method}
-            reference_key = method_class(method).reference_run_param
-            if reference_key and not values["method"].get(reference_key):
-                values["method"][reference_key] = reference_run(out, seed)
-            values["train"]["seed"] = seed
-            run_recipe = training.resolve_recipe(recipe_from_dict(values))
-            runs.append(PlannedRun(method, seed, out / comparison_run_name(method, seed), run_recipe))
-    return ComparisonPlan(out, shared, main, methods, seeds, runs)
-
-
-def reference_run(out: Path, seed: int) -> str:
-    """The reference method's run of `seed` in a comparison folder: what a method with a reference_run_param
-    distils from."""
-    return str((out / comparison_run_name(REFERENCE, seed)).resolve())
-
+from .summary import write_tables
 
 # ------------------------------------------------------------------------------------------------ state of runs
 
@@ -180,9 +62,9 @@ def _has_trained_runs(out: Path) -> bool:
 
 
 def prepare(comparison: ComparisonPlan) -> None:
-    """Refuse a folder that holds runs of another recipe; then record the comparison in comparison.yaml."""
+    """Refuse a folder that holds runs of another recipe; then record the comparison in the folder."""
     out = comparison.out
-    record_path = out / "comparison.yaml"
+    record_path = comparison.folder.record
     if out.is_file():
         raise UserError(f"--out {out} is a file; give a folder for the comparison")
     if record_path.is_file() and _has_trained_runs(out):
@@ -231,23 +113,23 @@ def prerequisites(comparison: ComparisonPlan) -> dict[str, str]:
 
 
 def run(comparison: ComparisonPlan, progress: Optional[training.Progress] = None,
-        say: Optional[Callable[[str], None]] = say_on_stderr, executor: Optional[Executor] = None,
-        tables: Optional[Callable[[ComparisonPlan, dict], None]] = None) -> list[dict]:
+        say: Optional[Callable[[str], None]] = say_on_stderr,
+        executor: Optional[Executor] = None) -> list[Optional[RunSummary]]:
     """Prepare the folder, then train, resume or skip every planned run through `executor` (default: one after
-    another in this process, with `progress`); `tables(comparison, failed)` is called whenever a run ends
-    (studies.summary.write_tables: a partial table, then the whole one). The comparison folder is locked
-    meanwhile: a second `compare` on it is refused. Returns the summaries in plan order; RunsFailed when runs
-    failed after their retry (the others are in the tables)."""
+    another in this process, with `progress`), and rewrite the tables whenever a run ends (write_tables: a
+    partial table, then the whole one). The comparison folder is locked meanwhile: a second `compare` on it is
+    refused. Returns the summaries in plan order; RunsFailed when runs failed after their retry (the others are
+    in the tables)."""
     say = say or (lambda message: None)
     prepare(comparison)
     executor = executor or Sequential(progress)
-    lock = RunFolder(comparison.out).lock()
+    lock = comparison.folder.lock()
     lock.acquire()
     try:
         executor.open(comparison.out)
         try:
-            after_each = (lambda failed: tables(comparison, failed)) if tables is not None else None
-            failed = carry_out(comparison.runs, executor, say, prerequisites(comparison), after_each)
+            failed = carry_out(comparison.runs, executor, say, prerequisites(comparison),
+                               lambda failed: write_tables(comparison, failed))
         finally:
             executor.close()
     finally:

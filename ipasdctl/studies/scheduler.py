@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from .. import training
 from ..analysis.tables import count_noun
 from ..errors import UserError
-from ..runs import RunFolder
+from ..runs import RunFolder, RunSummary
 from ..training.stopping import TEST_SIGNAL_ENV
 from .executors import Executor, Job, Outcome
 
@@ -75,9 +75,9 @@ class Eta:
         return text
 
 
-def _accuracy(summary: dict) -> str:
-    return (f"best-epoch top-1 {summary.get('best_top1', float('nan')):.2f}%, "
-            f"last-epoch {summary.get('last_top1', float('nan')):.2f}%")
+def _accuracy(summary: RunSummary) -> str:
+    best, last = (float("nan") if value is None else value for value in (summary.best_top1, summary.last_top1))
+    return f"best-epoch top-1 {best:.2f}%, last-epoch {last:.2f}%"
 
 
 def remove_partial(run_dir) -> None:
@@ -166,7 +166,7 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
         status, message = outcome.status, outcome.message
         if status == "finished":
             summary = RunFolder(by_name[name].run_dir).read_summary()
-            if summary is None or summary.get("finished") is not True:
+            if summary is None or not summary.finished:
                 status, message = "crashed", "it ended without a finished summary.json"
             else:
                 done.add(name)

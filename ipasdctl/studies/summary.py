@@ -14,8 +14,8 @@ from ..analysis.tables import count_noun
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..methods import method_class
-from ..runs import RESULT_COLUMNS, RunFolder
-from .compare import REFERENCE, ComparisonPlan, reference_run
+from ..runs import RESULT_COLUMNS, RunFolder, comparison_run_name
+from .plan import REFERENCE, ComparisonPlan, reference_run
 
 INTEGER_COLUMNS = ["seed", "epochs", "best_epoch", "params", "macs"]
 STAT_COLUMNS = ("best_top1", "last_top1")
@@ -35,8 +35,8 @@ def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
     rows = []
     for planned in comparison.runs:
         summary = RunFolder(planned.run_dir).read_summary()
-        finished = summary is not None and summary.get("finished") is True
-        row = {column: summary.get(column) for column in RESULT_COLUMNS} if finished else {}
+        finished = summary is not None and summary.finished
+        row = summary.result_row() if finished else {}
         row.update(method=planned.method, seed=planned.seed, run_dir=str(planned.run_dir),
                    status="finished" if finished else "failed" if planned.name in failed else "pending")
         rows.append(row)
@@ -208,7 +208,8 @@ def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: 
         "- Method parameters (`--set method.x=...` applies to the main method only; the others use their "
         "defaults):",
         *[f"  {line}" for line in _method_parameters(comparison)],
-        "- Per-run numbers: `results.csv`; run folders: `<method>-s<seed>/`; the recipe: `comparison.yaml`.",
+        f"- Per-run numbers: `{comparison.folder.results.name}`; run folders: "
+        f"`{comparison_run_name('<method>', '<seed>')}/`; the recipe: `{comparison.folder.record.name}`.",
         "",
     ]
     return "\n".join(lines)
@@ -222,8 +223,8 @@ def write_tables(comparison: ComparisonPlan, failed: Optional[dict] = None):
     finished = results[results["status"] == "finished"].infer_objects()  # numbers, not the pending rows' None
     summary = summary_table(finished, best_chosen_on="val" if comparison.recipe.data.val_split else "test",
                             partial=len(finished) < len(results))
-    out = comparison.out
-    atomic_write_text(out / "results.csv", results.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "summary.md", summary_markdown(comparison, summary, results, failed))
+    folder = comparison.folder
+    atomic_write_text(folder.results, results.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(folder.summary, summary.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(folder.summary_markdown, summary_markdown(comparison, summary, results, failed))
     return results, summary

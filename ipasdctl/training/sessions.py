@@ -128,9 +128,10 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
             del state
             if summary is not None and trainer.epoch >= saved.train.epochs and folder.best.is_file():
                 if ctx.is_main:
+                    best = float("nan") if summary.best_top1 is None else summary.best_top1
                     (progress or Progress()).note(
                         f"{folder.path} already finished ({trainer.epoch}/{saved.train.epochs} epochs, best test "
-                        f"top-1 {summary.get('best_top1', float('nan')):.2f}%): nothing to resume")
+                        f"top-1 {best:.2f}%): nothing to resume")
                 return folder.path
             trainer.run()
         finally:

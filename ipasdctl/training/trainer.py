@@ -7,7 +7,7 @@ stopped: on CPU a run killed mid-epoch and resumed ends with the same metrics an
 and atomic-add kernels (index_add_, scatter, conv backward) may round differently from run to run, so metrics
 agree to float noise unless `train.deterministic` is set.
 
-Checkpoints (runs.py names the files): last.pt at every epoch end and, with checkpoint.every_steps=N, every N
+Checkpoints (runs/ names the files): last.pt at every epoch end and, with checkpoint.every_steps=N, every N
 steps, so a kill loses at most N steps; best.pt at the epoch with the best top-1 on the validation split when
 the recipe holds one out (data.val_split), else on the test set (optimistic; summary.json says which). The
 test top-1 stays the reported number either way. Stops (signals, non-finite loss) are in stopping.py.
@@ -35,7 +35,7 @@ from ..data import RandomBatches, build_data
 from ..errors import UserError, one_line
 from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
-from ..runs import RunFolder
+from ..runs import CHECKPOINT_FORMAT, BestEpoch, Checkpoint, DataStats, RunFolder, RunSummary
 from . import distributed
 from .checks import check_labels
 from .meters import EpochMeter, test_metrics
@@ -43,8 +43,6 @@ from .progress import Progress
 from .schedule import lr_at
 from .stopping import FINITE_CHECK_STEPS, StopControl, anomaly_detection
 from .tracking import NoTracker, open_tracker
-
-CHECKPOINT_FORMAT = "ipasdctl-checkpoint-1"
 
 
 class Trainer:
@@ -150,35 +148,35 @@ class Trainer:
             self.train_step_fn = torch.compile(self.train_step_fn)
 
     # -------------------------------------------------------------------------------- checkpoint
-    def state_dict(self) -> dict:
+    def state_dict(self) -> Checkpoint:
+        """The checkpoint (runs.Checkpoint says what each field is)."""
         wall = self.wall_seconds + (time.time() - self._session_started if self._session_started else 0.0)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.recipe.to_dict(),
-            "model": self.model.state_dict(),
-            "extra": self.net.extra.state_dict() if self.net.extra is not None else {},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "method": self.method.state_dict(),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "meter": self.meter.state_dict(),
-            "rows": self.rows,
-            "best": {"top1": self.best_top1, "epoch": self.best_epoch, "top5": self.best_top5,
-                     "score": self.best_score, "chosen_on": self.chosen_on},
-            "train_seconds": self.train_seconds,
-            "epoch_seconds": self.epoch_seconds,
-            "wall_seconds": wall,
-            "rng": runtime.rng_state(),
-            "num_classes": self.data.num_classes,
-            "class_names": list(self.data.class_names),
-            # what `predict` needs to preprocess an image file as the test set was
-            "data_stats": {"mean": [float(v) for v in self.data.mean], "std": [float(v) for v in self.data.std],
-                           "image_shape": list(self.data.image_shape)},
-            "arch": self.recipe.model.arch,
-            "world_size": self.dist.world_size,  # for the record: any number of processes can resume it
-        }
+        return Checkpoint(
+            format=CHECKPOINT_FORMAT,
+            config=self.recipe.to_dict(),
+            model=self.model.state_dict(),
+            extra=self.net.extra.state_dict() if self.net.extra is not None else {},
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            method=self.method.state_dict(),
+            epoch=self.epoch,
+            step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step,
+            meter=self.meter.state_dict(),
+            rows=self.rows,
+            best=BestEpoch(top1=self.best_top1, epoch=self.best_epoch, top5=self.best_top5, score=self.best_score,
+                           chosen_on=self.chosen_on),
+            train_seconds=self.train_seconds,
+            epoch_seconds=self.epoch_seconds,
+            wall_seconds=wall,
+            rng=runtime.rng_state(),
+            num_classes=self.data.num_classes,
+            class_names=list(self.data.class_names),
+            data_stats=DataStats(mean=[float(v) for v in self.data.mean], std=[float(v) for v in self.data.std],
+                                 image_shape=list(self.data.image_shape)),
+            arch=self.recipe.model.arch,
+            world_size=self.dist.world_size,
+        )
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_classes") != self.data.num_classes:
@@ -250,7 +248,7 @@ class Trainer:
                                f"{self.recipe.data.val_seed}); it chooses the best epoch")
 
     # -------------------------------------------------------------------------------- loop
-    def run(self) -> dict:
+    def run(self) -> RunSummary:
         """Train to the last epoch (from wherever the state says), writing the run folder as it goes."""
         assert self.folder is not None
         self._session_started = time.time()
@@ -265,7 +263,7 @@ class Trainer:
                     self._train_epoch()
                 self._ensure_best()
             summary = self._write_summary(self.wall_seconds + time.time() - self._session_started)
-            self.tracker.finish(summary)
+            self.tracker.finish(summary.to_dict())
             failed = False
         finally:
             self.tracker.close(failed)
@@ -389,39 +387,39 @@ class Trainer:
         return now
 
     # -------------------------------------------------------------------------------- summary
-    def _write_summary(self, wall_seconds: float) -> dict:
+    def _write_summary(self, wall_seconds: float) -> RunSummary:
         """summary.json; wall_seconds adds up every session of the run (it is kept in the checkpoint)."""
         last = self.rows[-1]
-        summary = {
-            "name": self.folder.name,
-            "method": self.recipe.method["name"],
-            "arch": self.recipe.model.arch,
-            "dataset": self.recipe.data.name,
-            "num_classes": self.data.num_classes,
-            "train_images": self.data.num_train,
-            "epochs": self.recipe.train.epochs,
-            "seed": self.recipe.train.seed,
-            "best_top1": self.best_top1,
-            "best_top5": self.best_top5,
-            "best_epoch": self.best_epoch,
-            "best_chosen_on": self.chosen_on,  # the split whose top-1 chose the best epoch (and best.pt)
-            "best_val_top1": self.best_score if self.data.num_val else None,
-            "val_images": self.data.num_val,
-            "label_noise_applied": (self.data.origin.get("label_noise") or {}).get("applied_rate", 0.0),
-            "last_top1": last["test_top1"],
-            "last_top5": last["test_top5"],
-            "params": self.params,
-            "macs": self.macs,
-            "train_seconds": self.train_seconds,
-            "wall_seconds": wall_seconds,
-            "images_per_second": sum(r["images_per_second"] for r in self.rows) / len(self.rows),
-            "device": runtime.device_description(self.device),
-            "precision": str(self.dtype).replace("torch.", ""),
-            "torch": torch.__version__,
-            "git_commit": runtime.git_commit(),
-            "finished": True,
-            "processes": self.dist.world_size,  # of the last session
-        }
+        summary = RunSummary(
+            name=self.folder.name,
+            method=self.recipe.method["name"],
+            arch=self.recipe.model.arch,
+            dataset=self.recipe.data.name,
+            num_classes=self.data.num_classes,
+            train_images=self.data.num_train,
+            epochs=self.recipe.train.epochs,
+            seed=self.recipe.train.seed,
+            best_top1=self.best_top1,
+            best_top5=self.best_top5,
+            best_epoch=self.best_epoch,
+            best_chosen_on=self.chosen_on,
+            best_val_top1=self.best_score if self.data.num_val else None,
+            val_images=self.data.num_val,
+            label_noise_applied=(self.data.origin.get("label_noise") or {}).get("applied_rate", 0.0),
+            last_top1=last["test_top1"],
+            last_top5=last["test_top5"],
+            params=self.params,
+            macs=self.macs,
+            train_seconds=self.train_seconds,
+            wall_seconds=wall_seconds,
+            images_per_second=sum(r["images_per_second"] for r in self.rows) / len(self.rows),
+            device=runtime.device_description(self.device),
+            precision=str(self.dtype).replace("torch.", ""),
+            torch=torch.__version__,
+            git_commit=runtime.git_commit(),
+            finished=True,
+            processes=self.dist.world_size,
+        )
         if self.dist.is_main:
             self.folder.write_summary(summary)
         return summary

@@ -12,43 +12,35 @@
     <run>/../mlflow.db           `--track mlflow`'s default store, shared by the run folders beside it
     <run>/eval.json, ...         written by `ipasdctl eval` (analysis/evaluation.py names its files)
 
-A comparison holds one run folder per method and seed, named `<method>-s<seed>` (`comparison_run_name`).
-Training writes a run folder through `RunFolder`; every other command reads it through `RunFolder` too, and
-builds the evaluated network with `load_model` (weights-only, from `models`).
+A comparison folder (comparison.py) holds one run folder per method and seed. Training writes a run folder
+through `RunFolder`; every other command reads it through `RunFolder` too, and builds the evaluated network with
+`load_model` (weights-only, from `models`). What its files hold: schemas.py.
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config import Recipe, dump_recipe, recipe_from_dict
-from .errors import UserError, one_line
-from .files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, remove_temporaries,
-                    save_checkpoint)
-from .models import build_model
-from .runtime import resolve_device
-
-# the columns of a comparison's results.csv (and of a report's runs): what a finished run's summary holds
-RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
-                  "params", "macs", "train_seconds", "images_per_second", "run_dir"]
+from ..config import Recipe, dump_recipe, recipe_from_dict
+from ..errors import UserError, one_line
+from ..files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, remove_temporaries,
+                     save_checkpoint)
+from ..models import build_model
+from ..runtime import resolve_device
+from .lock import RunLock
+from .schemas import RESULT_COLUMNS, RunSummary, check_state
 
 
 def default_run_name(recipe: Recipe) -> str:
     return f"{recipe.data.name}-{recipe.model.arch}-{recipe.method['name']}-s{recipe.train.seed}"
-
-
-def comparison_run_name(method: str, seed: int) -> str:
-    return f"{method}-s{seed}"
 
 
 class RunFolder:
@@ -127,14 +119,15 @@ class RunFolder:
                             "written by `ipasdctl train`")
         return self
 
-    def read_summary(self) -> Optional[dict]:
-        """summary.json as a dict; None when missing or unreadable."""
-        return read_json(self.summary)
+    def read_summary(self) -> Optional[RunSummary]:
+        """summary.json; None when missing or unreadable."""
+        value = read_json(self.summary)
+        return RunSummary.from_dict(value) if value is not None else None
 
     def state(self) -> str:
         """'finished' (summary.json says so), 'resumable' (checkpoints/last.pt exists) or 'new'."""
         summary = self.read_summary()
-        if summary is not None and summary.get("finished") is True:
+        if summary is not None and summary.finished:
             return "finished"
         if self.last.is_file():
             return "resumable"
@@ -170,14 +163,16 @@ class RunFolder:
 
     def result_row(self) -> dict:
         """The RESULT_COLUMNS of this run, from summary.json (or config.yaml + metrics.csv if unfinished)."""
-        summary = self.read_summary() or {}
-        if not summary:
+        summary = self.read_summary()
+        if summary is not None and summary.finished:
+            row = summary.result_row()
+        else:
             config = self.read_config() or {}
-            summary = {"method": (config.get("method") or {}).get("name"),
-                       "seed": (config.get("train") or {}).get("seed"),
-                       "arch": (config.get("model") or {}).get("arch"),
-                       "dataset": (config.get("data") or {}).get("name"),
-                       "epochs": (config.get("train") or {}).get("epochs")}
+            row = {"method": (config.get("method") or {}).get("name"),
+                   "seed": (config.get("train") or {}).get("seed"),
+                   "arch": (config.get("model") or {}).get("arch"),
+                   "dataset": (config.get("data") or {}).get("name"),
+                   "epochs": (config.get("train") or {}).get("epochs")}
             if self.metrics.is_file():
                 import pandas as pd
 
@@ -185,9 +180,9 @@ class RunFolder:
                 if len(frame):
                     chosen_on = "val_top1" if "val_top1" in frame else "test_top1"
                     best = frame[chosen_on].idxmax()
-                    summary.update(best_top1=frame["test_top1"][best], last_top1=frame["test_top1"].iloc[-1],
-                                   best_epoch=int(frame["epoch"][best]), best_top5=frame["test_top5"][best])
-        row = {column: summary.get(column) for column in RESULT_COLUMNS}
+                    row.update(best_top1=frame["test_top1"][best], last_top1=frame["test_top1"].iloc[-1],
+                               best_epoch=int(frame["epoch"][best]), best_top5=frame["test_top5"][best])
+            row = {column: row.get(column) for column in RESULT_COLUMNS}
         row["run_dir"] = str(self.path)
         return row
 
@@ -198,8 +193,8 @@ class RunFolder:
     def write_metrics(self, rows: list[dict]) -> None:
         write_metrics_csv(self.metrics, rows)
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.summary, summary)
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_json(self.summary, summary.to_dict())
 
     def write_splits(self, origin: dict) -> None:
         atomic_write_json(self.splits, origin)
@@ -212,6 +207,19 @@ class RunFolder:
     def write_temperature(self, checkpoint: str, entry: dict) -> None:
         """Record the temperature fitted for `checkpoint`, keeping the other checkpoint's."""
         atomic_write_json(self.temperature, {**(read_json(self.temperature) or {}), checkpoint: entry})
+
+    def fitted_temperature(self, checkpoint: str, state: dict) -> Optional[float]:
+        """The temperature `ipasdctl calibrate` fitted for this checkpoint (`state`, as loaded), None when there
+        is none; a UserError when it was fitted on another epoch's checkpoint (export and predict divide by it)."""
+        entry = self.read_temperature(checkpoint)
+        if entry is None:
+            return None
+        epoch = int(state.get("epoch", 0))
+        if int(entry.get("epoch", -1)) != epoch:
+            raise UserError(f"{self.temperature} was fitted on the {checkpoint} checkpoint of epoch "
+                            f"{entry.get('epoch')}, but that checkpoint is now epoch {epoch}; run `ipasdctl calibrate "
+                            f"{self.path} --checkpoint {checkpoint}` again")
+        return float(entry["temperature"])
 
     def save_checkpoint(self, state: dict, best: bool = False) -> None:
         """best.pt before last.pt: a kill or a full disk between the two leaves last.pt at the previous
@@ -251,36 +259,6 @@ def read_json(path: Path) -> Optional[dict]:
         return None
     return value if isinstance(value, dict) else None
 
-
-MAX_CLASSES = 1_000_000
-
-
-def check_state(state: dict, path: Path) -> dict:
-    """The checkpoint's fields every command reads, with their types: a hand-made or damaged checkpoint is
-    one line naming what is wrong, never a KeyError deep inside a command."""
-    def problem() -> Optional[str]:
-        if not isinstance(state.get("config"), dict):
-            return "it holds no recipe ('config')"
-        num_classes = state.get("num_classes")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
-            return f"'num_classes' is {num_classes!r:.40}, not an integer from 1 to {MAX_CLASSES}"
-        if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
-            return "'model' is not a mapping of names to tensors"
-        epoch = state.get("epoch", 0)
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            return f"'epoch' is {epoch!r:.40}, not a whole number of epochs"
-        if not isinstance(state.get("arch", ""), str):
-            return "'arch' is not a name"
-        names = state.get("class_names")
-        if names is not None and (not isinstance(names, list) or len(names) != num_classes):
-            return f"'class_names' is not a list of {num_classes} names"
-        return None
-
-    what = problem()
-    if what:
-        raise UserError(f"{path} is not a checkpoint ipasdctl can use: {what}; use a checkpoint written by "
-                        "`ipasdctl train`")
-    return state
 
 
 def load_model(run_dir: Path, checkpoint: str = "best", device: str = "cpu"):
@@ -360,92 +338,3 @@ def create_run_dir(out: Path, name: str) -> Path:
             n += 1
         except OSError as exc:
             raise UserError(f"cannot create run folder {candidate}: {exc.strerror}; choose a writable --out") from None
-
-
-# ------------------------------------------------------------------------------------------------ the lock
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: fall back to the owner's pid
-    fcntl = None
-
-
-class RunLock:
-    """run_dir/.lock: held (flock) by the one process that trains into the folder; holds its pid and host.
-
-    The kernel releases a flock when its process ends, however it ends, so the lock file of a crashed or
-    SIGKILLed run is free at once and the next `--resume` takes it over; nothing is ever stale for good.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> None:
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise UserError(f"cannot lock run folder {self.path.parent}: {exc.strerror}; "
-                                "make it writable or choose another folder") from None
-            if not self._lock(fd):
-                owner = _read_owner(fd)
-                os.close(fd)
-                raise UserError(f"run folder {self.path.parent} is in use by {owner}; wait for that run to "
-                                "finish or stop it first (its lock goes away when it ends)")
-            try:  # a releasing owner unlinks the file: make sure we locked the file that is at the path now
-                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                current = False
-            if not current:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            self._fd = fd
-            return
-
-    def _lock(self, fd: int) -> bool:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    return False
-                # no flock on this file system: fall through to the pid check
-        pid = _owner_fields(fd)[0]
-        return not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)))
-
-    def release(self) -> None:
-        if self._fd is not None:
-            try:
-                self.path.unlink()  # while still locked, so a waiter that opened it retries (see acquire)
-            except FileNotFoundError:
-                pass
-            os.close(self._fd)
-            self._fd = None
-
-
-def _owner_fields(fd: int) -> list[str]:
-    """[pid, host] as the lock's holder wrote them ('' where missing)."""
-    try:
-        fields = os.pread(fd, 200, 0).decode(errors="replace").split()
-    except OSError:
-        fields = []
-    return (fields + ["", ""])[:2]
-
-
-def _read_owner(fd: int) -> str:
-    pid, host = _owner_fields(fd)
-    return f"process {pid} on {host}" if pid and host else f"process {pid}" if pid else "another process"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
