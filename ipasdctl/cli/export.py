@@ -7,14 +7,15 @@ import typer
 
 from . import chain
 from .app import app
-from .options import QuietOpt
+from .options import QuietOpt, ThreadsOpt, use_threads
 
 
 @app.command("export")
 def export(
     run_folder: Annotated[Optional[Path], typer.Argument(
         help="Run folder of a finished `ipasdctl train` (in a chain: default, every run folder made before).")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX: the default, and so far the one format.")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx", show_default=False, help="Export to ONNX (so far the one format, so "
+                                       "the flag may be left out).")] = True,
     out: Annotated[Path, typer.Option(help="Folder for <name>.onnx and <name>.json.")] = Path("exports"),
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write <name>-int8.onnx: static QDQ quantization, per-channel weights.")] = False,
@@ -23,6 +24,7 @@ def export(
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: the run folder's name).")] = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> "chain.Outputs":
     """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch and measure its test
@@ -32,6 +34,7 @@ def export(
     from ..errors import UserError
 
     _check_export(locals())
+    use_threads(threads)
     run_folders = chain.inputs(run_folder, "a run folder", "export", "run_dirs")
     if name is not None and len(run_folders) > 1:
         raise UserError(f"--name names one export, but this chain exports {len(run_folders)} runs; drop --name")
@@ -91,7 +94,7 @@ def bench(
     model: Annotated[Optional[Path], typer.Argument(
         help="An exported .onnx model (in a chain: default, every model exported before).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64",
-    threads: Annotated[Optional[int], typer.Option(help="Threads for both backends (default: PyTorch's count).")] = None,
+    threads: ThreadsOpt = None,
     runs: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 200,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed calls first (default: max(5, runs/10)).")] = None,
     torch_run: Annotated[Optional[Path], typer.Option("--torch", help="Run folder to time in PyTorch eager (default: the run recorded in the export's json).")] = None,
@@ -112,6 +115,7 @@ def bench(
         print(line, file=sys.stderr, flush=True)
 
     _check_bench(locals())  # before the first model
+    use_threads(threads)
     models = chain.inputs(model, "an exported .onnx model", "bench", "models")
     made = chain.Outputs()
     for path in models:
