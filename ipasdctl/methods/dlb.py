@@ -105,6 +105,7 @@ class LastStepLogits:
 @METHODS.register
 class LastMiniBatch(Method):
     name = "dlb"
+    summary = "self-distillation from the last mini-batch's stored logits (Shen et al. 2022)"
     Params = DLBParams
 
     @classmethod

@@ -142,6 +142,7 @@ class Prototypes:
 @METHODS.register
 class IPASD(Method):
     name = "ipasd"
+    summary = "intra-class progressive and adaptive self-distillation: memories and prototypes (Gou et al. 2025)"
     Params = IPASDParams
 
     @classmethod

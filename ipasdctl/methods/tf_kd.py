@@ -103,6 +103,7 @@ class TfKDMethod(Method):
 @METHODS.register
 class TfKDReg(TfKDMethod):
     name = "tf-kd-reg"
+    summary = "teacher-free KD from a virtual teacher (Yuan et al. 2020)"
     Params = TfKDRegParams
 
     def __init__(self, params: TfKDRegParams, ctx: MethodContext):
@@ -140,6 +141,7 @@ def load_teacher(run_dir: Optional[str], num_classes: int, device, channels_last
 @METHODS.register
 class TfKDSelf(TfKDMethod):
     name = "tf-kd-self"
+    summary = "teacher-free KD from a trained run of the same architecture, method.teacher (Yuan et al. 2020)"
     Params = TfKDSelfParams
     reference_run_param = "teacher"  # `compare` gives it the ce run of the same seed
 
