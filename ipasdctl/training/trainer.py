@@ -318,6 +318,8 @@ class Trainer:
         recipe = self.recipe
         train_stats = self.meter.read(over_ranks=True)
         images = self.meter.totals()[2].item()
+        # every rank holds (and evaluates) the model rank 0 checkpoints: rank 0's BatchNorm statistics
+        distributed.broadcast_buffers(self.net, self.dist)
         held_out = self._evaluate(bar) if self.evaluates(epoch) else \
             {f"{split}_{m}": None for split in self._held_out_splits() for m in ("loss", "top1", "top5")}
         self.method.on_epoch_end(epoch)  # after the evaluation, so a checkpoint written during it resumes exactly
@@ -358,9 +360,8 @@ class Trainer:
         return ("test", "val") if self.data.num_val else ("test",)
 
     def _evaluate(self, bar) -> dict:
-        """Test (and validation) metrics; a signal during them checkpoints the epoch's steps and stops (resume
-        evaluates). Every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics."""
-        distributed.broadcast_buffers(self.net, self.dist)
+        """Test (and validation) metrics, each rank its share; a signal during them checkpoints the epoch's steps
+        and stops (resume evaluates)."""
         stop = lambda: self.stops.requested is not None  # noqa: E731
         held_out = {}
         for split in self._held_out_splits():
