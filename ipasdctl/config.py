@@ -56,6 +56,9 @@ class DataConfig:
     # seed: it chooses the best epoch (best.pt) and fits `ipasdctl calibrate`'s temperature; test stays reported
     val_split: Optional[int] = None
     val_seed: int = 0
+    # a fixed, class-balanced part of N test images (seeded by the constant data.base.TEST_SUBSET_SEED, not by
+    # the run's seed: every run and method of a comparison is tested on the same images, so it stays paired)
+    test_subset: Optional[int] = None
     label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
     # the data set's own parameters (image_size, num_workers, ...), declared by the data set as a method declares
     # its own (data/base.py): flat beside the keys above in a recipe's data: section and in config.yaml
@@ -84,6 +87,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 128
     eval_batch_size: int = 512
+    eval_every: int = 1  # epochs between test (and validation) passes; the last epoch is always evaluated
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16

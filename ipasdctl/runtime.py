@@ -102,6 +102,21 @@ def git_commit() -> str | None:
         return None
 
 
+_requested_threads: Optional[int] = None  # --threads: torch's count, and onnxruntime's (deploy.onnx_files)
+
+
+def set_threads(threads: int) -> None:
+    """This process's CPU thread count for torch and for every onnxruntime session opened after (--threads)."""
+    global _requested_threads
+    torch.set_num_threads(threads)
+    _requested_threads = threads
+
+
+def requested_threads() -> Optional[int]:
+    """The count --threads set, or None (then onnxruntime picks its own: one per physical core)."""
+    return _requested_threads
+
+
 def available_cpus() -> int:
     """The CPUs this process may run on (its affinity), not the machine's count."""
     try:

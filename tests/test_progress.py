@@ -1,9 +1,12 @@
 """Progress: the training bar moves every step but reads the device only every refresh_steps steps; the test
-pass has its own bar; `--resume` of a finished run says so in one line and trains nothing."""
+pass has its own bar; without a terminal a line comes early in each epoch; `train` ends with one summary line;
+`--resume` of a finished run says so in one line and trains nothing."""
 
 from __future__ import annotations
 
 import io
+import json
+import re
 
 import pytest
 from tqdm import tqdm
@@ -71,7 +74,8 @@ def test_training_on_a_terminal_shows_step_and_test_bars_and_the_epoch_line(tmp_
 
 def test_no_terminal_no_bars_but_one_line_per_epoch(tmp_path):
     stream = io.StringIO()
-    training.train(tiny_recipe(epochs=2), tmp_path, progress=training.Progress(stream=stream))
+    # an epoch shorter than first_line_seconds (an hour here, whatever the machine's load) has its line only
+    training.train(tiny_recipe(epochs=2), tmp_path, progress=training.Progress(stream=stream, first_line_seconds=3600))
     lines = stream.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
 
@@ -94,3 +98,39 @@ def test_resume_of_a_finished_run_says_so_in_one_line_and_trains_nothing(finishe
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(finished_run), "-q"])
     assert capsys.readouterr().err == ""
+
+
+def test_no_terminal_a_line_comes_early_in_each_epoch_not_only_at_its_end(tmp_path):
+    stream = io.StringIO()
+    progress = training.Progress(stream=stream, first_line_seconds=0.0, line_seconds=3600.0)
+    training.train(tiny_recipe(epochs=2), tmp_path, progress=progress)
+    lines = stream.getvalue().splitlines()
+    # the first step of each epoch is past first_line_seconds (0 here; seconds in real use), the next line an
+    # hour away: one step line, then the epoch's own line
+    assert [line.split(":")[0] if ": step" in line else line.split()[1] for line in lines] == \
+        ["epoch 1/2", "1/2", "epoch 2/2", "2/2"]
+    step_line = lines[0]
+    assert re.fullmatch(r"epoch 1/2: step 1/8 \(12 %\), \d+ s  loss=\d\.\d{3} ce=\d\.\d{3} acc=\d+\.\d", step_line), step_line
+
+
+def test_train_ends_with_one_summary_line_and_the_run_folder_on_stdout(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "ce", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+              "--set", "data.train_subset=64", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    run_dir = captured.out.strip()
+    summary = json.loads((tmp_path / run_dir.rsplit("/", 1)[1] / "summary.json").read_text())
+    last = captured.err.strip().splitlines()[-1]
+    assert exit_info.value.code == 0 and last.startswith("finished in ") and last.endswith(f"; {run_dir}")
+    assert f"best-epoch top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']} of 2, chosen on test)" in last
+    assert f"last-epoch {summary['last_top1']:.2f}%" in last
+    with pytest.raises(SystemExit):  # -q: nothing on stderr, the run folder still on stdout
+        main(["train", "--method", "ce", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+              "--set", "data.train_subset=64", "--out", str(tmp_path), "-q"])
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.strip().startswith(str(tmp_path))
+
+
+def test_run_durations_read_as_seconds_minutes_or_hours():
+    assert [training.progress.duration(s) for s in (0.4, 41, 99.6, 725, 12000)] == \
+        ["0 s", "41 s", "1 min 40 s", "12 min 05 s", "3 h 20 min"]

@@ -15,6 +15,8 @@ from ipasdctl import training
 from ipasdctl.cli import main
 from ipasdctl.config import load_recipe
 from ipasdctl.training import trainer as trainer_module
+from ipasdctl.training.tracking import board_tag
+from ipasdctl.version import install_command
 
 
 def tiny_recipe(track: str, epochs: int = 2):
@@ -35,10 +37,15 @@ def test_tensorboard_holds_the_recipe_every_metrics_column_and_the_summary(tmp_p
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     metrics = logged_columns(run_dir)
-    for column in metrics.columns.drop("epoch"):
-        scalars = events.Scalars(column)
+    tags = {column: board_tag(column) for column in metrics.columns.drop("epoch")}
+    for column, tag in tags.items():
+        scalars = events.Scalars(tag)
         assert [s.step for s in scalars] == [1, 2], column
         assert [s.value for s in scalars] == pytest.approx(metrics[column].tolist(), rel=1e-4, abs=1e-6), column
+    # grouped by split in TensorBoard's sidebar: train/..., test/... (val/... with a validation split)
+    assert {tags[c] for c in ("train_loss", "loss_ce", "train_top1", "lr", "test_top1", "test_loss")} == \
+        {"train/loss", "train/loss_ce", "train/top1", "train/lr", "test/top1", "test/loss"}
+    assert {tag.split("/")[0] for tag in events.Tags()["scalars"]} == {"train", "test", "summary"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert events.Scalars("summary/best_top1")[0].value == pytest.approx(summary["best_top1"], rel=1e-6)
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
@@ -103,8 +110,23 @@ def test_a_missing_extra_is_one_line_before_anything_trains(backend, tmp_path, c
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == backend else real_find_spec(name, *a))
     err = _one_line_error(capsys, ["train", "--track", backend, "--epochs", "1", "--out", str(tmp_path / "runs")])
-    assert f"pip install 'ipasdctl[{backend}]'" in err
+    assert err.endswith(f"needs the {backend} package: {install_command(backend)}")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_install_hint_fits_how_ipasdctl_is_installed(tmp_path, monkeypatch):
+    """From a source checkout (an editable install, or PYTHONPATH) the extra comes from the checkout: `pip install
+    'ipasdctl[x]'` would fetch another copy from the package index beside it. Installed from a wheel: the index."""
+    checkout = tmp_path / "ipasdctl-src"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'ipasdctl'\n")
+    monkeypatch.chdir(checkout)
+    assert install_command("tensorboard", checkout) == "pip install -e '.[tensorboard]'"
+    monkeypatch.chdir(tmp_path)
+    assert install_command("mlflow", checkout) == f"pip install -e '{checkout}[mlflow]'"
+    site_packages = tmp_path / "site-packages"  # a wheel's package has no pyproject.toml beside it
+    site_packages.mkdir()
+    assert install_command("tensorboard", site_packages) == "pip install 'ipasdctl[tensorboard]'"
 
 
 def test_an_unknown_tracker_is_one_line(tmp_path, capsys):

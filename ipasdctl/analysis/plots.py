@@ -76,9 +76,13 @@ def plot_reliability(bins: dict, ece: float, path: Path, title: str) -> Path:
     return save_figure(figure, path)
 
 
-def draw_tsne(ax, coords: np.ndarray, labels: np.ndarray, class_names: Sequence[str], legend: bool = True) -> None:
+def draw_tsne(ax, coords: np.ndarray, labels: np.ndarray, class_names: Sequence[str], legend: bool = True,
+              min_size: float = 3.0):
+    """Points coloured by class (a legend up to 20 classes, else a colour scale); returns the last scatter.
+    `min_size`: the smallest marker area (pt^2), however many points there are."""
     num_classes = max(len(class_names), int(labels.max()) + 1 if labels.size else 1)
-    size = float(np.clip(6000.0 / max(len(labels), 1), 3.0, 25.0))
+    size = float(np.clip(6000.0 / max(len(labels), 1), min_size, 25.0))
+    points = None
     if num_classes <= 20:
         from matplotlib import colormaps
 
@@ -87,8 +91,8 @@ def draw_tsne(ax, coords: np.ndarray, labels: np.ndarray, class_names: Sequence[
             mask = labels == c
             if mask.any():
                 name = class_names[c] if c < len(class_names) else str(c)
-                ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=cmap(c), label=name, alpha=0.8,
-                           linewidths=0)
+                points = ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=cmap(c), label=name, alpha=0.8,
+                                    linewidths=0)
         if legend:
             ax.legend(title="class", fontsize=7, title_fontsize=8, markerscale=max(1.0, 20.0 / size) ** 0.5,
                       loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -101,6 +105,7 @@ def draw_tsne(ax, coords: np.ndarray, labels: np.ndarray, class_names: Sequence[
     ax.set_yticks([])
     ax.set_xlabel("t-SNE 1 (no units)")
     ax.set_ylabel("t-SNE 2 (no units)")
+    return points
 
 
 def plot_tsne(coords: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> Path:
@@ -130,7 +135,9 @@ def plot_training_curves(curves: dict, path: Path, title: str) -> Path:
     ax = figure.subplots()
     colours = method_colours(list(curves))
     for method, frames in curves.items():
-        frames = [f[["epoch", "test_top1"]] for f in frames if {"epoch", "test_top1"} <= set(f.columns)]
+        # epochs without a test pass (train.eval_every) have empty test cells: the line joins the evaluated ones
+        frames = [f[["epoch", "test_top1"]].dropna() for f in frames if {"epoch", "test_top1"} <= set(f.columns)]
+        frames = [f for f in frames if len(f)]
         if not frames:
             continue
         stacked = pd.concat(frames).groupby("epoch")["test_top1"]
@@ -153,10 +160,28 @@ def loss_columns(frame) -> list[str]:
     return [c for c in frame.columns if c == "train_loss" or c.startswith("loss_")]
 
 
-def plot_loss_terms(curves: dict, path: Path, title: str) -> Path:
-    """One panel per method: train_loss and every loss_* term, mean over seeds, by epoch."""
+def loss_curves(frames: list) -> dict:
+    """Legend label -> the mean over seeds by epoch of train_loss (the total the method minimises) and of each
+    loss_* term, as the method logs it: unweighted, before the weight it has in the total (IPASD's loss_con
+    enters as w_con * loss_con), and the legend says so. A term equal to the total at every epoch (ce's loss_ce) is not
+    drawn a second time: the total's label names it."""
     import pandas as pd
 
+    stacked = pd.concat([f[["epoch", *loss_columns(f)]] for f in frames]).groupby("epoch").mean()
+    total = stacked["train_loss"] if "train_loss" in stacked else None
+    same = [t for t in stacked.columns if t != "train_loss" and total is not None
+            and np.allclose(stacked[t].values, total.values, rtol=1e-5, atol=1e-7, equal_nan=True)]
+    curves = {}
+    if total is not None:
+        curves["train_loss (total" + "".join(f" = {t}" for t in same) + ")"] = total
+    for term in stacked.columns:
+        if term != "train_loss" and term not in same:
+            curves[f"{term} (unweighted)"] = stacked[term]
+    return curves
+
+
+def plot_loss_terms(curves: dict, path: Path, title: str) -> Path:
+    """One panel per method: train_loss and every loss_* term (loss_curves), mean over seeds, by epoch."""
     methods = list(curves)
     columns = min(len(methods), 3)
     rows = math.ceil(len(methods) / columns)
@@ -164,11 +189,10 @@ def plot_loss_terms(curves: dict, path: Path, title: str) -> Path:
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     for ax, method in zip(axes, methods):
         frames = curves[method]
-        stacked = pd.concat([f[["epoch", *loss_columns(f)]] for f in frames]).groupby("epoch").mean()
-        for term in stacked.columns:
-            ax.plot(stacked.index, stacked[term].values, linewidth=2.2 if term == "train_loss" else 1.4,
-                    linestyle="-" if term == "train_loss" else "--", label=term,
-                    marker="o" if len(stacked) <= 12 else None, markersize=3)
+        for label, values in loss_curves(frames).items():
+            total = label.startswith("train_loss")
+            ax.plot(values.index, values.values, linewidth=2.2 if total else 1.4, linestyle="-" if total else "--",
+                    label=label, marker="o" if len(values) <= 12 else None, markersize=3)
         ax.set_title(f"{method} ({len(frames)} seed{'s' if len(frames) != 1 else ''})", fontsize=10)
         ax.set_xlabel("epoch")
         integer_epochs(ax)
@@ -177,7 +201,8 @@ def plot_loss_terms(curves: dict, path: Path, title: str) -> Path:
         ax.legend(fontsize=8)
     for ax in axes[len(methods):]:
         ax.set_visible(False)
-    figure.suptitle(f"Training loss terms per method — {title}", fontsize=11)
+    figure.suptitle(f"Training loss and its terms per method — {title}\n(each term unweighted, as computed before "
+                    "its weight in the total)", fontsize=11)
     return save_figure(figure, path)
 
 
@@ -206,13 +231,26 @@ def plot_eval_reliability(per_method: dict, path: Path, title: str) -> Path:
 
 
 def plot_eval_tsne(per_method: dict, class_names: Sequence[str], path: Path, title: str) -> Path:
-    """per_method: method -> (coords, labels, seed): one t-SNE panel per method, side by side."""
+    """per_method: method -> (coords, labels, seed): one square t-SNE panel per method, three to a row, one
+    legend (or colour scale) for all; markers large enough to see at the size a report shows the figure."""
     methods = list(per_method)
-    figure = new_figure(4.2 * len(methods) + 1.4, 4.6)
-    axes = figure.subplots(1, len(methods), squeeze=False)[0]
-    for i, method in enumerate(methods):
+    columns = min(len(methods), 3)
+    rows = math.ceil(len(methods) / columns)
+    figure = new_figure(4.0 * columns + 1.6, 4.0 * rows + 0.7)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    points = None
+    for ax, method in zip(axes, methods):
         coords, labels, seed = per_method[method]
-        draw_tsne(axes[i], coords, labels, class_names, legend=i == len(methods) - 1)
-        axes[i].set_title(f"{method} (seed {seed}, {len(labels)} images)", fontsize=10)
+        points = draw_tsne(ax, coords, labels, class_names, legend=False, min_size=8.0)
+        ax.set_box_aspect(1)
+        ax.set_title(f"{method} (seed {seed}, {len(labels)} images)", fontsize=10)
+    for ax in axes[len(methods):]:
+        ax.set_visible(False)
+    handles, names = axes[0].get_legend_handles_labels()
+    if handles:  # up to 20 classes: one legend beside the grid
+        figure.legend(handles, names, title="class", loc="outside right center", fontsize=8, title_fontsize=9,
+                      markerscale=2.0, frameon=False)
+    elif points is not None:
+        figure.colorbar(points, ax=list(axes[:len(methods)]), label="class index", shrink=0.8)
     figure.suptitle(f"t-SNE of test embeddings, coloured by class — {title}", fontsize=11)
     return save_figure(figure, path)

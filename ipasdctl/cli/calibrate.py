@@ -7,7 +7,7 @@ import typer
 
 from . import chain
 from .app import app
-from .options import QuietOpt
+from .options import QuietOpt, ThreadsOpt, use_threads
 
 
 @app.command("calibrate")
@@ -20,15 +20,18 @@ def calibrate(
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (default: the run's train.eval_batch_size).")] = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Temperature scaling: fit one temperature T on the run's validation split (NLL, L-BFGS), store it in
-    temperature.json in the run folder and print NLL and ECE before and after on the test set. Accuracy does
-    not change. `ipasdctl export` then folds T into the exported model (logits / T); prints the file last."""
+    """Fit a temperature to a run's validation split, so that its probabilities mean what they say.
+
+    Temperature scaling: one T minimising NLL (L-BFGS), stored in temperature.json in the run folder, with NLL
+    and ECE on the test set before and after. Accuracy does not change. `ipasdctl export` then folds T into the exported model (logits / T); prints the file last."""
     from ..analysis.calibration import calibrate_run, format_calibration
     from ..runs import RunFolder
 
     _check_calibrate(locals())
+    use_threads(threads)
     for folder in chain.link(ctx).inputs(run_folder, "a run folder", "calibrate", "run_dirs"):
         result = calibrate_run(folder, checkpoint, data, device, batch_size)
         if not quiet:

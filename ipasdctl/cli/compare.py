@@ -47,18 +47,20 @@ def compare(
         help="CUDA: the GPUs the jobs share out, one job each, as indices of the visible GPUs (0,1,2,3; "
              "default: all of them).")] = None,
     threads_per_job: Annotated[Optional[int], typer.Option(
+        "--threads-per-job", "--threads", metavar="N",
         help="torch threads per run (default: cores / --jobs; sequentially: PyTorch's own). The same count "
-             "gives bitwise the same CPU results whatever the executor.")] = None,
+             "gives bitwise the same CPU results whatever the executor. --threads is the same option, as every "
+             "command that computes has it.")] = None,
     ray: Annotated[Optional[str], typer.Option(
         metavar="ADDRESS",
         help="Run each run as a Ray task (one GPU, or --threads-per-job CPUs): 'local' (a Ray instance on "
              "this machine), 'auto' (the cluster this machine belongs to) or HOST:PORT. --out must be on a "
              "file system every node mounts. Needs pip install 'ipasdctl[ray]'.")] = None,
 ) -> "chain.Outputs":
-    """Train the main method (--method, default: the recipe's, ipasd), every baseline and ce on the same
-    recipe and seeds, then write results.csv, summary.csv and summary.md; prints the comparison folder last.
+    """Train the main method, every baseline and ce on one recipe with the same seeds, and tabulate them.
 
-    A rerun skips finished runs and resumes interrupted ones. --set method.x=... sets the main method's
+    The main method is --method (default: the recipe's, ipasd); the tables are results.csv, summary.csv and
+    summary.md; the comparison folder is printed last. A rerun skips finished runs and resumes interrupted ones. --set method.x=... sets the main method's
     parameters only; baselines use their defaults. tf-kd-self distils from the ce run of the same seed (and
     waits for it). Many runs at once: --jobs N (this machine) or --ray ADDRESS (a cluster); a crashed run is
     retried once from its checkpoint, then marked failed in the tables (exit status 1).

@@ -1,6 +1,7 @@
 """`ipasdctl eval` (test-set metrics, calibration and embedding plots of one run or .onnx model) and
 `ipasdctl report` (plots and report.md from run and comparison folders). Thin: the work is in analysis/."""
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -8,7 +9,7 @@ import typer
 
 from . import chain
 from .app import app
-from .options import QuietOpt
+from .options import QuietOpt, ThreadsOpt, use_threads
 
 
 @app.command("eval")
@@ -23,6 +24,7 @@ def eval_(
     device: Annotated[Optional[str], typer.Option(help="Run folder: auto (default), cpu, cuda or cuda:N (a .onnx model runs on onnxruntime's CPU).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Evaluation batch size (default: the run's train.eval_batch_size; 256 for .onnx).")] = None,
     tsne_points: Annotated[Optional[int], typer.Option(help="Run folder: at most this many test images in the t-SNE plot (default: 2000).")] = None,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate on the test set: top-1/top-5, NLL, ECE with a reliability diagram, per-class accuracy,
@@ -34,7 +36,10 @@ def eval_(
     _refuse_run_options_for_onnx(targets, checkpoint, device, tsne_points)  # before the (slow) library import
     from ..analysis import evaluation
 
-    for path in targets:
+    use_threads(threads)
+    for index, path in enumerate(targets, start=1):
+        if len(targets) > 1 and not quiet:
+            print(f"[{index}/{len(targets)}] eval {path}", file=sys.stderr, flush=True)
         if path.suffix.lower() == ".onnx":
             result = evaluation.eval_onnx_model(path, data, batch_size or 256, progress=not quiet)
             typer.echo(evaluation.format_summary(result))
@@ -73,6 +78,7 @@ def report(
     device: Annotated[str, typer.Option(help="Device for runs that still need an eval: auto, cpu, cuda or cuda:N.")] = "auto",
     tsne_points: Annotated[int, typer.Option(help="At most this many test images in the t-SNE of runs that still need an eval.")] = 2000,
     no_tsne: Annotated[bool, typer.Option("--no-tsne", help="No t-SNE panel, and no t-SNE for runs that still need an eval (its slowest part).")] = False,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Training curves, summary table, loss terms, calibration and embedding plots (and the selection
@@ -80,6 +86,7 @@ def report(
     from ..analysis.report import build_report
 
     _check_report(locals())
+    use_threads(threads)
     given = chain.link(ctx)
     dirs = given.inputs(dirs, "run folders or comparison folders", "report", "comparisons", "run_dirs")
     exports = exports if exports is not None else given.exports_dir

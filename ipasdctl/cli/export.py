@@ -7,7 +7,7 @@ import typer
 
 from . import chain
 from .app import app
-from .options import QuietOpt
+from .options import QuietOpt, ThreadsOpt, use_threads
 
 
 @app.command("export")
@@ -15,7 +15,8 @@ def export(
     ctx: typer.Context,
     run_folder: Annotated[Optional[Path], typer.Argument(
         help="Run folder of a finished `ipasdctl train` (in a chain: default, every run folder made before).")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX: the default, and so far the one format.")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx", show_default=False, help="Export to ONNX (so far the one format, so "
+                                       "the flag may be left out).")] = True,
     out: Annotated[Path, typer.Option(help="Folder for <name>.onnx and <name>.json.")] = Path("exports"),
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's own).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write <name>-int8.onnx: static QDQ quantization, per-channel weights.")] = False,
@@ -25,6 +26,7 @@ def export(
     data: Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files, if not where the run found them.")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name stem (default: what the model is, <dataset>-<arch>-<method>-s<seed>, from the run's recipe).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model of the same name exported from another run (all of its files).")] = False,
+    threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> "chain.Outputs":
     """Export a run's evaluation network to ONNX (dynamic batch), check it against PyTorch and measure its test
@@ -35,6 +37,7 @@ def export(
     from ..errors import UserError
 
     _check_export(locals())
+    use_threads(threads)
     given = chain.link(ctx)
     run_folders = given.inputs(run_folder, "a run folder", "export", "run_dirs")
     if name is not None and len(run_folders) > 1:
@@ -97,7 +100,7 @@ def bench(
     model: Annotated[Optional[Path], typer.Argument(
         help="An exported .onnx model (in a chain: default, every model exported before).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64",
-    threads: Annotated[Optional[int], typer.Option(help="Threads for both backends (default: PyTorch's count).")] = None,
+    threads: ThreadsOpt = None,
     runs: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 200,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed calls first (default: max(5, runs/10)).")] = None,
     torch_run: Annotated[Optional[Path], typer.Option("--torch", help="Run folder to time in PyTorch eager (default: the run recorded in the export's json).")] = None,
@@ -118,6 +121,7 @@ def bench(
         print(line, file=sys.stderr, flush=True)
 
     _check_bench(locals())  # before the first model
+    use_threads(threads)
     given = chain.link(ctx)
     models = given.inputs(model, "an exported .onnx model", "bench", "models")
     made = chain.Outputs()

@@ -24,11 +24,14 @@ REGISTERED_PACKAGES = ("methods", "models", "data")  # the packages whose module
 
 @app.command("list")
 def list_(
-    what: Annotated[Optional[str], typer.Argument(help="methods, models, datasets or recipes (default: all).")] = None,
+    what: Annotated[Optional[str], typer.Argument(
+        metavar="[methods|models|datasets|recipes]", help="What to list (default: all, by name).")] = None,
     models: Annotated[bool, typer.Option("--models", help="A table of every model: input size, parameters, MACs.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Print the registered methods, models, data sets and the recipes in recipes/."""
+    """Print the registered methods, models, data sets and recipes.
+
+    `list methods`: each method with a one-line description; `list --models`: every model's size."""
     from ..config import RECIPES_DIR
     from ..errors import UserError
 
@@ -38,6 +41,11 @@ def list_(
     groups = {**cached("names", _registered_names), "recipes": sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))}
     if what is not None and what not in groups:
         raise UserError(f"list takes one of {', '.join(groups)}, got '{what}'")
+    if what == "methods":
+        summaries = cached("method_summaries", _method_summaries)
+        width = max(len(name) for name in summaries)
+        typer.echo("\n".join(f"{name.ljust(width)}  {summary}" for name, summary in summaries.items()))
+        return
     for group, names in groups.items():
         if what in (None, group):
             typer.echo(f"{group}: {', '.join(names)}")
@@ -64,6 +72,16 @@ def _registered_names() -> dict:
     from ..models import MODELS
 
     return {"methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names()}
+
+
+def _method_summaries() -> dict:
+    """Method name -> its declared one-line `summary`, else the first line of its class docstring."""
+    from ..methods import METHODS
+
+    def summary(method) -> str:
+        return method.summary or ((method.__doc__ or "").strip().splitlines() or ["(no description)"])[0]
+
+    return {name: summary(METHODS.get(name)) for name in METHODS.names()}
 
 
 def _model_table(quiet: bool) -> list[dict]:

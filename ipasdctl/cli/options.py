@@ -4,6 +4,7 @@ Command modules import only typer (and these) at import time; the library is imp
 so `ipasdctl --help` does not import torch.
 """
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,23 +29,64 @@ RECIPE_KEYS = {
     "track": ("train", "track"),
 }
 
-RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe: a YAML path or a name in recipes/ (default: demo).")]
-MethodOpt = Annotated[Optional[str], typer.Option(help="Training method (ipasdctl list).")]
-ArchOpt = Annotated[Optional[str], typer.Option(help="Model architecture (ipasdctl list).")]
-DatasetOpt = Annotated[Optional[str], typer.Option(help="Data set name (ipasdctl list).")]
-DataOpt = Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files (e.g. the folder that contains cifar-10-batches-py/).")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Number of epochs.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size.")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
+RecipeOpt = Annotated[Optional[str], typer.Option(
+    "--recipe", "-r", metavar="NAME|PATH", help="Recipe: a YAML path or a name in recipes/ (default: demo).")]
+MethodOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="Training method (ipasdctl list methods).")]
+ArchOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="Model architecture (ipasdctl list models).")]
+DatasetOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="Data set name (ipasdctl list datasets).")]
+DataOpt = Annotated[Optional[Path], typer.Option(
+    metavar="DIR", help="Folder holding the data set's files (e.g. the folder that contains cifar-10-batches-py/).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Number of epochs.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help="Training batch size.")]
+LrOpt = Annotated[Optional[float], typer.Option(metavar="LR", help="Peak learning rate.")]
+# the defaults named in these two are TrainConfig's (tests/test_help.py checks that they agree)
+SeedOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", help="Random seed (default: the recipe's train.seed; 0 if it sets none).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: the recipe's train.device; auto if it sets none: "
+                           "CUDA where there is a GPU, else the CPU).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+    metavar="PRECISION", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any recipe key: --set optim.lr=0.05 (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Override any recipe key: --set optim.lr=0.05 (repeatable).")]
 TrackOpt = Annotated[Optional[str], typer.Option(
-    help="Log the recipe, every epoch's metrics and the summary to tensorboard or mlflow (recipe key train.track; "
-         "needs pip install 'ipasdctl[tensorboard]' or 'ipasdctl[mlflow]').")]
+    metavar="tensorboard|mlflow",
+    help="Log the recipe, every epoch's metrics and the summary to TensorBoard or MLflow (recipe key train.track; "
+         "needs the extra of the same name, ipasdctl[tensorboard] or ipasdctl[mlflow]).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (results and errors still print).")]
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (runtime.available_cpus without importing torch)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: Optional[int]) -> Optional[int]:
+    """--threads is from 1 to 4 x the CPUs (checked when the command line is parsed, every link of a chain)."""
+    from ..errors import UserError
+
+    most = 4 * available_cpus()
+    if threads is not None and not 0 < threads <= most:
+        raise UserError(f"--threads must be from 1 to {most} (4 x this machine's {available_cpus()} CPUs), got {threads}")
+    return threads
+
+
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", callback=check_threads,
+    help="CPU threads for PyTorch and onnxruntime (default: PyTorch's count, one per core). On a busy or small "
+         "machine 1 is often faster (README, --threads). In a chain it holds for the links after it too.")]
+
+
+def use_threads(threads: Optional[int]) -> None:
+    """Apply --threads (None: leave the count as it is) to torch and to the onnxruntime sessions opened after."""
+    if threads is not None:
+        from ..runtime import set_threads
+
+        set_threads(threads)
 
 
 def recipe_overrides(params: dict) -> dict:

@@ -9,8 +9,8 @@ import typer
 from . import chain
 from .app import app
 from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
-                      MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, TrackOpt, command_line,
-                      recipe_overrides)
+                      MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, ThreadsOpt, TrackOpt,
+                      command_line, recipe_overrides, use_threads)
 
 
 @app.command()
@@ -29,23 +29,28 @@ def train(
     precision: PrecisionOpt = None,
     compile: CompileOpt = None,
     track: TrackOpt = None,
-    out: Annotated[Path, typer.Option(help="Folder where run folders are created.")] = Path("runs"),
-    name: Annotated[Optional[str], typer.Option(help="Run folder name (default: dataset-arch-method-sSEED).")] = None,
+    threads: ThreadsOpt = None,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Folder where run folders are created.")] = Path("runs"),
+    name: Annotated[Optional[str], typer.Option(
+        metavar="NAME", help="Run folder name (default: dataset-arch-method-sSEED).")] = None,
     set_: SetOpt = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its last checkpoint.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        metavar="RUN_FOLDER", help="Continue this run folder from its last checkpoint.")] = None,
     quiet: QuietOpt = False,
     nproc: Annotated[Optional[int], typer.Option(
-        help="Train with N processes on this machine (one per GPU on CUDA): relaunches this command through "
+        metavar="N", help="Train with N processes on this machine (one per GPU on CUDA): relaunches this command through "
              "torchrun. The batch size stays the global batch.")] = None,
     sync_bn: Annotated[bool, typer.Option(
         "--sync-bn", help="Several processes on CUDA: BatchNorm statistics over the global batch.")] = False,
 ) -> "chain.Outputs":
     """Train one model with one method on one recipe; prints the run folder's path last.
 
+    Its last line on stderr sums the run up: best- and last-epoch test top-1, the best epoch, the wall time.
     Several processes: `torchrun --nproc_per_node N -m ipasdctl train ...`, or `ipasdctl train --nproc N ...`.
     In a chain (`train ... export --onnx bench`), a finished run of the same name and recipe is reused."""
     from .. import training
     from ..config import load_recipe
+    from ..runs import RunFolder
     from ..training import distributed, launcher
 
     overrides = recipe_overrides(ctx.params)
@@ -54,8 +59,10 @@ def train(
                                                                                           overrides))
         # typer.Exit would end with 0 (standalone_mode off)
         sys.exit(launcher.launch(nproc, command_line(ctx, leave_out=("nproc",)), new_recipe))
+    use_threads(threads)
     rank = distributed.context_from_env()
     progress = training.Progress(enabled=not quiet)
+    finished_before = resume is not None and RunFolder(resume).state() == "finished"  # resume says so itself
     try:
         if resume is not None:
             given = training.resume_recipe(resume, recipe, overrides)
@@ -67,7 +74,10 @@ def train(
         if not rank.is_main:  # rank 0 says how to resume; the others stop quietly with the same status
             sys.exit(exc.code)
         raise
-    if rank.is_main:  # the only line on stdout: the run folder
+    if rank.is_main:  # the closing line on stderr; the only line on stdout: the run folder
+        summary = None if finished_before else RunFolder(run_dir).read_summary()
+        if summary:
+            progress.note(training.run_line(summary, run_dir))
         typer.echo(str(run_dir))
     return chain.Outputs(run_dirs=[Path(run_dir)])
 

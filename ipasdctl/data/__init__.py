@@ -46,8 +46,9 @@ def build_data(cfg: DataConfig) -> ImageData:
     own seed, so the result is the same in every run, resume and command that reads the run):
     1. `data.val_split`: a class-balanced validation split held out of the whole training set;
     2. `data.train_subset`: a class-balanced subset of what remains (a subset keeps its size with a val split);
-    3. `data.label_noise`: noisy labels on that training split only (validation and test labels stay clean).
-    `data.origin` records steps 1 and 3 (the run folder's splits.json)."""
+    3. `data.label_noise`: noisy labels on that training split only (validation and test labels stay clean);
+    4. `data.test_subset`: a fixed, class-balanced part of the test set (one draw for every run and seed).
+    `data.origin` records steps 1, 3 and 4 (the run folder's splits.json)."""
     data = DATASETS.get(cfg.name)(cfg, dataset_params(cfg))
     if cfg.val_split is not None:
         data = data.hold_out_validation(cfg.val_split, cfg.val_seed)
@@ -56,8 +57,26 @@ def build_data(cfg: DataConfig) -> ImageData:
     noise = cfg.label_noise
     if noise.rate > 0:
         data = apply_label_noise(data, noise.rate, noise.kind, noise.seed)
+    if cfg.test_subset is not None:
+        data = data.test_part(cfg.test_subset)
     return data
 
 
+def describe_splits(data) -> list[str]:
+    """One line for each derivation of `build_data` that changes what a run trains or is tested on (from
+    `data.origin`, as splits.json records it)."""
+    origin, lines = data.origin, []
+    noise = origin.get("label_noise")
+    if noise:
+        lines.append(f"label noise: {noise['flipped']} of {noise['train_images']} training labels flipped "
+                     f"({100 * noise['applied_rate']:.2f} %, {noise['kind']}, seed {noise['seed']})")
+    if "val_split" in origin:
+        lines.append(f"validation split: {data.num_val} training images held out (seed "
+                     f"{origin['val_split']['seed']}); it chooses the best epoch")
+    if "test_subset" in origin:
+        lines.append(f"test subset: {data.num_test} test images, class-balanced, the same for every run and seed")
+    return lines
+
+
 __all__ = ["DATASETS", "Augment", "Batch", "ImageData", "RandomBatches", "TensorLoader", "build_data", "dataset_params",
-           "eval_batches", "register_dataset", "resolved_data_params"]
+           "describe_splits", "eval_batches", "register_dataset", "resolved_data_params"]

@@ -18,6 +18,7 @@ from ..params import NoParams
 from ..registry import Registry
 
 DATASETS: Registry = Registry("dataset")
+TEST_SUBSET_SEED = 0  # data.test_subset: one fixed draw, whatever the run's seed (comparisons stay paired)
 
 
 def register_dataset(name: str, params: type = NoParams):
@@ -36,8 +37,9 @@ class LabelledSplits:
     subset, the validation split held out of it, and noisy training labels.
 
     A subclass implements `take_train(indices)` (keep those training samples, renumbered 0..n-1),
-    `split_off(indices)` (move those training samples into the validation split), `test_batches` and
-    `val_batches`. `origin` records how the splits were derived (written into the run folder)."""
+    `take_test(indices)` (keep those test samples), `split_off(indices)` (move those training samples into
+    the validation split), `test_batches` and `val_batches`. `origin` records how the splits were derived
+    (written into the run folder)."""
 
     class_names: list[str]
     train_labels: torch.Tensor
@@ -74,6 +76,16 @@ class LabelledSplits:
         chosen = balanced_subset(self.train_labels, size, self.num_classes, seed, key="data.val_split")
         data = self.split_off(chosen)
         data.origin = {**self.origin, "val_split": {"size": size, "seed": seed, "indices": chosen.tolist()}}
+        return data
+
+    def test_part(self, size: int):
+        """The data set tested on a fixed, class-balanced part of `size` test images (data.test_subset), drawn
+        with TEST_SUBSET_SEED; the kept indices (into the whole test set, sorted) are recorded in `origin`."""
+        chosen = balanced_subset(self.test_labels, size, self.num_classes, TEST_SUBSET_SEED, key="data.test_subset",
+                                 split="test set")
+        data = self.take_test(chosen)
+        data.origin = {**self.origin, "test_subset": {"size": size, "seed": TEST_SUBSET_SEED,
+                                                      "indices": chosen.tolist()}}
         return data
 
     def with_train_labels(self, labels: torch.Tensor, record: dict):
@@ -133,6 +145,10 @@ class ImageData(LabelledSplits):
         return replace(self, train_images=self.train_images[indices].contiguous(),
                        train_labels=self.train_labels[indices].contiguous())
 
+    def take_test(self, indices: torch.Tensor) -> "ImageData":
+        return replace(self, test_images=self.test_images[indices].contiguous(),
+                       test_labels=self.test_labels[indices].contiguous())
+
     def split_off(self, indices: torch.Tensor) -> "ImageData":
         keep = complement(indices, self.num_train)
         return replace(self.take_train(keep), val_images=self.train_images[indices].contiguous(),
@@ -147,13 +163,13 @@ def complement(indices: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def balanced_subset(labels: torch.Tensor, size: int, num_classes: int, seed: int,
-                    key: str = "data.train_subset") -> torch.Tensor:
+                    key: str = "data.train_subset", split: str = "training set") -> torch.Tensor:
     """`size` indices, as equal a share per class as the classes allow, chosen by a seeded permutation
-    (`key` names the recipe key in errors)."""
+    (`key` names the recipe key in errors, `split` what `labels` label)."""
     if size <= 0:
         raise UserError(f"{key} must be positive, got {size}")
     if size > labels.numel():
-        raise UserError(f"{key}={size} is larger than the training set ({labels.numel()} images)")
+        raise UserError(f"{key}={size} is larger than the {split} ({labels.numel()} images)")
     generator = torch.Generator().manual_seed(seed)
     per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
     per_class = [idx[torch.randperm(idx.numel(), generator=generator)] for idx in per_class]

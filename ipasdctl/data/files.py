@@ -1,8 +1,7 @@
 """Image-file data sets: decoded and augmented in DataLoader worker processes, batched as the engine expects.
 
-`FileImageData` follows the protocol of `ImageData` (data/base.py): `num_classes`, `num_train`, `num_test`,
-`train_labels`, `class_names`, `mean`, `std`, `image_shape`, `subset`, `train_loader(...)` and
-`test_batches(...)`. What differs is where the pixels live: in files, read by worker processes.
+`FileImageData` follows the protocol of `ImageData` (data/base.py: LabelledSplits, `train_loader`,
+`test_batches`); what differs is where the pixels live: in files, read by worker processes.
 
 - The epoch's order is still the `batches(epoch)` plan (the default random order or a method's own sampler):
   the loader hands exactly those index lists to a DataLoader as its batch sampler, so paired or repeated
@@ -10,15 +9,13 @@
 - Augmentation is seeded per sample from (run seed, epoch, step, position in the batch) with `step_seed`, so
   it is the same whichever worker decodes the sample, and a run resumed mid-epoch sees the batches the
   uninterrupted run saw.
-- Workers return uint8 images (4x less to copy than floats); the pinned batch is moved to the device and
-  normalised there. Workers are persistent across epochs.
-- `Batch.raw` is None and `Batch.view` raises a UserError: a second augmented view needs the decoded image,
-  which only the worker had. Methods that need extra views (ddgsd) therefore run on the tensor-resident data
-  sets (cifar10, cifar100, tiny-imagenet, digits), not on image folders or ImageNet.
+- Workers (persistent across epochs) return uint8 images, 4x less to copy than floats; the pinned batch is
+  normalised on the device.
+- `Batch.raw` is None and `Batch.view` raises a UserError: another augmented view needs the decoded image, which
+  only the worker had, so methods that need one (ddgsd) run on the tensor-resident data sets (cifar10, digits...).
 
 Transforms (PIL, bilinear resampling; each returns a uint8 C x H x W tensor):
-- `SmallImageTransform(size, pad, flip)`: resize to size x size, then (training) a size x size crop of the
-  zero-padded image and a horizontal flip, as the CIFAR / Tiny ImageNet recipes.
+- `SmallImageTransform(size, pad, flip)`: resize, then (training) a zero-padded random crop and a flip (CIFAR).
 - `RandomResizedCropFlip(size)`: the ImageNet training augmentation (area 8-100 %, aspect 3/4-4/3, flip).
 - `ResizeCenterCrop(resize, size)`: the ImageNet evaluation transform (shorter side to `resize`, centre crop).
 """
@@ -399,6 +396,10 @@ class FileImageData(LabelledSplits):
     def take_train(self, indices: torch.Tensor) -> "FileImageData":
         return replace(self, train_files=self.train_files[indices.numpy()],
                        train_labels=self.train_labels[indices].contiguous(), _eval_loaders={})
+
+    def take_test(self, indices: torch.Tensor) -> "FileImageData":
+        return replace(self, test_files=self.test_files[indices.numpy()],
+                       test_labels=self.test_labels[indices].contiguous(), _eval_loaders={})
 
     def split_off(self, indices: torch.Tensor) -> "FileImageData":
         keep = complement(indices, self.num_train)

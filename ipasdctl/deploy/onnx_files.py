@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .. import runtime
 from ..accuracy import topk_hits
 from ..config import DataConfig, shown
 from ..data import build_data
@@ -43,6 +44,7 @@ def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequ
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or runtime.requested_threads()  # --threads of the command, else onnxruntime's own
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

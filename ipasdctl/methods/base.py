@@ -89,6 +89,7 @@ class Method:
     """Base class: plain cross-entropy behaviour for everything a method does not override."""
 
     name: str = "base"
+    summary: str = ""  # what the method is, in one line (`ipasdctl list methods`)
     Params = NoParams
     # the parameter that names a trained run of the reference method (ce) to distil from; `compare` fills it
     # with the reference run of the same seed (trained first) when the user leaves it empty

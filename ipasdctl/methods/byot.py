@@ -72,6 +72,7 @@ def byot_loss(main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], mai
 @METHODS.register
 class BeYourOwnTeacher(AuxiliaryHeadMethod):
     name = "byot"
+    summary = "be your own teacher: the deepest classifier teaches auxiliary heads (Zhang et al. 2019)"
     Params = BYOTParams
 
     def loss(self, net, batch) -> StepResult:

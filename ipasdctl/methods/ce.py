@@ -10,6 +10,7 @@ from .base import METHODS, Method, StepResult
 @METHODS.register
 class CrossEntropy(Method):
     name = "ce"
+    summary = "cross-entropy, the reference every method is compared with"
 
     def loss(self, net, batch) -> StepResult:
         logits = net(batch.images)["logits"].float()

@@ -46,6 +46,7 @@ def class_wise_loss(anchor_logits: torch.Tensor, partner_logits: torch.Tensor, l
 @METHODS.register
 class ClassWiseKD(Method):
     name = "cs-kd"
+    summary = "class-wise self-KD: another sample of the same class teaches (Yun et al. 2020)"
     Params = CSKDParams
 
     def batch_plan(self, labels: torch.Tensor, batch_size: int, seed: int):

@@ -62,6 +62,7 @@ def ddgsd_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, features_1: torch
 @METHODS.register
 class DataDistortionSD(Method):
     name = "ddgsd"
+    summary = "data-distortion guided self-distillation: two augmented views teach each other (Xu, Liu 2019)"
     Params = DDGSDParams
 
     def loss(self, net, batch) -> StepResult:

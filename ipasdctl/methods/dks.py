@@ -51,6 +51,7 @@ def dks_loss(all_logits: Sequence[torch.Tensor], labels: torch.Tensor, temperatu
 @METHODS.register
 class KnowledgeSynergy(AuxiliaryHeadMethod):
     name = "dks"
+    summary = "deeply-supervised knowledge synergy: every head learns from every other (Sun et al. 2019)"
     Params = DKSParams
 
     def loss(self, net, batch) -> StepResult:

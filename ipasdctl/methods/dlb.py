@@ -106,6 +106,7 @@ class LastStepLogits:
 @METHODS.register
 class LastMiniBatch(Method):
     name = "dlb"
+    summary = "self-distillation from the last mini-batch's stored logits (Shen et al. 2022)"
     Params = DLBParams
 
     def __init__(self, params: DLBParams, ctx: MethodContext):

@@ -143,6 +143,7 @@ class Prototypes:
 @METHODS.register
 class IPASD(Method):
     name = "ipasd"
+    summary = "intra-class progressive and adaptive self-distillation: memories and prototypes (Gou et al. 2025)"
     Params = IPASDParams
 
     def __init__(self, params: IPASDParams, ctx: MethodContext):

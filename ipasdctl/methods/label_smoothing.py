@@ -39,6 +39,7 @@ def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float)
 @METHODS.register
 class LabelSmoothing(Method):
     name = "ls"
+    summary = "label smoothing: eps of the target spread over the wrong classes (Szegedy et al. 2016)"
     Params = LabelSmoothingParams
 
     def __init__(self, params: LabelSmoothingParams, ctx: MethodContext):

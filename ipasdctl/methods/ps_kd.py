@@ -44,6 +44,7 @@ def pskd_loss(logits: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor
 @METHODS.register
 class PSKD(Method):
     name = "ps-kd"
+    summary = "progressive self-KD from the model's own last-epoch predictions (Kim et al. 2021)"
     Params = PSKDParams
 
     def __init__(self, params: PSKDParams, ctx: MethodContext):

@@ -91,6 +91,7 @@ def tf_kd_self_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 @METHODS.register
 class TfKDReg(Method):
     name = "tf-kd-reg"
+    summary = "teacher-free KD from a virtual teacher (Yuan et al. 2020)"
     Params = TfKDRegParams
 
     def __init__(self, params: TfKDRegParams, ctx: MethodContext):
@@ -127,6 +128,7 @@ def load_teacher(run_dir: Optional[str], num_classes: int, device, channels_last
 @METHODS.register
 class TfKDSelf(Method):
     name = "tf-kd-self"
+    summary = "teacher-free KD from a trained run of the same architecture, method.teacher (Yuan et al. 2020)"
     Params = TfKDSelfParams
     reference_run_param = "teacher"  # `compare` gives it the ce run of the same seed
 

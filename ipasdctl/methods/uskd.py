@@ -103,6 +103,7 @@ def uskd_loss(logits: torch.Tensor, weak_logits: torch.Tensor, labels: torch.Ten
 @METHODS.register
 class USKD(Method):
     name = "uskd"
+    summary = "unified self-KD: normalised loss and customised soft labels (Yang et al. 2023)"
     Params = USKDParams
 
     def __init__(self, params: USKDParams, ctx: MethodContext):

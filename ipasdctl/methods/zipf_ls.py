@@ -94,6 +94,7 @@ def zipf_ls_loss(logits: torch.Tensor, votes: torch.Tensor, labels: torch.Tensor
 @METHODS.register
 class ZipfLS(Method):
     name = "zipf-ls"
+    summary = "Zipf's label smoothing from dense per-location votes (Liang et al. 2022)"
     Params = ZipfLSParams
 
     def __init__(self, params: ZipfLSParams, ctx: MethodContext):

@@ -52,6 +52,10 @@ class RunSummary:
     precision: Optional[str] = None
     torch: Optional[str] = None
     git_commit: Optional[str] = None
+    test_images: Optional[int] = None  # what the test figures are measured on: data.test_subset or the whole set
+    test_subset: Optional[int] = None
+    eval_every: Optional[int] = None
+    threads: Optional[int] = None  # CPU numbers are bitwise reproducible for the same count
     finished: bool = False
     processes: Optional[int] = None  # of the last session
 

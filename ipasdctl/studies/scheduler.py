@@ -28,6 +28,7 @@ from .. import training
 from ..analysis.tables import count_noun
 from ..errors import UserError
 from ..runs import RunFolder, RunSummary
+from ..training.progress import duration
 from ..training.stopping import TEST_SIGNAL_ENV
 from .executors import Executor, Job, Outcome
 
@@ -39,17 +40,6 @@ class RunsFailed(UserError):
     """Some runs failed after their retry; the others finished and are in the tables."""
 
     exit_code = 1
-
-
-def duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 100:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 100:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 class Eta:

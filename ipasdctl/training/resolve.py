@@ -52,6 +52,9 @@ def check_values(recipe: Recipe) -> None:
         raise UserError(f"batch size must be a positive integer, got {t.batch_size}; use --batch-size N with N >= 1")
     if t.eval_batch_size <= 0:
         raise UserError(f"train.eval_batch_size must be positive, got {t.eval_batch_size}")
+    if t.eval_every <= 0:
+        raise UserError(f"train.eval_every must be a positive number of epochs, got {t.eval_every}; 1 evaluates after "
+                        "every epoch (the last epoch is always evaluated)")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise UserError(f"learning rate must be a positive number, got {o.lr}; e.g. --lr 0.1")
     d = recipe.data
@@ -68,4 +71,7 @@ def check_values(recipe: Recipe) -> None:
     if d.val_split is not None and d.val_split <= 0:
         raise UserError(f"data.val_split must be a positive number of training images, got {d.val_split}; "
                         "leave it unset for no validation split")
+    if d.test_subset is not None and d.test_subset <= 0:
+        raise UserError(f"data.test_subset must be a positive number of test images, got {d.test_subset}; leave it "
+                        "unset to test on the whole test set")
     check_label_noise(d.label_noise.rate, d.label_noise.kind)

@@ -133,10 +133,23 @@ def resume(run_dir: Path, recipe: Optional[Recipe] = None, progress: Optional[Pr
                         f"{folder.path} already finished ({trainer.epoch}/{saved.train.epochs} epochs, best test "
                         f"top-1 {best:.2f}%): nothing to resume")
                 return folder.path
+            if ctx.is_main:
+                (progress or Progress()).note(f"resuming {folder.path} at {_resume_point(trainer)}")
             trainer.run()
         finally:
             lock.release()
     return folder.path
+
+
+def _resume_point(trainer: Trainer) -> str:
+    """Where a resumed run goes on: 'epoch 3/30, step 12/40 (92 steps done)', or the start of an epoch."""
+    epoch, epochs = trainer.epoch + 1, trainer.recipe.train.epochs
+    step, steps = trainer.step_in_epoch, trainer.steps_per_epoch
+    if step == 0:
+        where = f"the start of epoch {epoch}/{epochs}"
+    else:  # every step of the epoch done: a stop came during its test pass, which runs again
+        where = f"epoch {epoch}/{epochs}, step {step}/{steps}" + (" (its test pass)" if step >= steps else "")
+    return f"{where} ({trainer.global_step} steps done)"
 
 
 def resume_recipe(run_dir: Path, recipe: Optional[str], overrides: Optional[dict]) -> Optional[Recipe]:

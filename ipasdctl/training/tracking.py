@@ -1,11 +1,12 @@
 """Experiment tracking (recipe key train.track, `--track`): TensorBoard or MLflow, off by default.
 
 A tracked run logs its resolved recipe as parameters (dotted keys: optim.lr, method.w_div, ...), every column
-of metrics.csv at each epoch end (step = epoch), and the numeric figures of summary.json (`summary/<key>`) when it
-finishes. Rank 0 alone logs. Each backend is an optional extra, checked before anything trains:
-- tensorboard (`pip install 'ipasdctl[tensorboard]'`): event files in the run folder's tensorboard/
+of metrics.csv at each epoch end (step = epoch; an epoch without a test pass, train.eval_every, has no test
+figures), and the numeric figures of summary.json (`summary/<key>`) when it finishes. TensorBoard groups the
+columns by split (`board_tag`: train/loss_ce, val/top1, test/top1, ...); MLflow keeps the column names. Rank 0 alone logs. Each backend is an optional extra, checked before anything trains:
+- tensorboard (the extra `ipasdctl[tensorboard]`): event files in the run folder's tensorboard/
   (`tensorboard --logdir runs` shows every run); the recipe in the HParams tab and as text.
-- mlflow (`pip install 'ipasdctl[mlflow]'`): the store MLFLOW_TRACKING_URI names, else sqlite:///<the folder that
+- mlflow (the extra `ipasdctl[mlflow]`): the store MLFLOW_TRACKING_URI names, else sqlite:///<the folder that
   holds the run folder>/mlflow.db; experiment MLFLOW_EXPERIMENT_NAME, else the recipe's name; one MLflow run
   per run folder (tag ipasdctl.run_dir), which a resume continues.
 A resumed run logs the epochs its checkpoint holds that the tracker has not seen yet, so a run killed between
@@ -25,6 +26,7 @@ from typing import Optional
 from ..config import Recipe, dump_recipe
 from ..errors import UserError
 from ..runs import RunFolder
+from ..version import install_command
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # backend -> the module its extra installs
 RUN_DIR_TAG = "ipasdctl.run_dir"
@@ -37,7 +39,7 @@ def check_track(track: Optional[str]) -> None:
     if track not in TRACKERS:
         raise UserError(f"train.track must be one of {', '.join(TRACKERS)} (or null for none), got '{track}'")
     if importlib.util.find_spec(TRACKERS[track]) is None:
-        raise UserError(f"--track {track} needs the {track} package: pip install 'ipasdctl[{track}]'")
+        raise UserError(f"--track {track} needs the {track} package: {install_command(track)}")
 
 
 def recipe_params(recipe: Recipe) -> dict:
@@ -63,6 +65,16 @@ def numeric(values: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def board_tag(column: str) -> str:
+    """A metrics.csv column as a TensorBoard tag grouped by split: test_top1 -> test/top1, val_loss -> val/loss,
+    train_loss -> train/loss, loss_ce -> train/loss_ce; what is not a held-out figure (lr, epoch_seconds, a
+    method's own statistics) belongs to training: train/lr."""
+    for split in ("test", "val"):
+        if column.startswith(split + "_"):
+            return f"{split}/{column[len(split) + 1:]}"
+    return "train/" + column.removeprefix("train_")
+
+
 class NoTracker:
     """train.track null, or a rank other than 0: every call does nothing."""
 
@@ -84,7 +96,7 @@ class TensorBoardTracker(NoTracker):
         # purge_step 1: what an earlier session logged past its checkpoint is dropped, and `rows` logged again
         self.writer = SummaryWriter(log_dir=str(folder.tensorboard), purge_step=1 if rows else None)
         params = recipe_params(recipe)
-        for summary in hparams(params, {"summary/best_top1": 0.0, "test_top1": 0.0}):
+        for summary in hparams(params, {"summary/best_top1": 0.0, board_tag("test_top1"): 0.0}):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("recipe", "```\n" + dump_recipe(recipe) + "```")
         for row in rows:
@@ -93,7 +105,7 @@ class TensorBoardTracker(NoTracker):
     def log_epoch(self, row: dict) -> None:
         for key, value in numeric(row).items():
             if key != "epoch":
-                self.writer.add_scalar(key, value, int(row["epoch"]))
+                self.writer.add_scalar(board_tag(key), value, int(row["epoch"]))
         self.writer.flush()
 
     def finish(self, summary: dict) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import runtime
 from ..config import ResolvedRecipe
-from ..data import RandomBatches, build_data
+from ..data import RandomBatches, build_data, describe_splits
 from ..errors import UserError, one_line
 from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
@@ -234,18 +234,12 @@ class Trainer:
         return "val" if self.data.num_val else "test"
 
     def _record_splits(self) -> None:
-        """splits.json: the validation indices and the label noise applied (rewritten, identical, on resume);
-        the noise actually applied is also printed."""
-        origin = self.data.origin
-        if self.dist.is_main and origin:
-            self.folder.write_splits(origin)
-        noise = origin.get("label_noise")
-        if noise:
-            self.progress.note(f"label noise: {noise['flipped']} of {noise['train_images']} training labels flipped "
-                               f"({100 * noise['applied_rate']:.2f} %, {noise['kind']}, seed {noise['seed']})")
-        if self.data.num_val:
-            self.progress.note(f"validation split: {self.data.num_val} training images held out (seed "
-                               f"{self.recipe.data.val_seed}); it chooses the best epoch")
+        """splits.json: how the splits were derived (validation and test indices, the label noise applied;
+        rewritten, identical, on resume); what they are is printed too."""
+        if self.dist.is_main and self.data.origin:
+            self.folder.write_splits(self.data.origin)
+        for line in describe_splits(self.data):
+            self.progress.note(line)
 
     # -------------------------------------------------------------------------------- loop
     def run(self) -> RunSummary:
@@ -323,18 +317,10 @@ class Trainer:
         recipe = self.recipe
         train_stats = self.meter.read(over_ranks=True)
         images = self.meter.totals()[2].item()
-        # every rank evaluates (its share of) the model rank 0 checkpoints: rank 0's BatchNorm statistics
+        # every rank holds (and evaluates) the model rank 0 checkpoints: rank 0's BatchNorm statistics
         distributed.broadcast_buffers(self.net, self.dist)
-        stop = lambda: self.stops.requested is not None  # noqa: E731
-        held_out = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
-                                self.channels_last, self.dist, stop=stop, progress=self.progress)
-        if held_out is not None and self.data.num_val:
-            val = test_metrics(self.model, self.data, self.device, self.dtype, recipe.train.eval_batch_size,
-                               self.channels_last, self.dist, stop=stop, progress=self.progress, split="val")
-            held_out = None if val is None else {**held_out, **val}
-        if held_out is None:  # a signal during the evaluation: checkpoint the epoch's steps; resume evaluates
-            self.save()
-            self.stops.stop(bar, self.folder.path)
+        held_out = self._evaluate(bar) if self.evaluates(epoch) else \
+            {f"{split}_{m}": None for split in self._held_out_splits() for m in ("loss", "top1", "top5")}
         self.method.on_epoch_end(epoch)  # after the evaluation, so a checkpoint written during it resumes exactly
         seconds = self.epoch_seconds
         row = {"epoch": epoch + 1, "lr": lr_at(max(self.global_step - 1, 0), self.steps_per_epoch, recipe)}
@@ -345,8 +331,8 @@ class Trainer:
         row["epoch_seconds"] = seconds
         row["images_per_second"] = images / seconds if seconds > 0 else float("nan")
         self.rows.append(row)
-        score = held_out[f"{self.chosen_on}_top1"]
-        is_best = score > self.best_score
+        score = held_out[f"{self.chosen_on}_top1"]  # None in an epoch without evaluation: it cannot be the best
+        is_best = score is not None and score > self.best_score
         if is_best:
             self.best_top1, self.best_epoch, self.best_top5 = held_out["test_top1"], epoch + 1, held_out["test_top5"]
             self.best_score = score
@@ -362,6 +348,29 @@ class Trainer:
             self.stops.agree(self.meter)  # a signal that came during the evaluation
         if self.stops.requested is not None:
             self.stops.stop(None, self.folder.path)
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether `epoch` (from 0) ends with the test (and validation) pass: every train.eval_every epochs, and
+        the last. The others get empty test columns in metrics.csv, log nothing and cannot be the best epoch."""
+        t = self.recipe.train
+        return (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+
+    def _held_out_splits(self) -> tuple[str, ...]:
+        return ("test", "val") if self.data.num_val else ("test",)
+
+    def _evaluate(self, bar) -> dict:
+        """Test (and validation) metrics, each rank its share; a signal during them checkpoints the epoch's steps
+        and stops (resume evaluates)."""
+        stop = lambda: self.stops.requested is not None  # noqa: E731
+        held_out = {}
+        for split in self._held_out_splits():
+            metrics = test_metrics(self.model, self.data, self.device, self.dtype, self.recipe.train.eval_batch_size,
+                                   self.channels_last, self.dist, stop=stop, progress=self.progress, split=split)
+            if metrics is None:
+                self.save()
+                self.stops.stop(bar, self.folder.path)
+            held_out.update(metrics)
+        return held_out
 
     def _ensure_best(self) -> None:
         """A finished run has its best.pt. One missing at the end (removed, or lost by a version that wrote
@@ -417,6 +426,10 @@ class Trainer:
             precision=str(self.dtype).replace("torch.", ""),
             torch=torch.__version__,
             git_commit=runtime.git_commit(),
+            test_images=self.data.num_test,
+            test_subset=self.recipe.data.test_subset,
+            eval_every=self.recipe.train.eval_every,
+            threads=torch.get_num_threads(),
             finished=True,
             processes=self.dist.world_size,
         )
