@@ -16,7 +16,7 @@ from PIL import Image
 from ipasdctl import training
 from ipasdctl.cli import main
 from ipasdctl.config import DataConfig, load_recipe
-from ipasdctl.data import DATASETS, build_data
+from ipasdctl.data import DATASETS, build_data, dataset_params
 from ipasdctl.files import load_checkpoint
 from ipasdctl.training import stopping
 from ipasdctl.training import trainer as trainer_module
@@ -149,13 +149,14 @@ def test_an_image_folder_takes_its_test_subset_by_file(tmp_path):
             for k in range(per_class):
                 pixels = np.full((8, 8, 3), 40 * c + 10 * k, dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{k}.png")
-    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, num_workers=0, test_subset=4)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), test_subset=4,
+                     params={"image_size": 8, "num_workers": 0})
     data = build_data(cfg)
     assert data.num_test == 4 and data.test_labels.tolist() == [0, 0, 1, 1]
     assert [f.decode().split("/")[0] for f in data.test_files] == ["ant", "ant", "bee", "bee"]
     (x, y), = list(data.test_batches(8, "cpu"))
     assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 0, 1, 1]
-    assert DATASETS.get("imagefolder")(cfg).num_test == 8  # the data set itself is whole: build_data takes the part
+    assert DATASETS.get("imagefolder")(cfg, dataset_params(cfg)).num_test == 8  # the data set itself is whole: build_data takes the part
 
 
 @pytest.mark.parametrize("setting, expected", [

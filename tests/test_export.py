@@ -302,7 +302,8 @@ def test_bench_of_int8_names_pytorch_rows_after_the_run_shows_the_fp32_latency_a
     int8 = table[(table["backend"] == "onnxruntime") & (table["precision"] == "int8")]
     assert int8["model"].tolist() == [f"{run_dir.name}-int8.onnx"]
     assert int8["fp32_p50_ms"].item() > 0
-    assert int8["int8_vs_fp32"].item() == pytest.approx(int8["fp32_p50_ms"].item() / int8["p50_ms"].item())
+    ratio = int8["fp32_p50_ms"].item() / int8["p50_ms"].item()
+    assert int8["int8_vs_fp32"].item() == pytest.approx(ratio, rel=1e-3)  # latency.csv rounds its figures
     int8_table = printed.split(f"{run_dir.name}-int8.onnx: ")[1]
     assert "fp32_p50_ms" in int8_table.splitlines()[1] and "precision" in int8_table.splitlines()[1]
 
@@ -319,7 +320,7 @@ def test_a_rerun_measures_again_what_was_flagged_unstable(exported, tmp_path):
     again, _ = bench(exported["fp32"], [1], threads=1, runs=3, warmup=0, out=tmp_path, with_torch=False,
                      skip_measured=True)
     assert not again.attrs.get("skipped")
-    assert pd.read_csv(csv_path)["p99_ms"].item() == pytest.approx(again["p99_ms"].item(), rel=1e-5)
+    assert pd.read_csv(csv_path)["p99_ms"].item() == pytest.approx(again["p99_ms"].item(), rel=1e-3)
 
 
 def _exit_code(argv) -> int:
