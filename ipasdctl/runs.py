@@ -37,6 +37,7 @@ from .files import (atomic_write_json, atomic_write_text, check_checkpoint, load
                     save_checkpoint)
 from .models import build_model
 from .runtime import resolve_device
+from .yaml_files import read_yaml_file
 
 # the columns of a comparison's results.csv (and of a report's runs): what a finished run's summary holds
 RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
@@ -150,15 +151,10 @@ class RunFolder:
 
     def read_config(self) -> Optional[dict]:
         """config.yaml as a plain dict; None when missing; a UserError when it is not YAML."""
-        import yaml
-
         if not self.config.is_file():
             return None
-        try:
-            return yaml.safe_load(self.config.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            raise UserError(f"{self.config} is not readable YAML; is {self.path} a run folder? remove it, or "
-                            "train it again") from None
+        return read_yaml_file(self.config, str(self.config), f"is {self.path} a run folder? remove it, or train it "
+                              "again") or {}
 
     def load_state(self, which: str = "best") -> dict:
         """A checkpoint's state, loaded weights-only."""
