@@ -33,8 +33,8 @@ import torch
 
 from .config import Recipe, dump_recipe, recipe_from_dict
 from .errors import UserError, one_line
-from .files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, remove_temporaries,
-                    save_checkpoint)
+from .files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, neutral_cell,
+                    remove_temporaries, save_checkpoint)
 from .models import build_model
 from .runtime import resolve_device
 from .yaml_files import read_yaml_file
@@ -312,9 +312,9 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
                 columns.append(key)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    writer.writerow({column: neutral_cell(column) for column in columns})
     for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else neutral_cell(v)) for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
 
 
