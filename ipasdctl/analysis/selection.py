@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..deploy.bench import read_latency_csv
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, csv_text
 
 GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
@@ -302,5 +302,5 @@ def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
 def write_selection(df: pd.DataFrame, path: Path) -> Path:
     """selection.csv, written atomically."""
     path = Path(path)
-    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(path, csv_text(df))
     return path

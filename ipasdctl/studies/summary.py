@@ -11,7 +11,7 @@ from typing import Optional
 from ..analysis.statistics import MIN_SEEDS, paired_test, t_interval
 from ..analysis.tables import count_noun
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, csv_text
 from ..methods import method_class
 from ..runs import RESULT_COLUMNS, RunFolder
 from .compare import REFERENCE, ComparisonPlan, reference_run
@@ -222,7 +222,7 @@ def write_tables(comparison: ComparisonPlan, failed: Optional[dict] = None):
     summary = summary_table(finished, best_chosen_on="val" if comparison.recipe.data.val_split else "test",
                             partial=len(finished) < len(results))
     out = comparison.out
-    atomic_write_text(out / "results.csv", results.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "results.csv", csv_text(results))
+    atomic_write_text(out / "summary.csv", csv_text(summary))
     atomic_write_text(out / "summary.md", summary_markdown(comparison, summary, results, failed))
     return results, summary
