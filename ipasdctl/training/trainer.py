@@ -37,7 +37,7 @@ from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
 from ..runs import RunFolder
 from . import distributed
-from .checks import check_labels, check_recipe
+from .checks import check_folder_still_there, check_labels, check_recipe
 from .meters import EpochMeter, test_metrics
 from .progress import Progress
 from .schedule import lr_at
@@ -227,6 +227,7 @@ class Trainer:
         self.stops.check_weights(self.net, where, self.folder.last if self.folder is not None else None)
         state = self.state_dict()
         if self.dist.is_main:
+            check_folder_still_there(self.folder)
             self.folder.save_checkpoint(state, best)
 
     @property
@@ -422,6 +423,7 @@ class Trainer:
             "processes": self.dist.world_size,  # of the last session
         }
         if self.dist.is_main:
+            check_folder_still_there(self.folder)
             self.folder.write_summary(summary)
         return summary
 
