@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError, did_you_mean
+from .yaml_files import MalformedYaml, load_yaml, read_yaml_file
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_METHOD = "ipasd"  # the method of a recipe that names none
@@ -235,22 +236,7 @@ def resolve_recipe_path(recipe: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict:
-    try:
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise UserError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 1000} kB; a recipe is a short YAML "
-                            "file: give the right file")
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise UserError(f"recipe {path} is not valid YAML{line}: {problem}") from None
+    data = read_yaml_file(path, f"recipe {path}", max_bytes=MAX_RECIPE_BYTES)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -269,8 +255,8 @@ def parse_set(assignments: list[str]) -> dict:
         if not key or any(not part for part in key.split(".")):
             raise UserError(f"--set key '{key}' is not a dotted recipe key (e.g. optim.lr)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = load_yaml(raw, f"--set {key}") if raw.strip() else None
+        except MalformedYaml:
             value = raw
         node = nested
         parts = key.split(".")

@@ -125,6 +125,26 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (a conservative 4 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not POSIX
+        return 4 << 30
+
+
+def max_threads() -> int:
+    """The most threads an option may ask for: 4 x the CPUs this process may run on (more only contend)."""
+    return 4 * available_cpus()
+
+
+def check_thread_count(option: str, value: Optional[int]) -> None:
+    """A thread count a user typed (`--threads`, `--threads-per-job`): from 1 to max_threads()."""
+    if value is not None and not 0 < int(value) <= max_threads():
+        raise UserError(f"{option} must be from 1 to {max_threads()} (4 x this machine's {available_cpus()} CPUs), "
+                        f"got {value}")
+
+
 def _cpuinfo(*keys: str) -> Optional[str]:
     """The value of the first /proc/cpuinfo line that starts with one of `keys`; None where there is none."""
     try:

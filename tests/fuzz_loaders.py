@@ -1,8 +1,10 @@
-"""The fuzz driver of tests/test_fuzz.py: mutated recipes, checkpoints, ONNX metadata and CIFAR pickles, fed to
-the loaders under an address-space and CPU-time limit. Run as a script (a process of its own, so the limits
-bind only it): `python fuzz_loaders.py SEED CASES_PER_KIND WORKDIR`; prints one JSON line per failure
-(an exception other than UserError, a message of several lines, or a case slower than CASE_SECONDS), then a
-JSON summary line.
+"""The fuzz driver of tests/test_fuzz.py: mutated recipes (nasty values, deep nesting, duplicate keys),
+checkpoints (nasty values, damaged bytes, zip records that inflate far beyond the file), ONNX metadata, CIFAR
+pickles, and CSV tables with formula cells, fed to the loaders (and the CSV writer) under an address-space
+and CPU-time limit. Run as a script (a process of its own, so the limits bind only it):
+`python fuzz_loaders.py SEED CASES_PER_KIND WORKDIR`; prints one JSON line per failure (an exception other
+than UserError, a message of several lines, a formula cell written, or a case slower than CASE_SECONDS),
+then a JSON summary line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import resource
 import sys
 import time
 import traceback
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +65,27 @@ checkpoint: {every_steps: 2}
 """
 
 
+def nested(rng: random.Random) -> str:
+    """Lists or mappings nested from a few levels to far beyond the YAML reader's bound."""
+    depth = rng.choice([3, 20, 40, 1000, 50_000])
+    return "[" * depth + "]" * depth if rng.random() < 0.5 else "{a: " * depth + "1" + "}" * depth
+
+
 def mutated_recipe(rng: random.Random) -> bytes:
     lines = BASE_RECIPE.splitlines()
-    kind = rng.randrange(5)
-    if kind <= 1:  # a value replaced by a nasty one
+    kind = rng.randrange(9)
+    if kind == 7:  # nesting: a value replaced by deeply nested lists or mappings
+        i = rng.randrange(len(lines))
+        return "\n".join(lines[:i] + [f"{lines[i].partition(': ')[0]}: {nested(rng)}"] + lines[i + 1:]).encode()
+    if kind == 8:  # a duplicate key: a section given twice, or a key twice inside a section
+        i = rng.randrange(len(lines))
+        head, _, rest = lines[i].partition(": ")
+        if rest.startswith("{") and rng.random() < 0.5:
+            first = rest.strip("{}").split(", ")[0]
+            lines[i] = f"{head}: {{{first}, {rest[1:]}"
+            return "\n".join(lines).encode()
+        return "\n".join(lines + [lines[i]]).encode()
+    if kind <= 3:  # a value replaced by a nasty one
         i = rng.randrange(len(lines))
         head, _, rest = lines[i].partition(": ")
         entries = rest.strip("{}").split(", ") if rest.startswith("{") else [rest]
@@ -75,15 +95,16 @@ def mutated_recipe(rng: random.Random) -> bytes:
         lines[i] = f"{head}: {{{', '.join(entries)}}}" if rest.startswith("{") else f"{head}: {entries[0]}"
         return "\n".join(lines).encode()
     text = "\n".join(lines).encode()
-    if kind == 2:  # random bytes written over the text
+    if kind == 4:  # random bytes written over the text
         data = bytearray(text)
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] = rng.randrange(256)
         return bytes(data)
-    if kind == 3:  # cut short, or a line doubled
+    if kind == 5:  # cut short, or a line doubled
         return text[:rng.randrange(len(text))] if rng.random() < 0.5 else text + b"\n" + rng.choice(lines).encode()
     section = rng.choice(["data", "model", "method", "optim", "train", "checkpoint", "name"])  # a whole section
-    return (text.decode() + f"\n{section}: {rng.choice(NASTY_SCALARS)}\n").encode()
+    lines = [f"{section}: {rng.choice(NASTY_SCALARS)}" if line.startswith(f"{section}:") else line for line in lines]
+    return "\n".join(lines).encode()  # replaced in place: given again, it would be a duplicate key (kind 8)
 
 
 def recipe_case(rng: random.Random, work: Path):
@@ -120,13 +141,35 @@ def mutate(value, rng: random.Random):
     return rng.choice(NASTY_VALUES)
 
 
+def inflate_record(path: Path, extra_bytes: int) -> None:
+    """Rewrite the checkpoint at `path` with its largest record deflated and `extra_bytes` zeros added to it:
+    a file of a few kB per MB of zeros that torch would inflate whole before noticing the size is wrong."""
+    with zipfile.ZipFile(path) as source:
+        records = [(info.filename, source.read(info.filename)) for info in source.infolist()]
+    largest = max(range(len(records)), key=lambda i: len(records[i][1]))
+    with zipfile.ZipFile(path, "w") as out:
+        for i, (name, data) in enumerate(records):
+            if i != largest:
+                out.writestr(name, data)
+                continue
+            entry = zipfile.ZipInfo(name)
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(entry, "w", force_zip64=True) as handle:
+                handle.write(data)
+                zeros = bytes(1 << 20)
+                for _ in range(extra_bytes >> 20):
+                    handle.write(zeros)
+
+
 def checkpoint_case(rng: random.Random, work: Path, state: dict):
     run = work / "run"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text("name: fuzz\n")
     path = run / "checkpoints" / "best.pt"
     save_checkpoint(path, mutate(state, rng))
-    if rng.random() < 0.25:  # the file's bytes damaged too
+    if rng.random() < 0.15:  # a zip bomb: a record that inflates far beyond the file's size
+        inflate_record(path, rng.choice([1 << 20, 4 << 20, 16 << 20]))
+    elif rng.random() < 0.25:  # the file's bytes damaged too
         data = bytearray(path.read_bytes())
         if rng.random() < 0.5:
             del data[rng.randrange(len(data)):]
@@ -197,6 +240,56 @@ def cifar_case(rng: random.Random, root: Path, originals: dict):
     return load
 
 
+# ------------------------------------------------------------------------------------------------ CSV cells
+
+
+FORMULA_CELLS = ["=cmd|' /C calc'!A0", "@SUM(1+1)", "=1+2", "+1", "-x", "\tx", "\rx", "=HYPERLINK(\"http://x\")",
+                 "-2+3", "+=", "@", "=", "'=ok", "a=b", "-1", "-0.5", "\u2212x"]
+CSV_VALUES = FORMULA_CELLS + [None, "", "x", 1.5, -1.5, 0, -7, float("nan"), float("-inf"), True, "a,b", 'q"q', "\n"]
+
+
+def formula_cells(path: Path) -> list[str]:
+    """The cells of a written CSV that a spreadsheet would run as a formula (text, not a plain number)."""
+    import csv
+
+    def number(cell: str) -> bool:
+        try:
+            float(cell)
+            return True
+        except ValueError:
+            return False
+
+    with open(path, newline="") as handle:
+        return [cell for row in csv.reader(handle) for cell in row
+                if cell.startswith(("=", "+", "-", "@", "\t", "\r")) and not number(cell)]
+
+
+def csv_case(rng: random.Random, work: Path):
+    """A latency table with formula cells (and nasty values) written by the writer every CSV goes through,
+    then read back by bench's reader: no formula cell may survive the writing; a table lacking columns is a
+    one-line refusal of the reader."""
+    import pandas as pd
+
+    from ipasdctl.deploy.bench import read_latency_csv
+    from ipasdctl.files import csv_text
+    from ipasdctl.runs import write_metrics_csv
+
+    columns = rng.sample(["model", "backend", "provider", "batch_size", "p50_ms", "=x", "@y", "z"], rng.randint(1, 8))
+    rows = [{c: rng.choice(CSV_VALUES) for c in columns} for _ in range(rng.randint(1, 6))]
+    path = work / "latency.csv"
+    if rng.random() < 0.5:
+        path.write_text(csv_text(pd.DataFrame(rows, columns=columns)))
+    else:
+        write_metrics_csv(path, rows)
+
+    def load():
+        left = formula_cells(path)
+        if left:
+            raise AssertionError(f"formula cells written: {left[:3]}")
+        read_latency_csv(path)
+    return load
+
+
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -223,7 +316,8 @@ def run(seed: int, per_kind: int, work: Path) -> dict:
     makers = {"recipe": lambda: recipe_case(rng, work),
               "checkpoint": lambda: checkpoint_case(rng, work, state),
               "onnx": lambda: onnx_case(rng, work),
-              "cifar": lambda: cifar_case(rng, work / "cifar", originals)}
+              "cifar": lambda: cifar_case(rng, work / "cifar", originals),
+              "csv": lambda: csv_case(rng, work)}
     counts = {kind: {"ok": 0, "user_error": 0, "failed": 0} for kind in makers}
     for kind, make in makers.items():
         for case in range(per_kind):

@@ -1,4 +1,6 @@
-"""Fuzz (issue 19): mutated recipes, checkpoints, ONNX metadata and CIFAR pickles, seeded, fed to the loaders.
+"""Fuzz (issues 19, 31): mutated recipes (deep nesting and duplicate keys among the mutations), checkpoints
+(zip records that inflate far beyond the file among them), ONNX metadata, CIFAR pickles and CSV tables with
+formula cells, seeded, fed to the loaders (the CSV tables to the writer, then back to a reader).
 
 Every case ends in success or a one-line UserError (what the CLI prints as `error: ...` with exit 2), never
 another exception, within CASE_SECONDS; the driver (tests/fuzz_loaders.py) runs in a process of its own
@@ -18,7 +20,7 @@ import pytest
 
 import ipasdctl
 
-CASES_PER_KIND = 100  # 400 cases: ~15 s on a loaded 2-core machine, most of it the imports
+CASES_PER_KIND = 100  # 500 cases: ~20 s on a loaded 2-core machine, most of it the imports
 SEED = 19
 
 

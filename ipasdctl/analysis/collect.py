@@ -15,6 +15,11 @@ from ..runs import RESULT_COLUMNS, ComparisonFolder, RunFolder
 from .tables import epochs_text, seed_key
 
 
+# what a run is: its own folder (summary.json, config.yaml) says so, over a results.csv cell (a hand-edited one
+# could hold anything, `=cmd|' /C calc'!A0` included)
+IDENTITY_COLUMNS = ("method", "seed", "arch", "dataset", "epochs")
+
+
 @dataclass
 class Run:
     run_dir: Path
@@ -84,8 +89,9 @@ def collect_runs(dirs: Sequence[Path]) -> tuple[list[Run], list[Path]]:
                     continue
                 row = {column: record.get(column) for column in RESULT_COLUMNS}
                 own = RunFolder(run_dir).result_row()
-                for column in RESULT_COLUMNS:  # fill what results.csv lacks from the run folder itself
-                    if row[column] is None or (isinstance(row[column], float) and math.isnan(row[column])):
+                for column in RESULT_COLUMNS:  # what the run is, and what results.csv lacks, from the run itself
+                    if (column in IDENTITY_COLUMNS and own[column] is not None) or row[column] is None \
+                            or (isinstance(row[column], float) and math.isnan(row[column])):
                         row[column] = own[column]
                 row["run_dir"] = str(run_dir)
                 runs.setdefault(run_dir.resolve(), Run(run_dir, row, directory))

@@ -25,7 +25,7 @@ from .. import runtime
 from ..data import build_data
 from ..deploy import onnx_test_data, ort_session, session_batches
 from ..errors import UserError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, csv_text
 from ..runs import RunFolder, load_model, read_json
 from . import metrics, plots
 
@@ -133,14 +133,14 @@ def per_class_csv(class_names: list[str], columns: dict) -> str:
 
     frame = pd.DataFrame({"class_index": range(len(class_names)), "class_name": class_names,
                           **{k: v.numpy() for k, v in columns.items()}})
-    return frame.to_csv(index=False, float_format="%.6g")
+    return csv_text(frame)
 
 
 def tsne_csv(coords: np.ndarray, labels: np.ndarray) -> str:
     import pandas as pd
 
     frame = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "label": labels})
-    return frame.to_csv(index=False, float_format="%.5g")
+    return csv_text(frame, "%.5g")
 
 
 def read_tsne_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:

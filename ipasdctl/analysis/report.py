@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, csv_text
 from ..runs import ComparisonFolder, RunFolder
 from . import evaluation, plots
 from .collect import collect_runs, group_runs, is_stale
@@ -258,7 +258,7 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
     if all_records:
         import pandas as pd
 
-        atomic_write_text(out / "report_runs.csv", pd.DataFrame(all_records).to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(out / "report_runs.csv", csv_text(pd.DataFrame(all_records)))
         lines += ["Every run, with its eval metrics: report_runs.csv.", ""]
     for comparison in comparisons:
         if (own_summary := ComparisonFolder(comparison).summary_markdown).is_file():

@@ -38,7 +38,7 @@ import pandas as pd
 
 from ..deploy.bench import read_latency_csv
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, csv_text
 from ..runs import ComparisonFolder, RunFolder
 from .statistics import paired_test
 from .tables import seed_key
@@ -400,5 +400,5 @@ def best_under_budget(df: pd.DataFrame, max_latency_ms: float) -> pd.DataFrame:
 def write_selection(df: pd.DataFrame, path: Path) -> Path:
     """selection.csv, written atomically."""
     path = Path(path)
-    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(path, csv_text(df))
     return path

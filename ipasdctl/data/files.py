@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError, one_line
 from .base import Augment, Batch, LabelledSplits, complement, step_seed
+from .decode import open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,13 +48,10 @@ MAX_WORKERS = 64  # DataLoader worker processes: more only stall the machine whi
 
 def load_rgb(path: str):
     """The image at `path` as an RGB PIL image; an unreadable file is a UserError naming it."""
-    from PIL import Image
-
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return open_image(handle, path).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
         detail = one_line(exc, 200)
         raise UserError(f"cannot decode image {path} ({type(exc).__name__}: {detail}); "
                         "remove or replace the file") from None

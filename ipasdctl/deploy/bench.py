@@ -30,13 +30,15 @@ import numpy as np
 
 from .. import runtime
 from ..errors import UserError
-from ..files import atomic_write_text, sha256_of
+from ..files import atomic_write_text, csv_text, sha256_of
 from ..runs import RunFolder, load_model, read_json
 from .onnx_files import MAX_IMAGE_SIDE, check_onnx_file, metadata_of, ort_session
 
 LATENCY_CSV = "latency.csv"
 PERCENTILES = (50, 90, 99)
 UNSTABLE_TAIL = 5.0  # p99 / p50 above this: other load disturbed the timing
+MAX_RUNS = 100_000  # timed calls per batch size: at 1 ms a call, about 2 minutes
+ACTIVATION_FACTOR = 32  # bytes a network holds while it runs, per byte of its input (a generous estimate)
 COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
            "torch", "created", "model_path", "model_sha256", "fp32_p50_ms", "int8_vs_fp32", "int8_pays"]
@@ -60,15 +62,26 @@ def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
 def check_bench_options(batch_sizes, runs: int, threads: Optional[int], warmup: Optional[int]) -> list[int]:
     """The batch sizes, once every option is checked (before a chain trains anything)."""
     sizes = parse_batch_sizes(batch_sizes)
-    if runs <= 0:
-        raise UserError(f"--runs must be positive, got {runs}")
-    max_threads = 4 * runtime.available_cpus()
-    if threads is not None and not 0 < int(threads) <= max_threads:
-        raise UserError(f"--threads must be from 1 to {max_threads} (4 x this machine's {runtime.available_cpus()} "
-                        f"CPUs), got {threads}")
-    if warmup is not None and int(warmup) < 0:
-        raise UserError(f"--warmup must not be negative, got {warmup}")
+    if not 0 < runs <= MAX_RUNS:
+        raise UserError(f"--runs must be from 1 to {MAX_RUNS}, got {runs}")
+    runtime.check_thread_count("--threads", threads)
+    if warmup is not None and not 0 <= int(warmup) <= MAX_RUNS:
+        raise UserError(f"--warmup must be from 0 to {MAX_RUNS}, got {warmup}")
     return sizes
+
+
+def check_batch_memory(sizes: Sequence[int], shape: Sequence[int]) -> None:
+    """The largest batch's input, with the activations a network holds for it (about ACTIVATION_FACTOR x the
+    input), must fit in half of this machine's memory: 1,000,000 images would otherwise die in the allocator."""
+    image_bytes = 4 * int(np.prod(shape))  # float32
+    memory = runtime.memory_bytes()
+    largest = max(1, (memory // 2) // (ACTIVATION_FACTOR * image_bytes))
+    if max(sizes) > largest:
+        shown = "x".join(str(v) for v in shape)
+        raise UserError(f"--batch-sizes {max(sizes)} is too large for {shown} images on this machine: a batch may "
+                        f"take at most half of its {memory / 2**30:.0f} GiB of memory (input and activations, about "
+                        f"{ACTIVATION_FACTOR} x {image_bytes} bytes an image), so at most {largest} images; use "
+                        "smaller batch sizes")
 
 
 def time_calls(call: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
@@ -198,6 +211,7 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         if kept is not None:
             return kept, csv_path
     shape = _input_shape(model_path, meta, proto)
+    check_batch_memory(sizes, shape)
     torch_model = None
     if torch_checkpoint is not None:
         torch_model = load_model(torch_checkpoint.parent.parent, torch_checkpoint.stem, device="cpu")[0]
@@ -274,7 +288,7 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
         torch.set_num_threads(previous_threads)
     new = pd.DataFrame(rows, columns=COLUMNS)
     merged = _merge(csv_path, new)
-    atomic_write_text(csv_path, merged.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(csv_path, csv_text(merged))
     return new, csv_path
 
 
@@ -347,7 +361,7 @@ def forget_latencies(csv_path: Path, models: Sequence[Path]) -> None:
     if "model_path" in table.columns:
         replaced |= table["model_path"].astype(str).isin(paths)
     if replaced.any():
-        atomic_write_text(csv_path, table[~replaced].to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(csv_path, csv_text(table[~replaced]))
 
 
 def _csv_path(model_path: Path, out: Optional[Path]) -> Path:

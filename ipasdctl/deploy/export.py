@@ -25,8 +25,6 @@ export leaves no half-written model behind.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +37,8 @@ from ..version import __version__ as ipasdctl_version
 from .. import runtime
 from ..data import build_data
 from ..errors import UserError
-from ..files import atomic_write_json, check_checkpoint, sha256_of
+from ..files import (atomic_write_json, check_checkpoint, disk_full_error, make_staging_folder, remove_staging_folder,
+                     sha256_of)
 from ..models import count_macs, count_params
 from ..runs import RunFolder, load_model, read_json
 from .bench import LATENCY_CSV, forget_latencies, int8_speed_check
@@ -284,7 +283,7 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
 
     images = _sample_images(data, max(validation_batch_sizes))
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
+        staging = make_staging_folder(out_dir, name)  # and the leftovers of a killed export of this name go
     except OSError as exc:
         raise UserError(f"cannot write into {out_dir}: {exc.strerror or exc}; choose a writable --out") from None
     try:
@@ -386,8 +385,13 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     except OSError as exc:
         raise UserError(f"cannot write the export into {out_dir}: {exc.strerror or exc}; "
                         "free disk space or choose another --out") from None
+    except Exception as exc:  # a library that lost an ENOSPC on the way ("Wire format was corrupt"): say so
+        full = disk_full_error(out_dir, exc)
+        if full is None:
+            raise
+        raise full from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging_folder(staging)
     record["onnx_path"] = str(out_dir / f"{name}.onnx")
     record["json_path"] = str(out_dir / f"{name}.json")
     if int8_record is not None:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,7 +20,7 @@ from .. import runtime
 from ..accuracy import topk_hits
 from ..config import DataConfig, shown
 from ..data import build_data
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 EXPORT_FORMAT = "ipasdctl-export-1"
 INPUT_NAME = "images"
@@ -39,20 +40,50 @@ _JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_clas
 
 def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",)):
     """An onnxruntime session on the given providers (in order of preference), all graph optimisations, one
-    operator at a time with `threads` threads each; a file onnxruntime cannot load is a UserError."""
+    operator at a time with `threads` threads each. Any error onnxruntime raises on the file, loading it or
+    running it, is one UserError line (see ModelSession)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: its error lines (on fd 2) would double the one UserError line
     threads = threads or runtime.requested_threads()  # --threads of the command, else onnxruntime's own
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load {model_path}: {first[:200]}") from None
+        raise onnxruntime_error(model_path, "load", exc) from None
+    return ModelSession(session, Path(model_path))
+
+
+def onnxruntime_error(model_path: Path, doing: str, exc: BaseException) -> UserError:
+    """The one line for an onnxruntime failure on a model file: a file someone handed in can pass loading and
+    still fail inside session.run (a bias of 17 values for 16 channels, an input of another type)."""
+    detail = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", one_line(exc, 300)) or type(exc).__name__
+    if isinstance(exc, MemoryError) or "allocate" in detail.lower():
+        fix = "use a smaller batch size"
+    else:
+        fix = "the model file is malformed: export it again with `ipasdctl export --onnx`"
+    return UserError(f"onnxruntime cannot {doing} {model_path}: {detail}; {fix}")
+
+
+class ModelSession:
+    """An onnxruntime InferenceSession whose run() answers any error in one UserError line; every other
+    attribute (get_inputs, get_providers, ...) is the session's own."""
+
+    def __init__(self, session, model_path: Path):
+        self.session = session
+        self.model_path = model_path
+
+    def run(self, output_names, feeds, run_options=None):
+        try:
+            return self.session.run(output_names, feeds, run_options)
+        except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException, ...; MemoryError
+            raise onnxruntime_error(self.model_path, "run", exc) from None
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
 
 
 def check_onnx_file(model_path: Path):

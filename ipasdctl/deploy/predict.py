@@ -8,6 +8,7 @@ x = (pixel / 255 - mean) / std per channel. A run folder's checkpoint records th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ..data import build_data
+from ..data.decode import open_image
 from ..data.imagefolder import transforms_for
 from ..errors import UserError
 from ..runs import RunFolder, load_model
@@ -61,18 +63,31 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise UserError(f"{path} does not exist; give image files or folders of them")
+            raise UserError(f"{path} {_not_a_file(path)}; give image files or folders of them")
         if len(files) > MAX_IMAGES:
             raise UserError(f"more than {MAX_IMAGES} images given; predict on fewer at a time")
     return files
 
 
-def load_image(path: Path, channels: int):
-    """The image as a PIL image in RGB (or L for one-channel models); a UserError when it is no picture."""
-    from PIL import Image
+def _not_a_file(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is: missing, a FIFO, a device, a dangling link."""
+    import stat
 
     try:
-        with Image.open(path) as image:
+        mode = path.stat().st_mode
+    except OSError:
+        return f"is a symlink to {os.readlink(path)}, which does not exist" if path.is_symlink() else "does not exist"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    link = f"a symlink to {os.readlink(path)}, which is " if path.is_symlink() else ""
+    return f"is {link}{kind}, not an image file"
+
+
+def load_image(path: Path, channels: int):
+    """The image as a PIL image in RGB (or L for one-channel models); a UserError when it is no picture."""
+    try:
+        with open_image(path, path) as image:
             image.load()
             mode = image.mode
             if mode not in PICTURE_MODES:
@@ -81,8 +96,6 @@ def load_image(path: Path, channels: int):
             return image.convert("L" if channels == 1 else "RGB")
     except UserError:
         raise
-    except Image.DecompressionBombError:
-        raise UserError(f"{path} is larger than PIL's decompression-bomb limit; give a smaller image") from None
     except (OSError, ValueError, SyntaxError):
         raise UserError(f"{path} is not an image PIL can read; give PNG, JPEG or another image file") from None
 

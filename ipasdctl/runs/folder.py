@@ -31,10 +31,11 @@ import torch
 
 from ..config import Recipe, dump_recipe, recipe_from_dict
 from ..errors import UserError, one_line
-from ..files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, remove_temporaries,
-                     save_checkpoint)
+from ..files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, neutral_cell,
+                     remove_temporaries, save_checkpoint)
 from ..models import build_model
 from ..runtime import resolve_device
+from ..yaml_files import read_yaml_file
 from .lock import RunLock
 from .schemas import RESULT_COLUMNS, RunSummary, check_state
 
@@ -143,15 +144,10 @@ class RunFolder:
 
     def read_config(self) -> Optional[dict]:
         """config.yaml as a plain dict; None when missing; a UserError when it is not YAML."""
-        import yaml
-
         if not self.config.is_file():
             return None
-        try:
-            return yaml.safe_load(self.config.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            raise UserError(f"{self.config} is not readable YAML; is {self.path} a run folder? remove it, or "
-                            "train it again") from None
+        return read_yaml_file(self.config, str(self.config), f"is {self.path} a run folder? remove it, or train it "
+                              "again") or {}
 
     def load_state(self, which: str = "best") -> dict:
         """A checkpoint's state, loaded weights-only."""
@@ -294,9 +290,9 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
                 columns.append(key)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    writer.writerow({column: neutral_cell(column) for column in columns})
     for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else neutral_cell(v)) for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
 
 

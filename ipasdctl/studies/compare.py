@@ -36,6 +36,7 @@ from ..files import atomic_write_text
 from ..analysis.tables import count_noun
 from ..methods import method_class
 from ..runs import RunFolder, RunSummary
+from ..yaml_files import read_yaml_file
 from .executors import Executor, Sequential
 from .plan import ComparisonPlan
 from .scheduler import RunsFailed, carry_out
@@ -68,10 +69,9 @@ def prepare(comparison: ComparisonPlan) -> None:
     if out.is_file():
         raise UserError(f"--out {out} is a file; give a folder for the comparison")
     if record_path.is_file() and _has_trained_runs(out):
-        try:
-            previous = yaml.safe_load(record_path.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            raise UserError(f"{record_path} is unreadable; remove it or choose another --out") from None
+        previous = read_yaml_file(record_path, str(record_path), "remove it or choose another --out") or {}
+        if not isinstance(previous, dict):
+            raise UserError(f"{record_path} is not a comparison record (a mapping); remove it or choose another --out")
         diff = differing_keys(_without_method_and_seed(_with_defaults(previous.get("recipe") or {})),
                                _without_method_and_seed(comparison.record()["recipe"]))
         if diff:

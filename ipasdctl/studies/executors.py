@@ -343,6 +343,8 @@ def make_executor(recipe: Recipe, jobs: Optional[int] = None, devices: Optional[
         raise UserError(f"--jobs must be 1 or more, got {jobs}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads-per-job must be 1 or more, got {threads}")
+    if ray is None:  # under Ray the cluster's nodes bound it (RayTasks)
+        runtime.check_thread_count("--threads-per-job", threads)
     device = runtime.resolve_device(recipe.train.device)
     cuda = device.type == "cuda"
     parallel = ray is not None or devices is not None or (jobs or 1) > 1

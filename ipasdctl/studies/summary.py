@@ -12,7 +12,7 @@ from typing import Optional
 from ..analysis.statistics import ACCURACY_CI_NOTE, MIN_SEEDS, accuracy_interval, paired_test
 from ..analysis.tables import count_noun
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, csv_text
 from ..methods import method_class
 from ..runs import RESULT_COLUMNS, RunFolder, comparison_run_name
 from .plan import REFERENCE, ComparisonPlan, reference_run
@@ -224,7 +224,7 @@ def write_tables(comparison: ComparisonPlan, failed: Optional[dict] = None):
     summary = summary_table(finished, best_chosen_on="val" if comparison.recipe.data.val_split else "test",
                             partial=len(finished) < len(results))
     folder = comparison.folder
-    atomic_write_text(folder.results, results.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(folder.summary, summary.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(folder.results, csv_text(results))
+    atomic_write_text(folder.summary, csv_text(summary))
     atomic_write_text(folder.summary_markdown, summary_markdown(comparison, summary, results, failed))
     return results, summary

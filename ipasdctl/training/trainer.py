@@ -37,7 +37,7 @@ from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
 from ..runs import CHECKPOINT_FORMAT, BestEpoch, Checkpoint, DataStats, RunFolder, RunSummary
 from . import distributed
-from .checks import check_labels
+from .checks import check_folder_still_there, check_labels
 from .meters import EpochMeter, test_metrics
 from .progress import Progress
 from .schedule import lr_at
@@ -226,6 +226,7 @@ class Trainer:
         self.stops.check_weights(self.net, where, self.folder.last if self.folder is not None else None)
         state = self.state_dict()
         if self.dist.is_main:
+            check_folder_still_there(self.folder)
             self.folder.save_checkpoint(state, best)
 
     @property
@@ -434,6 +435,7 @@ class Trainer:
             processes=self.dist.world_size,
         )
         if self.dist.is_main:
+            check_folder_still_there(self.folder)
             self.folder.write_summary(summary)
         return summary
 
