@@ -63,6 +63,7 @@ def ddgsd_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, features_1: torch
 class DataDistortionSD(Method):
     name = "ddgsd"
     Params = DDGSDParams
+    changes_images = True  # a second, independently distorted view of every image
 
     def loss(self, net, batch) -> StepResult:
         view_2 = batch.view(batch.raw, 0)
