@@ -2,8 +2,9 @@
 
 Every method is timed in one process, alternating with ce repetition by repetition; the ratio is of medians.
 Methods that need extra compute by design report their ratio too, honestly, but are not held to the 3%
-target: extra forwards (cs-kd's partners, ddgsd's second view, dlb's overlap, tf-kd-self's teacher) or extra
-layers (byot's and dks's auxiliary heads).
+target: extra forwards (cs-kd's partners, ddgsd's second view, dlb's overlap, tf-kd-self's teacher, mixskd's
+mixed copy of the batch) or extra layers (byot's and dks's auxiliary heads; mixskd's heads, self-teacher and
+discriminators, run on both halves of its 2B batch).
 
     IPASDCTL_BENCH_REPS=40 .venv/bin/python -m pytest benchmarks/test_bench_overhead.py --benchmark-only -s
 """

@@ -26,8 +26,8 @@ from ipasdctl.config import load_recipe
 from ipasdctl.methods import METHODS
 
 TINY = ["--recipe", "demo", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--set", "data.train_subset=64"]
-RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
-                  "params", "macs", "train_seconds", "images_per_second", "run_dir"]
+RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "changes_images", "best_top1", "last_top1", "best_epoch",
+                  "best_top5", "params", "macs", "train_seconds", "images_per_second", "run_dir"]
 
 
 def tiny_recipe(*sets):

@@ -79,7 +79,7 @@ def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list
     return header, rows, records
 
 
-SELECTION_SHOWN = ["dataset", "method", "arch", "precision", "checkpoint", "seeds", "seeds_compared",
+SELECTION_SHOWN = ["dataset", "method", "changes_images", "arch", "precision", "checkpoint", "seeds", "seeds_compared",
                    "missing_seeds", "top1", "top1_std", "params", "macs", "file_size_mb", "latency_ms",
                    "slower_than_fp32", "pareto_optimal", "within_budget"]
 

@@ -12,7 +12,9 @@ checkpoint kind (`accuracy_source` says which). PyTorch's best- and last-epoch t
 seeds stand in their own columns. Latency is the `latency_stat` (p50 by default) of onnxruntime's CPU provider
 at `latency_batch_size` (1), averaged over the group's exported models of that precision. An INT8 row slower
 than its group's fp32 row is flagged (`slower_than_fp32`) and never recommended. Exports that match no
-compared run are listed in `table.attrs["unmatched_exports"]`.
+compared run are listed in `table.attrs["unmatched_exports"]`. `changes_images` marks a method that trains on
+images it changes (mixup pairs, extra distorted views; each run's summary records it): part of its accuracy is
+the data's.
 
 Pareto optimality is judged within each data set, on (top-1 up, latency down): a row is Pareto-optimal when
 no other row has top-1 >= its top-1 and latency <= its latency with at least one of the two strict. Rows
@@ -45,7 +47,7 @@ from .tables import seed_key
 
 GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
-COLUMNS = ["dataset", "method", "arch", "epochs", "precision", "checkpoint", "seeds", "seeds_compared",
+COLUMNS = ["dataset", "method", "changes_images", "arch", "epochs", "precision", "checkpoint", "seeds", "seeds_compared",
            "missing_seeds", "top1", "top1_std", "top1_by_seed", "top5", "accuracy_source", "pytorch_best_top1",
            "pytorch_last_top1", "params", "macs",
            "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "latency_batch_size",
@@ -224,6 +226,7 @@ def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_l
         shared = {
             **dict(zip(GROUP_KEYS, key)),
             "seeds_compared": len(compared),
+            "changes_images": _changes_images(group),
             "pytorch_best_top1": group["best_top1"].mean(),
             "pytorch_last_top1": group["last_top1"].mean() if "last_top1" in group else np.nan,
             "params": group["params"].mean() if "params" in group else np.nan,
@@ -253,6 +256,13 @@ def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_l
     table = table.reset_index(drop=True)
     table.attrs["unmatched_exports"] = unmatched
     return table
+
+
+def _changes_images(group: pd.DataFrame) -> bool:
+    """Whether the group's runs trained on images their method changes (recorded by the run; absent: no)."""
+    if "changes_images" not in group.columns:
+        return False
+    return bool(group["changes_images"].map(lambda value: value is True or str(value) == "True").any())
 
 
 def _common(values, default: str) -> str:

@@ -11,8 +11,9 @@ share are in methods/losses.py.
 A method states its name once (`name`, read by `@METHODS.register`), declares its parameters' bounds on the
 fields of its `Params` (`params.param(4.0, gt=0)`, checked when they are parsed, so a bad `--set` is refused
 before anything trains; `check_params` adds the checks that involve several fields), declares the trained run it
-needs (`reference_run_param`) instead of being known by name elsewhere, and reaches the other processes of a
-run only through `ctx.collectives` (the identity on one process; training/distributed.py under several).
+needs (`reference_run_param`) and whether it changes the training images (`changes_images`) instead of being
+known by name elsewhere, and reaches the other processes of a run only through `ctx.collectives` (the identity
+on one process; training/distributed.py under several).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class Method:
     # the parameter that names a trained run of the reference method (ce) to distil from; `compare` fills it
     # with the reference run of the same seed (trained first) when the user leaves it empty
     reference_run_param: Optional[str] = None
+    # True for a method that trains on images it changes beyond the recipe's augmentation (mixed pairs, extra
+    # distorted views): part of its effect is the data's, and the comparison tables mark it
+    changes_images: bool = False
 
     def __init__(self, params, ctx: MethodContext):
         self.params = params

@@ -64,6 +64,7 @@ class DataDistortionSD(Method):
     name = "ddgsd"
     summary = "data-distortion guided self-distillation: two augmented views teach each other (Xu, Liu 2019)"
     Params = DDGSDParams
+    changes_images = True  # a second, independently distorted view of every image
 
     def loss(self, net, batch) -> StepResult:
         view_2 = batch.view(batch.raw, 0)

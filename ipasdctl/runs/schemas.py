@@ -17,8 +17,8 @@ import torch
 from ..errors import UserError
 
 # the columns of a comparison's results.csv (and of a report's runs): what a finished run's summary holds
-RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
-                  "params", "macs", "train_seconds", "images_per_second", "run_dir"]
+RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "changes_images", "best_top1", "last_top1", "best_epoch",
+                  "best_top5", "params", "macs", "train_seconds", "images_per_second", "run_dir"]
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RunSummary:
 
     name: Optional[str] = None  # the run folder's name
     method: Optional[str] = None
+    changes_images: Optional[bool] = None  # the method trains on images it changes (mixup pairs, extra views)
     arch: Optional[str] = None
     dataset: Optional[str] = None
     num_classes: Optional[int] = None

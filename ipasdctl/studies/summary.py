@@ -19,7 +19,8 @@ from .plan import REFERENCE, ComparisonPlan, reference_run
 
 INTEGER_COLUMNS = ["seed", "epochs", "best_epoch", "params", "macs"]
 STAT_COLUMNS = ("best_top1", "last_top1")
-SUMMARY_COLUMNS = ["method", "runs",
+CHANGES_IMAGES_MARK = "†"  # after the name of a method that trains on images it changes
+SUMMARY_COLUMNS = ["method", "changes_images", "runs",
                    *[f"{c}_{s}" for c in STAT_COLUMNS for s in ("mean", "std", "ci_low", "ci_high")],
                    "delta_best_top1", "delta_last_top1", "paired_seeds",
                    *[f"paired_delta_{c}_{s}" for c in STAT_COLUMNS for s in ("mean", "ci_low", "ci_high", "p")],
@@ -37,7 +38,9 @@ def results_table(comparison: ComparisonPlan, failed: Optional[dict] = None):
         summary = RunFolder(planned.run_dir).read_summary()
         finished = summary is not None and summary.finished
         row = summary.result_row() if finished else {}
-        row.update(method=planned.method, seed=planned.seed, run_dir=str(planned.run_dir),
+        # the method's declaration, also for a pending run or one trained before summaries recorded it
+        row.update(method=planned.method, changes_images=method_class(planned.method).changes_images,
+                   seed=planned.seed, run_dir=str(planned.run_dir),
                    status="finished" if finished else "failed" if planned.name in failed else "pending")
         rows.append(row)
     table = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "status"])
@@ -61,7 +64,7 @@ def summary_table(results, reference: str = REFERENCE, best_chosen_on: str = "te
     reference_runs = results[results["method"] == reference]
     rows = []
     for method, runs in grouped:
-        row = {"method": method, "runs": len(runs)}
+        row = {"method": method, "changes_images": _changes_images(runs), "runs": len(runs)}
         pairs = _paired(runs, reference_runs)
         row["paired_seeds"] = len(pairs)
         for column in STAT_COLUMNS:
@@ -82,6 +85,13 @@ def summary_table(results, reference: str = REFERENCE, best_chosen_on: str = "te
     table = table.rename_axis("method").reset_index()
     table = table.sort_values(["rank", "best_top1_mean"], ascending=[True, False], kind="stable")
     return table[SUMMARY_COLUMNS].reset_index(drop=True)
+
+
+def _changes_images(runs) -> bool:
+    """Whether a method's runs trained on images it changed (results.csv's column; absent: no)."""
+    if "changes_images" not in runs.columns:
+        return False
+    return bool(runs["changes_images"].map(lambda value: value is True or str(value) == "True").any())
 
 
 def _paired(runs, reference_runs):
@@ -171,7 +181,7 @@ def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: 
     for row in summary.itertuples(index=False):
         reference = row.method == REFERENCE
         cells = [
-            str(row.rank), f"`{row.method}`", str(row.runs),
+            str(row.rank), f"`{row.method}`{CHANGES_IMAGES_MARK if row.changes_images else ''}", str(row.runs),
             _mean_std(row.last_top1_mean, row.last_top1_std),
             _interval(row.last_top1_ci_low, row.last_top1_ci_high),
             "(reference)" if reference else _paired_cell(row, "last_top1"),
@@ -192,6 +202,7 @@ def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: 
                      "test set makes it optimistic; it is what most papers report (`--set data.val_split=N` chooses "
                      "it on held-out training images instead).")
     pairs = int(summary["paired_seeds"].min()) if len(summary) else 0
+    marked = [f"`{method}`" for method in summary.loc[summary["changes_images"].astype(bool), "method"]]
     lines += [
         "",
         "- **Last-epoch top-1** is the test accuracy of the model the run ends with: the honest number, the model "
@@ -202,6 +213,10 @@ def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: 
         "two-sided paired t-test's p-value: runs with the same seed share data order and initial weights, so "
         f"pairing removes what the seed does to both. Verdict: better or worse when p < 0.05, else no clear "
         f"difference; with fewer than {MIN_SEEDS} seeds, needs more seeds.",
+        *([f"- {CHANGES_IMAGES_MARK} marks a method that trains on images it changes (mixed pairs, extra distorted "
+           f"views: {', '.join(marked)}): part of its difference to `{REFERENCE}` is the data's, not the "
+           "distillation's; `mixup`, which mixes pairs and distils nothing, is the baseline that separates the two "
+           "(`--baselines mixup`)."] if marked else []),
         *([f"- **The verdicts need more seeds**: this comparison has {pairs} paired "
            f"seed{'s' if pairs != 1 else ''}; rerun with `--seeds 0,1,2` (finished runs are kept)."]
           if pairs < MIN_SEEDS else []),

@@ -403,6 +403,7 @@ class Trainer:
         summary = RunSummary(
             name=self.folder.name,
             method=self.recipe.method["name"],
+            changes_images=self.method.changes_images,
             arch=self.recipe.model.arch,
             dataset=self.recipe.data.name,
             num_classes=self.data.num_classes,
