@@ -46,6 +46,7 @@ def maxsup_loss(logits: torch.Tensor, labels: torch.Tensor, lam: float) -> dict:
 @METHODS.register
 class MaxSup(Method):
     name = "maxsup"
+    summary = "maximum suppression: penalises the largest logit, not the target one (Zhou et al. 2025)"
     Params = MaxSupParams
 
     def loss(self, net, batch) -> StepResult:

@@ -171,6 +171,7 @@ def mixskd_loss(logits: Sequence[torch.Tensor], maps: Sequence[torch.Tensor], la
 @METHODS.register
 class MixSKD(Method):
     name = "mixskd"
+    summary = "self-KD from mixup: feature maps and logits of mixed images teach each other (Yang et al. 2022)"
     Params = MixSKDParams
     changes_images = True
 

@@ -39,6 +39,7 @@ def mixup_loss(logits, labels, lam: float, index) -> dict:
 @METHODS.register
 class Mixup(Method):
     name = "mixup"
+    summary = "mixup: trains on convex mixes of image pairs and of their labels (Zhang et al. 2018)"
     Params = MixupParams
     changes_images = True
 
