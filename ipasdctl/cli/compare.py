@@ -39,6 +39,9 @@ def compare(
         help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "
              "<method>-s<seed>/.")] = None,
     quiet: QuietOpt = False,
+    tuned: Annotated[Optional[list[Path]], typer.Option(
+        help="A study folder of `ipasdctl tune` (repeatable): its method runs with the study's best parameters "
+             "(best.yaml), every other method at its defaults; in a chain after tune: every study made.")] = None,
     jobs: Annotated[Optional[int], typer.Option(
         help="Train up to N runs at once on this machine, each in its own process: on CPU each gets "
              "cores / N threads, on CUDA its own GPU (default: 1, one run after another in this process; "
@@ -67,12 +70,15 @@ def compare(
     from ..config import load_recipe
     from ..studies import compare as comparing
     from ..studies import plan as planning
+    from ..studies import tune as tuning
     from ..studies.executors import make_executor
 
     overrides = recipe_overrides(ctx.params)
     seed_list = planning.parse_seeds(seeds)  # before the recipe: the cheapest mistake to report first
     base = training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, overrides))
-    comparison = planning.plan(base, baselines, seed_list, out)
+    tuned_studies = chain.link(ctx).inputs(tuned, "--tuned STUDY", "compare", "studies") if tuned is not None or (
+        chain.link(ctx).made is not None and chain.link(ctx).made.studies) else []
+    comparison = planning.plan(base, baselines, seed_list, out, tuning.read_tuned(tuned_studies))
     progress = training.Progress(enabled=not quiet)
     executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)
     say = None if quiet else comparing.say_on_stderr
