@@ -161,3 +161,23 @@ def test_bad_input_is_one_line(tmp_path, capsys, study):
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, (args, err)
     assert not (tmp_path / "fresh").exists()
     assert len(read_trials(study)) == 3  # a refused rerun left the study as it was
+
+
+def test_tune_chains_into_compare_which_runs_the_study_parameters(tmp_path, capsys):
+    study, comparison = tmp_path / "s", tmp_path / "c"
+    args = ["tune", "--trials", "1", *TINY, "--out", str(study),
+            "compare", *TINY, "--seeds", "0", "--out", str(comparison)]
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    best = yaml.safe_load(StudyFolder(study).best.read_text())
+    assert RunFolder(comparison / "ce-s0").read_config()["optim"]["lr"] == best["optim"]["lr"]
+
+
+def test_a_missing_optuna_and_a_folder_that_is_no_study_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    code, err = run_cli(["tune", "--trials", "2", *TINY, "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and err == f"error: {tuning.TUNE_MISSING}\n"
+    (tmp_path / "plain").mkdir()
+    code, err = run_cli(["compare", *TINY, "--seeds", "0", "--tuned", str(tmp_path / "plain"), "--out",
+                         str(tmp_path / "c")], capsys)
+    assert code == 2 and "is not a study folder (no study.yaml)" in err and err.count("\n") == 1
