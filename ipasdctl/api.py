@@ -47,10 +47,10 @@ def compare(recipe: RecipeLike = "demo", baselines: Union[str, Iterable[str]] = 
     """Train the recipe's method, the baselines and ce with every seed (resumable) and write the tables;
     returns the comparison folder (results.csv, summary.csv, summary.md). `tuned`: study folders of `tune`,
     whose methods run at their best trial's parameters."""
-    from .studies import tune as tuning
+    from .studies import tuned as tuned_runs
 
     plan = planning.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None,
-                         tuning.read_tuned(tuned))
+                         tuned_runs.read_tuned(tuned))
     comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None)
     return plan.out
 

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import yaml
 
 from .. import training
-from ..config import ResolvedRecipe, differing_keys, read_yaml, recipe_from_dict
+from ..config import ResolvedRecipe, differing_keys, recipe_from_dict
 from ..errors import UserError, one_line
 from ..files import atomic_write_text
 from ..runs import RunFolder, StudyFolder, trial_run_name
@@ -371,24 +371,3 @@ def _remove_empty(folder: StudyFolder) -> None:
     except OSError:
         pass
 
-
-def read_tuned(studies) -> dict:
-    """compare --tuned: method -> (study folder, the recipe overrides of its best trial), from each study
-    folder's best.yaml (read through the recipe loader). Two studies of one method are refused."""
-    tuned: dict = {}
-    for path in studies:
-        folder = StudyFolder(Path(path))
-        if not folder.is_study():
-            raise UserError(f"--tuned {folder.path} is not a study folder (no {folder.record.name}); give a folder "
-                            "written by `ipasdctl tune`")
-        if not folder.best.is_file():
-            raise UserError(f"--tuned {folder.path} has no {folder.best.name}: no trial of it has completed yet; "
-                            "run its `ipasdctl tune` command again")
-        overrides = read_yaml(folder.best)
-        method = (overrides.get("method") or {}).get("name") if isinstance(overrides.get("method"), dict) else None
-        if not method:
-            raise UserError(f"{folder.best} names no method (method.name); write it again with `ipasdctl tune`")
-        if method in tuned:
-            raise UserError(f"--tuned names two studies of {method} ({tuned[method][0]}, {folder.path}); give one")
-        tuned[method] = (folder.path, overrides)
-    return tuned

@@ -20,7 +20,7 @@ from ipasdctl.cli import main
 from ipasdctl.cli.options import recipe_overrides
 from ipasdctl.config import load_recipe
 from ipasdctl.runs import RunFolder, StudyFolder
-from ipasdctl.studies import compare, plan as planning, tune as tuning
+from ipasdctl.studies import compare, plan as planning, tune as tuning, tuned as tuned_runs
 from ipasdctl.training import stopping
 
 pytest.importorskip("optuna")
@@ -119,7 +119,7 @@ def test_the_pruner_stops_a_trial_a_stubbed_objective_makes_hopeless(tmp_path, m
 
 def test_compare_tuned_trains_with_the_study_parameters(study, tmp_path):
     best = yaml.safe_load(StudyFolder(study).best.read_text())
-    comparison = planning.plan(tiny_recipe(), "", [0], tmp_path / "c", tuning.read_tuned([study]))
+    comparison = planning.plan(tiny_recipe(), "", [0], tmp_path / "c", tuned_runs.read_tuned([study]))
     compare.run(comparison, training.Progress(enabled=False), None)
     config = RunFolder(tmp_path / "c" / "ce-s0").read_config()
     assert config["optim"]["lr"] == best["optim"]["lr"]
@@ -181,3 +181,23 @@ def test_a_missing_optuna_and_a_folder_that_is_no_study_are_one_line(tmp_path, c
     code, err = run_cli(["compare", *TINY, "--seeds", "0", "--tuned", str(tmp_path / "plain"), "--out",
                          str(tmp_path / "c")], capsys)
     assert code == 2 and "is not a study folder (no study.yaml)" in err and err.count("\n") == 1
+
+
+def test_compare_tune_tunes_every_method_with_the_same_budget_then_compares(tmp_path, capsys):
+    out = tmp_path / "c"
+    args = ["compare", *TINY, "--method", "ls", "--seeds", "0", "--tune", "2", "--out", str(out)]
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    for method in ("ce", "ls"):
+        rows = read_trials(out / "tuning" / method)
+        assert [r["state"] for r in rows] == ["complete", "complete"]
+        best = yaml.safe_load((out / "tuning" / method / "best.yaml").read_text())
+        config = RunFolder(out / f"{method}-s0").read_config()
+        assert config["optim"]["lr"] == best["optim"]["lr"]
+        if method == "ls":  # its declared parameter was searched too
+            assert config["method"]["eps"] == best["method"]["eps"]
+    times = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    code, err = run_cli(args, capsys)  # a rerun: no trial, no run trained again
+    assert code == 0 and {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == times
+    code, err = run_cli([*args, "--tuned", str(out / "tuning" / "ce")], capsys)
+    assert code == 2 and "leave out --tuned" in err
