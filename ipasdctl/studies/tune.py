@@ -20,7 +20,6 @@ import csv
 import math
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -242,9 +241,13 @@ def recover(study: Study) -> list[str]:
             notes.append(f"trial {trial.number} was left running by a process that ended; it is re-run")
     trials = study.study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
+    searched = {d.key for d in study.dims if d.low is not None or d.choices is not None}
     for trial in trials:
         if trial.state == TrialState.FAIL and study.ours(trial) and trial.number not in retried \
                 and not trial.user_attrs.get("error"):
+            if set(trial.params) != searched:  # the space changed since: its run is of another recipe now
+                notes.append(f"trial {trial.number} ran in another space; it stays failed, not re-run")
+                continue
             study.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
                                                                 "run": trial.user_attrs.get("run")})
     return notes
@@ -280,7 +283,7 @@ def spaces_recipe(recipe: ResolvedRecipe, params: dict):
     return recipe_from_dict(spaces.apply(recipe, params))
 
 
-def say_progress(study: Study, say: Callable[[str], None], started: float, session_trials: list) -> Callable:
+def say_progress(study: Study, say: Callable[[str], None], session_trials: list) -> Callable:
     target = study.settings.trials
 
     def line(_study, frozen) -> None:
@@ -354,7 +357,7 @@ def run(recipe: ResolvedRecipe, settings: TuneSettings, progress_enabled: bool =
             try:
                 study.study.optimize(objective_of(study, progress_enabled), n_trials=remaining,
                                      catch=(TrialDiverged,),
-                                     callbacks=[say_progress(study, say, time.time(), session)])
+                                     callbacks=[say_progress(study, say, session)])
             finally:
                 write_outputs(study)
         write_outputs(study)
