@@ -1,5 +1,5 @@
 """The Python API: the functions behind the commands, returning paths, records and dataclasses (nothing printed
-unless `progress=True`). `from ipasdctl import train, compare, evaluate, export_onnx, bench, predict, load_model`.
+unless `progress=True`). `from ipasdctl import train, tune, compare, evaluate, export_onnx, bench, predict, load_model`.
 
     from ipasdctl import train, export_onnx, predict
     run = train("demo", out="runs", overrides={"train": {"epochs": 5}})
@@ -43,12 +43,28 @@ def train(recipe: RecipeLike = "demo", out: Union[str, Path] = "runs", name: Opt
 
 def compare(recipe: RecipeLike = "demo", baselines: Union[str, Iterable[str]] = (), seeds: Iterable[int] = (0, 1, 2),
             out: Optional[Union[str, Path]] = None, overrides: Optional[dict] = None,
-            progress: bool = False) -> Path:
+            progress: bool = False, tuned: Iterable[Union[str, Path]] = ()) -> Path:
     """Train the recipe's method, the baselines and ce with every seed (resumable) and write the tables;
-    returns the comparison folder (results.csv, summary.csv, summary.md)."""
-    plan = planning.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None)
+    returns the comparison folder (results.csv, summary.csv, summary.md). `tuned`: study folders of `tune`,
+    whose methods run at their best trial's parameters."""
+    from .studies import tuned as tuned_runs
+
+    plan = planning.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None,
+                         tuned_runs.read_tuned(tuned))
     comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None)
     return plan.out
+
+
+def tune(recipe: RecipeLike = "demo", trials: int = 20, out: Optional[Union[str, Path]] = None,
+         space: Optional[Union[str, Path]] = None, storage: Optional[str] = None, pruner: str = "median",
+         overrides: Optional[dict] = None, progress: bool = False) -> Path:
+    """An Optuna study of the recipe's method on its validation split (resumable: a rerun continues it); returns
+    the study folder (trials.csv, best.yaml, summary.md, plots/). Needs pip install 'ipasdctl[tune]'."""
+    from .studies import tune as tuning
+
+    settings = tuning.TuneSettings(trials=trials, out=Path(out) if out is not None else None,
+                                   space=Path(space) if space is not None else None, storage=storage, pruner=pruner)
+    return tuning.run(recipe_of(recipe, overrides), settings, progress, tuning.say_on_stderr if progress else None)
 
 
 def evaluate(target: Union[str, Path], checkpoint: str = "best", data: Optional[Union[str, Path]] = None,
@@ -62,5 +78,5 @@ def evaluate(target: Union[str, Path], checkpoint: str = "best", data: Optional[
 
 
 __all__ = ["Prediction", "Recipe", "RunFolder", "bench", "compare", "evaluate", "export_onnx", "load_model",
-           "load_recipe", "predict", "recipe_of", "train"]
+           "load_recipe", "predict", "recipe_of", "train", "tune"]
 

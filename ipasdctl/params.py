@@ -3,7 +3,7 @@
 A field declared with `param(default, gt=0)` carries a `Declared` in its metadata; `check_declared` checks every
 such field of a parsed Params in one place, so a method's `check_params` keeps only the checks that involve
 several fields. The declaration also says how `tune` may search the parameter (`tune=(low, high)`, `log=True`
-for a log scale; issue 28 builds the search space from it); nothing reads those two yet.
+for a log scale): `ipasdctl tune` searches every field with a range (studies/space.py).
 
     @dataclass
     class LabelSmoothingParams:

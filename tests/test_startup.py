@@ -95,7 +95,8 @@ def test_every_command_takes_quiet():
     from ipasdctl.cli import app
 
     commands = typer.main.get_command(app).commands
-    assert set(commands) == {"train", "list", "compare", "eval", "report", "export", "bench", "calibrate", "predict"}
+    assert set(commands) == {"train", "list", "compare", "eval", "report", "export", "bench", "calibrate", "predict",
+                             "tune"}
     for name, command in commands.items():
         quiet = [p for p in command.params if p.name == "quiet"]
         assert quiet and set(quiet[0].opts) == {"--quiet", "-q"}, name

@@ -7,6 +7,7 @@ command before the first one runs, so a mistake in any of them is one line and e
 Each command then runs as it does alone, given a `Link` (the click context's `obj`): what the links before it
 made (the `Outputs` they returned, which the next links read) and the parameters a chain sets:
 
+    tune             ->  study folders                          (compare --tuned reads them)
     train / compare  ->  run folders (and the comparison folder)
     export           ->  exported models (and their folder)      (default input: every run folder so far)
     bench            ->  latency tables                          (default input: every exported model)
@@ -35,6 +36,7 @@ class Outputs:
 
     run_dirs: list[Path] = field(default_factory=list)
     comparisons: list[Path] = field(default_factory=list)
+    studies: list[Path] = field(default_factory=list)  # tune's study folders (compare --tuned's default)
     models: list[Path] = field(default_factory=list)
     exports_dir: Optional[Path] = None
     latency_tables: list[Path] = field(default_factory=list)
@@ -143,7 +145,7 @@ def record(chain: Outputs, made) -> None:
     """Add what one link made to what the chain has made (in order, each path once)."""
     if not isinstance(made, Outputs):
         return
-    for name in ("run_dirs", "comparisons", "models", "latency_tables"):
+    for name in ("run_dirs", "comparisons", "studies", "models", "latency_tables"):
         mine = getattr(chain, name)
         mine += [p for p in getattr(made, name) if p not in mine]
     chain.exports_dir = made.exports_dir or chain.exports_dir

@@ -39,6 +39,13 @@ def compare(
         help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "
              "<method>-s<seed>/.")] = None,
     quiet: QuietOpt = False,
+    tuned: Annotated[Optional[list[Path]], typer.Option(
+        help="A study folder of `ipasdctl tune` (repeatable): its method runs with the study's best parameters "
+             "(best.yaml), every other method at its defaults; in a chain after tune: every study made.")] = None,
+    tune: Annotated[Optional[int], typer.Option(
+        help="Tune every compared method first with the same budget of N Optuna trials on the validation split "
+             "(data.val_split; study folders in <out>/tuning/), then compare them at their best parameters. "
+             "Needs pip install 'ipasdctl[tune]'.")] = None,
     jobs: Annotated[Optional[int], typer.Option(
         help="Train up to N runs at once on this machine, each in its own process: on CPU each gets "
              "cores / N threads, on CUDA its own GPU (default: 1, one run after another in this process; "
@@ -67,17 +74,27 @@ def compare(
     """
     from .. import training
     from ..config import load_recipe
+    from ..errors import UserError
     from ..studies import compare as comparing
     from ..studies import plan as planning
+    from ..studies import tuned as tuned_runs
     from ..studies.executors import make_executor
 
     overrides = recipe_overrides(ctx.params)
     seed_list = planning.parse_seeds(seeds)  # before the recipe: the cheapest mistake to report first
     base = training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, overrides))
-    comparison = planning.plan(base, baselines, seed_list, out)
-    progress = training.Progress(enabled=not quiet)
-    executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)
+    tuned_studies = chain.link(ctx).inputs(tuned, "--tuned STUDY", "compare", "studies") if tuned is not None or (
+        chain.link(ctx).made is not None and chain.link(ctx).made.studies) else []
+    if tune is not None and tuned_studies:
+        raise UserError("--tune N tunes every method itself; leave out --tuned (or chain after no tune), or --tune")
     say = None if quiet else comparing.say_on_stderr
+    progress = training.Progress(enabled=not quiet)
+    executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)  # its options checked before tuning
+    studies = tuned_runs.read_tuned(tuned_studies)
+    if tune is not None:
+        where = planning.plan(base, baselines, seed_list, out)  # the methods, the folder, every recipe checked
+        studies = tuned_runs.tune_each(base, where.methods, tune, where.out, not quiet, say)
+    comparison = planning.plan(base, baselines, seed_list, out, studies)
     try:
         comparing.run(comparison, progress, say, executor)
     except training.Interrupted as exc:

@@ -37,7 +37,7 @@ FEATURE_LOSSES = ("map_mse", "pooled_masked_sum")
 
 @dataclass
 class BYOTParams:
-    T: float = param(4.0, gt=0)
+    T: float = param(4.0, gt=0, tune=(1.0, 8.0))
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     feat_weight: float = 0.05

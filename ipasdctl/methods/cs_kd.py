@@ -30,8 +30,8 @@ from .losses import distill_kl
 
 @dataclass
 class CSKDParams:
-    T: float = param(4.0, gt=0)
-    kd_weight: float = 1.0  # lambda; the authors use 3 on fine-grained data sets
+    T: float = param(4.0, gt=0, tune=(1.0, 8.0))
+    kd_weight: float = param(1.0, ge=0, tune=(0.1, 4.0), log=True)  # lambda; the authors use 3 on fine-grained data sets
 
 
 def class_wise_loss(anchor_logits: torch.Tensor, partner_logits: torch.Tensor, labels: torch.Tensor,

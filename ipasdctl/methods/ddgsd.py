@@ -34,7 +34,7 @@ MMD_KINDS = ("scalar", "vector")
 
 @dataclass
 class DDGSDParams:
-    T: float = param(4.0, gt=0)
+    T: float = param(4.0, gt=0, tune=(1.0, 8.0))
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     mmd_weight: float = 5e-4

@@ -28,7 +28,7 @@ from .losses import distill_kl
 
 @dataclass
 class DKSParams:
-    T: float = param(4.0, gt=0)
+    T: float = param(4.0, gt=0, tune=(1.0, 8.0))
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     aux_stages: Optional[list[int]] = None  # 0-based stages with a head; None: the last two intermediate ones

@@ -46,8 +46,8 @@ from .losses import distill_kl
 
 @dataclass
 class DLBParams:
-    T: float = param(3.0, gt=0)
-    kd_weight: float = 1.0  # a
+    T: float = param(3.0, gt=0, tune=(1.0, 8.0))
+    kd_weight: float = param(1.0, ge=0, tune=(0.1, 4.0), log=True)  # a
     joint_forward: bool = False  # true: one forward of [repeated, new] (shared BatchNorm statistics)
 
 

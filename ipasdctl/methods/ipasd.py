@@ -30,9 +30,9 @@ from .memory import DTYPES, SampleMemory
 
 @dataclass
 class IPASDParams:
-    w_div: float = param(0.8, ge=0)
-    w_con: float = param(0.01, ge=0)
-    tau: float = param(0.3, gt=0)
+    w_div: float = param(0.8, ge=0, tune=(0.2, 1.0))
+    w_con: float = param(0.01, ge=0, tune=(1e-3, 0.3), log=True)
+    tau: float = param(0.3, gt=0, tune=(0.05, 1.0), log=True)
     con_grad: bool = True  # false: the release's detached contrastive term (no gradient), for ablation
     memory_dtype: str = param("float16", choices=DTYPES)  # float32 | float16 | bfloat16 | uint8
 

@@ -20,7 +20,7 @@ from .losses import soft_cross_entropy
 
 @dataclass
 class LabelSmoothingParams:
-    eps: float = param(0.1, ge=0, lt=1)
+    eps: float = param(0.1, ge=0, lt=1, tune=(0.0, 0.3))
 
 
 def smoothed_targets(labels: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:

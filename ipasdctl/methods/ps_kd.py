@@ -25,7 +25,7 @@ from .memory import DTYPES, SampleMemory
 
 @dataclass
 class PSKDParams:
-    alpha_T: float = param(0.8, ge=0, le=1)
+    alpha_T: float = param(0.8, ge=0, le=1, tune=(0.1, 0.95))
     memory_dtype: str = param("float16", choices=DTYPES)  # float32 | float16 | bfloat16 | uint8
 
 

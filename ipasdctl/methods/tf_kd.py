@@ -41,8 +41,8 @@ CORRECT_PROB = 0.99  # the virtual teacher's probability on the label (fixed in 
 
 @dataclass
 class TfKDRegParams:
-    alpha: float = param(0.1, ge=0, le=1)
-    temperature: float = param(20.0, gt=0)
+    alpha: float = param(0.1, ge=0, le=1, tune=(0.05, 0.95))
+    temperature: float = param(20.0, gt=0, tune=(1.0, 40.0), log=True)
     multiplier: float = param(100.0, ge=0)
     soften_student: bool = False  # true: log_softmax(z / T) on the student side (the paper's equation)
 
@@ -50,8 +50,8 @@ class TfKDRegParams:
 @dataclass
 class TfKDSelfParams:
     teacher: Optional[str] = None  # run folder of a finished training run (its checkpoints/best.pt)
-    alpha: float = param(0.95, ge=0, le=1)
-    temperature: float = param(6.0, gt=0)
+    alpha: float = param(0.95, ge=0, le=1, tune=(0.05, 0.95))
+    temperature: float = param(6.0, gt=0, tune=(1.0, 20.0), log=True)
     multiplier: float = param(50.0, ge=0)
 
 

@@ -34,7 +34,7 @@ UPSAMPLE_MODES = ("none", "bilinear", "bicubic")
 
 @dataclass
 class ZipfLSParams:
-    loss_lambda: float = param(0.1, ge=0)
+    loss_lambda: float = param(0.1, ge=0, tune=(0.01, 1.0), log=True)
     power: float = 1.0
     upsample: str = param("bilinear", choices=UPSAMPLE_MODES)  # none | bilinear | bicubic: 2x upsampling of the dense map before voting
 

@@ -5,6 +5,7 @@ spells their file names; every other module reaches them through the names below
     comparison.py  ComparisonFolder: a comparison's files and its run folders
     schemas.py     what a run's files hold: RunSummary (summary.json), Checkpoint (checked by check_state), the
                    columns of a run's row in the tables
+    study.py       StudyFolder: a tuning study's files and its trial run folders
     lock.py        RunLock: one process writes a folder at a time
 """
 
@@ -12,10 +13,11 @@ from .comparison import ComparisonFolder, comparison_run_name
 from .folder import (RunFolder, check_out_folder, check_run_name, create_run_dir, default_run_name, load_model,
                      read_json, write_metrics_csv)
 from .lock import RunLock
+from .study import StudyFolder, trial_run_name
 from .schemas import (CHECKPOINT_FORMAT, MAX_CLASSES, RESULT_COLUMNS, BestEpoch, Checkpoint, DataStats, RunSummary,
                       check_state)
 
 __all__ = ["CHECKPOINT_FORMAT", "MAX_CLASSES", "RESULT_COLUMNS", "BestEpoch", "Checkpoint", "ComparisonFolder",
-           "DataStats", "RunFolder", "RunLock", "RunSummary", "check_out_folder", "check_run_name", "check_state",
+           "DataStats", "RunFolder", "RunLock", "RunSummary", "StudyFolder", "check_out_folder", "check_run_name", "check_state",
            "comparison_run_name", "create_run_dir", "default_run_name", "load_model", "read_json",
-           "write_metrics_csv"]
+           "trial_run_name", "write_metrics_csv"]

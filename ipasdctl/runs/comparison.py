@@ -4,6 +4,7 @@
     <comparison>/<method>-s<seed>/    one ordinary run folder per method and seed (`run(method, seed)`)
     <comparison>/results.csv          one row per planned run (RESULT_COLUMNS and its status)
     <comparison>/summary.csv, .md     per method: the statistics over seeds (studies/summary.py writes them)
+    <comparison>/tuning/<method>/     `compare --tune N`: the study folder of each tuned method (runs/study.py)
     <comparison>/.lock                held by the one `compare` that runs in the folder
     <comparison>/report.md, ...       `ipasdctl report` (analysis/report.py names its files)
 
@@ -55,6 +56,10 @@ class ComparisonFolder:
     def run(self, method: str, seed: int) -> RunFolder:
         """The run folder of `method` with `seed`."""
         return RunFolder(self.path / comparison_run_name(method, seed))
+
+    def study(self, method: str) -> Path:
+        """The study folder `compare --tune` tunes `method` in."""
+        return self.path / "tuning" / method
 
     def lock(self) -> RunLock:
         return RunLock(self.path)

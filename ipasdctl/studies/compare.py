@@ -7,7 +7,8 @@ ordinary run folder per method and seed, and the tables (studies/summary.py): on
 the mean and spread over seeds, the difference to ce and the rank.
 
 Method parameters given with `--set method.x=...` apply to the main method only; baselines run with their
-defaults. `tf-kd-self` distils from the `ce` run of the same seed (trained first), unless the main method is
+defaults, unless a tuning study gives a method its best trial's parameters (`--tuned`, `--tune N`:
+studies/tuned.py; the plan carries them). `tf-kd-self` distils from the `ce` run of the same seed (trained first), unless the main method is
 tf-kd-self and its teacher is given explicitly.
 
 A rerun is cheap: a finished run (its summary says "finished") is skipped, an interrupted one (it has

@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from .. import training
-from ..config import Recipe, ResolvedRecipe, recipe_from_dict
+from ..config import Recipe, ResolvedRecipe, deep_merge, recipe_from_dict
 from ..errors import UserError, did_you_mean
 from ..methods import METHODS, method_class
 from ..runs import ComparisonFolder
@@ -89,6 +89,7 @@ class ComparisonPlan:
     methods: list[str]
     seeds: list[int]
     runs: list[PlannedRun]
+    tuned: dict = field(default_factory=dict)  # method -> the study folder whose best trial it runs with (compare --tuned)
 
     @property
     def folder(self) -> ComparisonFolder:
@@ -98,8 +99,11 @@ class ComparisonPlan:
         """What comparison.yaml holds."""
         recipe = self.recipe.to_dict()
         recipe["train"].pop("seed", None)  # the seeds are listed below
-        return {"recipe": recipe, "main": self.main, "reference": REFERENCE, "methods": list(self.methods),
-                "seeds": list(self.seeds)}
+        record = {"recipe": recipe, "main": self.main, "reference": REFERENCE, "methods": list(self.methods),
+                  "seeds": list(self.seeds)}
+        if self.tuned:
+            record["tuned"] = {method: str(study) for method, study in self.tuned.items()}
+        return record
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -107,11 +111,17 @@ def default_out(recipe: Recipe) -> Path:
 
 
 def plan(recipe: Recipe, baselines: Union[str, Iterable[str], None], seeds: Union[str, Iterable[int]],
-         out: Optional[Path] = None) -> ComparisonPlan:
+         out: Optional[Path] = None, tuned: Optional[dict] = None) -> ComparisonPlan:
     """Every run of the comparison, seed by seed (ce first, then the main method, then the baselines), with its
-    recipe resolved and checked: a mistake in any of them is found before anything trains."""
+    recipe resolved and checked: a mistake in any of them is found before anything trains.
+
+    `tuned`: method -> (study folder, recipe overrides of its best trial): that method runs with them (its
+    parameters, optim.lr, ...), every other at its defaults; a tuned method not named is compared too."""
+    tuned = dict(tuned or {})
     seeds = parse_seeds(seeds)
-    methods = method_names(recipe.method.get("name"), baselines)
+    if isinstance(baselines, str):
+        baselines = baselines.split(",")
+    methods = method_names(recipe.method.get("name"), [*(baselines or []), *tuned])
     shared = training.resolved(recipe)
     main = shared.method["name"]
     out = Path(out) if out is not None else default_out(shared)
@@ -120,13 +130,16 @@ def plan(recipe: Recipe, baselines: Union[str, Iterable[str], None], seeds: Unio
         for method in methods:
             values = shared.to_dict()
             values["method"] = values["method"] if method == main else {"name": method}
+            if method in tuned:
+                values = deep_merge(values, tuned[method][1])
+                values["method"]["name"] = method
             reference_key = method_class(method).reference_run_param
             if reference_key and not values["method"].get(reference_key):
                 values["method"][reference_key] = reference_run(out, seed)
             values["train"]["seed"] = seed
             run_recipe = training.resolve_recipe(recipe_from_dict(values))
             runs.append(PlannedRun(method, seed, ComparisonFolder(out).run(method, seed).path, run_recipe))
-    return ComparisonPlan(out, shared, main, methods, seeds, runs)
+    return ComparisonPlan(out, shared, main, methods, seeds, runs, {m: study for m, (study, _) in tuned.items()})
 
 
 def reference_run(out: Path, seed: int) -> str:

@@ -137,6 +137,10 @@ def _method_parameters(comparison: ComparisonPlan) -> list[str]:
         if reference_key and params.get(reference_key) == reference_run(comparison.out, planned.seed):
             params[reference_key] = f"{REFERENCE} run of the same seed"
         text = ", ".join(f"{k}={v}" for k, v in params.items()) or "no parameters"
+        if comparison.tuned:  # where each method's parameters came from
+            study = comparison.tuned.get(planned.method)
+            text += (f"; optim.lr={planned.recipe.optim.lr:g}, optim.weight_decay={planned.recipe.optim.weight_decay:g}"
+                     f" (tuned: best trial of study {study})" if study else " (defaults: no study)")
         lines.append(f"- `{planned.method}`: {text}")
     return lines
 

@@ -125,3 +125,8 @@ class Progress:
         self.note(f"epoch {row['epoch']}/{epochs}  loss={row['train_loss']:.3f} {terms}  "
                   f"train={row['train_top1']:.1f}%  {held_out or 'not evaluated (train.eval_every)'}  "
                   f"{row['images_per_second']:.0f} img/s")
+
+    def epoch_finished(self, row: dict) -> None:
+        """Called once per epoch after its row is recorded and checkpointed (rank 0 only). Nothing here; a
+        watcher of the run (tune's pruner, studies/tune.py) overrides it and may raise to stop the run, which
+        then stays resumable from that epoch's checkpoint."""

@@ -345,6 +345,7 @@ class Trainer:
             self.folder.write_metrics(self.rows)
         self.tracker.log_epoch(row)
         self.progress.epoch_line(bar, row, recipe.train.epochs)
+        self.progress.epoch_finished(row)  # after the checkpoint: a watcher (tune's pruner) may stop the run here
         if self.dist.enabled:
             self.stops.agree(self.meter)  # a signal that came during the evaluation
         if self.stops.requested is not None:
