@@ -37,10 +37,10 @@ from ..version import __version__ as ipasdctl_version
 from .. import runtime
 from ..data import build_data
 from ..errors import UserError
-from ..files import (atomic_write_json, check_checkpoint, disk_full_error, make_staging_folder, remove_staging_folder,
-                     sha256_of)
 from ..models import count_macs, count_params
 from ..runs import RunFolder, load_model, read_json
+from ..safe_io import (atomic_write_json, check_checkpoint, disk_full_error, make_staging_folder,
+                       remove_staging_folder, sha256_of)
 from .bench import LATENCY_CSV, forget_latencies, int8_speed_check
 from .export_names import check_owner, export_name
 from .int8 import Int8Settings, calibration_batches, check_target, choose_settings, quantize_int8

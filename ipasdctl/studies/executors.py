@@ -39,8 +39,8 @@ import ipasdctl
 from .. import runtime, training
 from ..config import Recipe
 from ..errors import UserError
-from ..files import atomic_write_text
 from ..runs import read_json
+from ..safe_io import atomic_write_text
 from .job import job_spec, run_job
 
 RAY_MISSING = "--ray needs Ray, which is not installed; install it with: pip install 'ipasdctl[ray]'"
