@@ -27,7 +27,7 @@ from PIL import Image
 
 from ipasdctl import runtime
 from ipasdctl.config import load_recipe
-from ipasdctl.data.files import load_rgb
+from ipasdctl.data.decode import load_rgb
 from ipasdctl.deploy.bench import check_bench_options
 from ipasdctl.errors import UserError
 from ipasdctl.runs import RunFolder, write_metrics_csv

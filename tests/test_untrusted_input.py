@@ -18,7 +18,7 @@ from PIL import Image
 
 from ipasdctl.analysis.selection import load_exports
 from ipasdctl.data.cifar import load_cifar10
-from ipasdctl.data.files import load_rgb
+from ipasdctl.data.decode import load_rgb
 from ipasdctl.data.imagefolder import load_image_folder
 from ipasdctl.deploy import onnx_test_accuracy
 from ipasdctl.errors import UserError
