@@ -17,10 +17,22 @@ class UserError(Exception):
     exit_code = 2
 
 
-def one_line(exc: BaseException, limit: int | None = None) -> str:
+def one_line(exc: BaseException | str, limit: int | None = None, *, line: int | None = None,
+             named: bool = False) -> str:
     """An exception's text on one line (every run of whitespace one space), cut at `limit` characters: the
-    detail a UserError quotes from a library's multi-line message."""
-    return " ".join(str(exc).split())[:limit]
+    detail a UserError quotes from a library's multi-line message. `line`: only that line of the text (0, the
+    first: an exporter's summary without its pages of notes; -1, the last: a worker's traceback ends with its
+    error), blank lines not counted. `named`: after the exception's class name, "OSError: ...". A text with
+    nothing in it gives the class name (an exception raised without a message still says what it was)."""
+    text = str(exc).strip()
+    if line is not None:
+        lines = [item for item in text.splitlines() if item.strip()]
+        text = lines[line] if lines else ""
+    text = " ".join(text.split())[:limit]
+    name = type(exc).__name__
+    if named:
+        return f"{name}: {text}" if text else name
+    return text or name
 
 
 def did_you_mean(name: str, choices) -> str:

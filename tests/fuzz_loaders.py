@@ -28,9 +28,9 @@ from ipasdctl.config import Recipe, load_recipe
 from ipasdctl.data.cifar import load_cifar10
 from ipasdctl.deploy.onnx_files import read_metadata
 from ipasdctl.errors import UserError
-from ipasdctl.files import save_checkpoint
 from ipasdctl.models import build_model
 from ipasdctl.runs import load_model
+from ipasdctl.safe_io import save_checkpoint
 from ipasdctl.training.checks import check_labels
 from ipasdctl.training.resolve import resolve_recipe
 
@@ -271,7 +271,7 @@ def csv_case(rng: random.Random, work: Path):
     import pandas as pd
 
     from ipasdctl.deploy.bench import read_latency_csv
-    from ipasdctl.files import csv_text
+    from ipasdctl.safe_io import csv_text
     from ipasdctl.runs import write_metrics_csv
 
     columns = rng.sample(["model", "backend", "provider", "batch_size", "p50_ms", "=x", "@y", "z"], rng.randint(1, 8))

@@ -17,7 +17,7 @@ import torch
 
 from ipasdctl.cli import main
 from ipasdctl.errors import UserError
-from ipasdctl.files import load_checkpoint
+from ipasdctl.safe_io import load_checkpoint
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -262,8 +262,8 @@ def test_data_whose_class_count_disagrees_with_the_checkpoint(finished_run, tmp_
 
 
 def _fail_fsync_of(name: str, nth: int, monkeypatch):
-    """Make the nth fsync of a temporary file of `name` (e.g. last.pt) fail with ENOSPC, inside ipasdctl.files."""
-    import ipasdctl.files as io_module
+    """Make the nth fsync of a temporary file of `name` (e.g. last.pt) fail with ENOSPC, inside ipasdctl.safe_io."""
+    import ipasdctl.safe_io as io_module
 
     real_fsync, count = os.fsync, {"n": 0}
 

@@ -16,8 +16,8 @@ from ipasdctl.cli import main
 from ipasdctl.config import load_recipe
 from ipasdctl.deploy import read_metadata
 from ipasdctl.deploy.export import export_onnx
-from ipasdctl.files import load_checkpoint, save_checkpoint
 from ipasdctl.runs import RunFolder, load_model
+from ipasdctl.safe_io import load_checkpoint, save_checkpoint
 from ipasdctl.training import Progress, train
 
 

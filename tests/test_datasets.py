@@ -14,11 +14,12 @@ from PIL import Image
 
 from ipasdctl.config import DataConfig, load_recipe
 from ipasdctl.data.base import ImageData, RandomBatches
-from ipasdctl.data.files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip,
-                                 ResizeCenterCrop, SmallImageTransform)
+from ipasdctl.data.file_loader import FileImageData
 from ipasdctl.data.imagefolder import load_image_folder
 from ipasdctl.data.imagenet import load_imagenet
 from ipasdctl.data.tiny_imagenet import TINY_MEAN, TINY_STD, load_tiny_imagenet
+from ipasdctl.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, ResizeCenterCrop,
+                                      SmallImageTransform)
 from ipasdctl.errors import UserError
 from ipasdctl.data import DATASETS, build_data
 

@@ -41,8 +41,8 @@ from ipasdctl.cli import main
 from ipasdctl.data.base import RandomBatches
 from ipasdctl.data.samplers import ClassPairBatches, OverlapBatches
 from ipasdctl.methods import Collectives
+from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.training.distributed import DistContext, shard_batches
-from ipasdctl.files import load_checkpoint
 from ipasdctl.methods.ipasd import Prototypes
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from ipasdctl import training
 from ipasdctl.cli import main
 from ipasdctl.config import DataConfig, load_recipe
 from ipasdctl.data import DATASETS, build_data, dataset_params
-from ipasdctl.files import load_checkpoint
+from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.training import stopping
 from ipasdctl.training import trainer as trainer_module
 

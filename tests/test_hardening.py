@@ -19,8 +19,8 @@ from ipasdctl import training
 from ipasdctl.analysis.collect import collect_runs
 from ipasdctl.cli import main
 from ipasdctl.config import parse_set
-from ipasdctl.files import load_checkpoint, save_checkpoint
 from ipasdctl.runs import load_model
+from ipasdctl.safe_io import load_checkpoint, save_checkpoint
 from test_bad_input import _fail_fsync_of, assert_no_run_folder, run_cli, snapshot, tiny_args
 
 

@@ -16,9 +16,9 @@ from ipasdctl.config import load_recipe
 from ipasdctl.data.base import Batch
 from ipasdctl.models import count_params
 from ipasdctl.runs import load_model as load_run_model
+from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.training import Progress, Trainer, resolve_recipe, train
 from ipasdctl.errors import UserError
-from ipasdctl.files import load_checkpoint
 from ipasdctl.methods import MethodContext, TrainingNet, build_method
 from ipasdctl.methods.memory import SampleMemory
 from ipasdctl.methods.ps_kd import pskd_alpha

@@ -24,7 +24,7 @@ import torch
 
 from ipasdctl.cli import main
 from ipasdctl.runs import RunLock
-from ipasdctl.files import load_checkpoint, save_checkpoint
+from ipasdctl.safe_io import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}

@@ -27,11 +27,11 @@ from PIL import Image
 
 from ipasdctl import runtime
 from ipasdctl.config import load_recipe
-from ipasdctl.data.files import load_rgb
+from ipasdctl.data.decode import load_rgb
 from ipasdctl.deploy.bench import check_bench_options
 from ipasdctl.errors import UserError
-from ipasdctl.files import FORMULA_STARTS, csv_text
 from ipasdctl.runs import RunFolder, write_metrics_csv
+from ipasdctl.safe_io import FORMULA_STARTS, csv_text
 from ipasdctl.studies.executors import make_executor
 from ipasdctl.training import Progress, train
 from ipasdctl.yaml_files import MAX_DEPTH, load_yaml
@@ -317,7 +317,7 @@ def test_a_full_disk_during_int8_says_so(demo_run, tmp_path, monkeypatch, capsys
     "Wire format was corrupt"; the disk (here: reported full by statvfs) is the cause, and is named."""
     import onnxruntime.quantization.shape_inference as shape_inference
 
-    import ipasdctl.files as files_module
+    import ipasdctl.safe_io as files_module
 
     out = tmp_path / "exports"
 

@@ -9,8 +9,8 @@ import pytest
 
 from ipasdctl import training
 from ipasdctl.config import load_recipe
-from ipasdctl.files import load_checkpoint
 from ipasdctl.runs import BestEpoch, Checkpoint, ComparisonFolder, DataStats, RunFolder, RunSummary, check_state
+from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.studies import plan as planning
 
 

@@ -25,7 +25,7 @@ from ipasdctl.cli import main
 from ipasdctl.data.cifar import load_cifar10, read_pickle
 from ipasdctl.runs import load_model as load_run_model
 from ipasdctl.errors import UserError
-from ipasdctl.files import atomic_write_text, load_checkpoint, save_checkpoint
+from ipasdctl.safe_io import atomic_write_text, load_checkpoint, save_checkpoint
 
 
 class Payload:
@@ -219,7 +219,7 @@ def test_write_failure_keeps_the_previous_file_and_leaves_no_temporary(tmp_path,
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("ipasdctl.files.os.fsync", no_space)
+    monkeypatch.setattr("ipasdctl.safe_io.os.fsync", no_space)
     with pytest.raises(UserError) as info:
         atomic_write_text(path, "epoch\n1\n2\n")
     assert str(info.value) == (f"cannot write {path}: No space left on device (the previous file is kept); "
@@ -234,7 +234,7 @@ def test_a_kill_before_the_rename_leaves_the_previous_file(tmp_path, monkeypatch
     def killed(src, dst):  # the process dies between the fsync and the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ipasdctl.files.os.replace", killed)
+    monkeypatch.setattr("ipasdctl.safe_io.os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
     monkeypatch.undo()
@@ -244,7 +244,7 @@ def test_a_kill_before_the_rename_leaves_the_previous_file(tmp_path, monkeypatch
 
 def test_atomic_write_never_exposes_a_partial_file(tmp_path, monkeypatch):
     """While the new content is being written the path still holds the old file, whole."""
-    import ipasdctl.files as io_module
+    import ipasdctl.safe_io as io_module
 
     path = tmp_path / "summary.json"
     atomic_write_text(path, '{"old": true}\n')

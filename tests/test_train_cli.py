@@ -15,7 +15,7 @@ from ipasdctl.config import DataConfig, load_recipe
 from ipasdctl.data import build_data
 from ipasdctl.data.base import Augment, RandomBatches, balanced_subset
 from ipasdctl.data.cifar import load_cifar10
-from ipasdctl.files import load_checkpoint
+from ipasdctl.safe_io import load_checkpoint
 
 
 def write_cifar10(root, per_batch=20, test=30, seed=0):

@@ -18,12 +18,12 @@ from PIL import Image
 
 from ipasdctl.analysis.selection import load_exports
 from ipasdctl.data.cifar import load_cifar10
-from ipasdctl.data.files import load_rgb
+from ipasdctl.data.decode import load_rgb
 from ipasdctl.data.imagefolder import load_image_folder
 from ipasdctl.deploy import onnx_test_accuracy
 from ipasdctl.errors import UserError
-from ipasdctl.files import load_checkpoint, save_checkpoint
 from fuzz_loaders import tiny_onnx_model
+from ipasdctl.safe_io import load_checkpoint, save_checkpoint
 from test_bad_input import run_cli
 from test_hardening import copy_of, finished  # noqa: F401  (the module's finished run)
 

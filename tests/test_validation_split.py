@@ -16,7 +16,7 @@ from ipasdctl.config import DataConfig, load_recipe
 from ipasdctl.data import build_data
 from ipasdctl.data.base import complement
 from ipasdctl.data.digits import load_digits_data
-from ipasdctl.files import load_checkpoint
+from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.studies import compare
 from ipasdctl.studies import plan as planning
 from ipasdctl.studies.summary import SUMMARY_COLUMNS, write_tables

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..files import check_checkpoint
 from ..runs import RunFolder
+from ..safe_io import check_checkpoint
 from . import metrics
 from .evaluation import collect_outputs, load_run_and_data
 

@@ -25,8 +25,8 @@ from .. import runtime
 from ..data import build_data
 from ..deploy import onnx_test_data, ort_session, session_batches
 from ..errors import UserError
-from ..files import atomic_write_json, atomic_write_text, csv_text
 from ..runs import RunFolder, load_model, read_json
+from ..safe_io import atomic_write_json, atomic_write_text, csv_text
 from . import metrics, plots
 
 EVAL_FILES = ("eval.json", "per_class.csv", "reliability.png", "embedding_tsne.png", "embedding_tsne.csv")

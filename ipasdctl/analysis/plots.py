@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..files import atomic_write_bytes
+from ..safe_io import atomic_write_bytes
 
 
 def new_figure(width: float, height: float):

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from ..files import atomic_write_text, csv_text
 from ..runs import ComparisonFolder, RunFolder
+from ..safe_io import atomic_write_text, csv_text
 from . import evaluation, plots
 from .collect import collect_runs, group_runs, is_stale
 from .metrics import pool_reliability_bins

@@ -40,8 +40,8 @@ import pandas as pd
 
 from ..deploy.bench import read_latency_csv
 from ..errors import UserError
-from ..files import atomic_write_text, csv_text
 from ..runs import ComparisonFolder, RunFolder
+from ..safe_io import atomic_write_text, csv_text
 from .statistics import paired_test
 from .tables import seed_key
 

@@ -42,7 +42,7 @@ def calibrate(
 @chain.precheck("calibrate")
 def _check_calibrate(params: dict) -> None:
     from ..errors import UserError
-    from ..files import check_checkpoint
+    from ..safe_io import check_checkpoint
 
     if params["batch_size"] is not None and params["batch_size"] <= 0:
         raise UserError(f"--batch-size must be positive, got {params['batch_size']}")

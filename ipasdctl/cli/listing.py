@@ -124,7 +124,7 @@ def fingerprint() -> str:
 def cached(key: str, compute: Callable[[], object]):
     """`compute()`'s (JSON) value, from the cache when its fingerprint still holds."""
     from ..errors import UserError
-    from ..files import atomic_write_json
+    from ..safe_io import atomic_write_json
 
     path, current = cache_file(), fingerprint()
     try:

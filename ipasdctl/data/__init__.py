@@ -8,11 +8,13 @@ from ..config import OTHER_KEYS, DataConfig, build_dataclass
 from ..errors import UserError, did_you_mean
 from ..params import check_declared
 from ..registry import import_submodules
-from .base import DATASETS, Augment, Batch, ImageData, RandomBatches, TensorLoader, eval_batches, register_dataset
+from .base import (DATASETS, Augment, Batch, DataSet, ImageData, Loader, RandomBatches, TensorLoader, eval_batches,
+                   register_dataset)
 
 from .noise import apply_label_noise
 
-import_submodules(__name__, __path__, skip=("base", "files", "samplers", "noise"))  # each module registers its data sets
+# each module but these registers its data sets
+import_submodules(__name__, __path__, skip=("base", "decode", "file_loader", "folders", "noise", "samplers", "transforms"))
 
 
 # keys every data: section held before each data set declared its own (config.yaml of older runs, recipes): a
@@ -41,7 +43,7 @@ def resolved_data_params(cfg: DataConfig) -> dict:
     return dataclasses.asdict(dataset_params(cfg))
 
 
-def build_data(cfg: DataConfig) -> ImageData:
+def build_data(cfg: DataConfig) -> DataSet:
     """The data set named in the recipe, its training split derived in this order (each step seeded by its
     own seed, so the result is the same in every run, resume and command that reads the run):
     1. `data.val_split`: a class-balanced validation split held out of the whole training set;
@@ -78,5 +80,5 @@ def describe_splits(data) -> list[str]:
     return lines
 
 
-__all__ = ["DATASETS", "Augment", "Batch", "ImageData", "RandomBatches", "TensorLoader", "build_data", "dataset_params",
-           "describe_splits", "eval_batches", "register_dataset", "resolved_data_params"]
+__all__ = ["DATASETS", "Augment", "Batch", "DataSet", "ImageData", "Loader", "RandomBatches", "TensorLoader", "build_data",
+           "dataset_params", "describe_splits", "eval_batches", "register_dataset", "resolved_data_params"]

@@ -1,4 +1,5 @@
-"""Small-image data sets held as one uint8 tensor, batched and augmented on the training device.
+"""The data-set protocol (`DataSet`, `Loader`), and small-image data sets held as one uint8 tensor, batched and
+augmented on the training device.
 
 Every batch carries the dataset indices of its samples (per-sample memories need them). The order of an
 epoch and the augmentation of every step are functions of (seed, epoch, step) alone, so a run resumed at any
@@ -8,7 +9,7 @@ step sees exactly the batches the uninterrupted run saw.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +32,93 @@ def register_dataset(name: str, params: type = NoParams):
     return register
 
 
+HeldOutBatches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (x normalised, y), in order
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """An epoch's training batches: `TensorLoader` (tensors on the device), `FileLoader` (files decoded by
+    DataLoader workers; data/file_loader.py)."""
+
+    def steps(self, epoch: int) -> int:
+        """The number of batches of `epoch` (a method's sampler may give epochs of different lengths)."""
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator["Batch"]:
+        """The batches of `epoch` from `start_step` on; the same batches whenever it is called (exact resume)."""
+
+
+@runtime_checkable
+class DataSet(Protocol):
+    """What the engine, evaluation and export read of a data set, wherever its pixels live: `ImageData` (one
+    tensor) and `FileImageData` (files; data/file_loader.py) follow it. The sizes and the derivations of the
+    training split come with `LabelledSplits`; a data set implements the rest."""
+
+    name: str
+    class_names: list[str]
+    mean: Sequence[float]  # per channel, of pixels scaled to 0..1
+    std: Sequence[float]
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+    val_labels: Optional[torch.Tensor]  # None: no validation split
+    origin: dict  # how the splits were derived (the run folder's splits.json)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """C x H x W of one image as the network sees it."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def num_train(self) -> int: ...
+
+    @property
+    def num_test(self) -> int: ...
+
+    @property
+    def num_val(self) -> int: ...
+
+    def train_loader(self, batches: Callable[[int], list[torch.Tensor]], seed: int, device, channels_last: bool,
+                     augment: bool) -> Loader:
+        """Training batches in the order `batches(epoch)` gives; augmented (seeded by `seed`) when `augment`."""
+
+    def test_batches(self, batch_size: int, device, channels_last: bool = False) -> HeldOutBatches:
+        """The test set, normalised, no augmentation, in order."""
+
+    def val_batches(self, batch_size: int, device, channels_last: bool = False) -> HeldOutBatches:
+        """The validation split, as the test batches."""
+
+    def held_out_batches(self, split: str, batch_size: int, device, channels_last: bool = False) -> HeldOutBatches:
+        """The batches of "test" or "val"."""
+
+    def held_out_size(self, split: str) -> int: ...
+
+    def take_train(self, indices: torch.Tensor) -> "DataSet":
+        """Those training samples only, renumbered 0..n-1."""
+
+    def take_test(self, indices: torch.Tensor) -> "DataSet":
+        """Those test samples only."""
+
+    def split_off(self, indices: torch.Tensor) -> "DataSet":
+        """Those training samples moved into the validation split."""
+
+    def subset(self, size: int, seed: int = 0) -> "DataSet": ...
+
+    def hold_out_validation(self, size: int, seed: int) -> "DataSet": ...
+
+    def test_part(self, size: int) -> "DataSet": ...
+
+    def with_train_labels(self, labels: torch.Tensor, record: dict) -> "DataSet": ...
+
+
 class LabelledSplits:
     """The sizes every data set derives from its labels and class names (tensor-held or file-held), and the
     derivations of its training split that do not depend on where the pixels live: the class-balanced
     subset, the validation split held out of it, and noisy training labels.
 
-    A subclass implements `take_train(indices)` (keep those training samples, renumbered 0..n-1),
-    `take_test(indices)` (keep those test samples), `split_off(indices)` (move those training samples into
-    the validation split), `test_batches` and `val_batches`. `origin` records how the splits were derived
-    (written into the run folder)."""
+    A subclass implements the rest of `DataSet` (`take_train`, `take_test`, `split_off`, `train_loader`,
+    `test_batches`, `val_batches`, `image_shape`). `origin` records how the splits were derived (written into
+    the run folder)."""
 
     class_names: list[str]
     train_labels: torch.Tensor
@@ -126,7 +205,6 @@ class ImageData(LabelledSplits):
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
-    # The protocol the engine uses; image-file data sets implement the same members.
     def train_loader(self, batches, seed: int, device, channels_last: bool, augment: bool) -> "TensorLoader":
         aug = Augment(self.mean, self.std, self.pad if augment else 0, self.hflip and augment, device)
         return TensorLoader(self.train_images, self.train_labels, aug, batches, seed, device, channels_last)

@@ -1,11 +1,12 @@
-"""Opening an image file someone handed in: Pillow's pixel bound enforced in one line, never a warning."""
+"""Decoding an image file someone handed in: Pillow's pixel bound enforced in one line, never a warning; an
+unreadable file is one line naming it."""
 
 from __future__ import annotations
 
 import re
 import warnings
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 
 def open_image(source, path):
@@ -24,3 +25,13 @@ def open_image(source, path):
             raise UserError(f"cannot decode image {path}: it is too large ({size}beyond the bound of "
                             f"{Image.MAX_IMAGE_PIXELS:,} pixels against decompression bombs); downscale it, or "
                             "remove it") from None
+
+
+def load_rgb(path: str):
+    """The image at `path` as an RGB PIL image; an unreadable file is a UserError naming it."""
+    try:
+        with open(path, "rb") as handle:
+            return open_image(handle, path).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"cannot decode image {path} ({one_line(exc, 200, named=True)}); "
+                        "remove or replace the file") from None

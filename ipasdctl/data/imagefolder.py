@@ -6,7 +6,7 @@ out as the test set, the permutation seeded by `data.subset_seed` (not the run's
 comparison is evaluated on the same images). Classes are the sorted class-folder names; images are found
 recursively (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp, any case).
 
-Image size S = `data.image_size` (default 224). Augmentation, by size:
+Image size S = `data.image_size` (default 224). Augmentation, by size (data/transforms.py, `transforms_for`):
 - S <= 64 (small images, as CIFAR and Tiny ImageNet): resize to S x S; training adds a random S x S crop of
   the image zero-padded by 4 pixels and a horizontal flip; evaluation is the resize alone.
 - S > 64 (the ImageNet recipe): training is a random-resized crop (8-100 % of the area, aspect 3/4-4/3) to
@@ -21,16 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..bounds import MAX_IMAGE_SIDE
 from ..errors import UserError
 from .base import register_dataset
-from .files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip, ResizeCenterCrop,
-                    SmallImageTransform, check_workers, scan_image_folder, stratified_split)
+from .file_loader import FileImageData, check_workers
+from .folders import scan_image_folder, stratified_split
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, transforms_for
 
 DEFAULT_IMAGE_SIZE = 224
-SMALL_IMAGE_SIZE = 64  # at or below: the small-image augmentation (pad-and-crop)
-SMALL_IMAGE_PAD = 4
-MAX_IMAGE_SIZE = 4096  # pixels a side: a batch of larger images would not fit any machine
-EVAL_CROP_FRACTION = 0.875  # 224 / 256
 
 
 @dataclass
@@ -48,16 +46,9 @@ class ImageFolderParams(DecodedImageParams):
 
 def check_image_size(size: Optional[int], default: int) -> int:
     size = default if size is None else size
-    if not 8 <= size <= MAX_IMAGE_SIZE:
-        raise UserError(f"data.image_size must be from 8 to {MAX_IMAGE_SIZE} pixels, got {size}")
+    if not 8 <= size <= MAX_IMAGE_SIDE:
+        raise UserError(f"data.image_size must be from 8 to {MAX_IMAGE_SIDE} pixels, got {size}")
     return size
-
-
-def transforms_for(size: int):
-    """(training transform, evaluation transform) for images of size x size (see the module docstring)."""
-    if size <= SMALL_IMAGE_SIZE:
-        return SmallImageTransform(size, SMALL_IMAGE_PAD, True), SmallImageTransform(size)
-    return RandomResizedCropFlip(size), ResizeCenterCrop(int(round(size / EVAL_CROP_FRACTION)), size)
 
 
 def require_folder(root: Optional[str], dataset: str, layout: str) -> Path:

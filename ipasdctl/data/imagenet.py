@@ -2,7 +2,7 @@
 
 The official validation archive is flat (50,000 images and a ground-truth file); sort it into one folder per
 class first (the widely used `valprep.sh` does). Classes are the sorted wnid folders of train/ (1000).
-Decoded in DataLoader workers (data/files.py). The standard recipe (torchvision's reference): training is a
+Decoded in DataLoader workers (data/file_loader.py). The standard recipe (torchvision's reference): training is a
 random-resized crop to 224 (8-100 % of the area, aspect 3/4-4/3) and a horizontal flip; evaluation resizes
 the shorter side to 256 and takes the centre 224 x 224. `data.image_size` S changes 224 to S and 256 to
 round(S * 256 / 224). Normalisation: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
@@ -15,9 +15,10 @@ from typing import Optional
 
 from ..errors import UserError
 from .base import register_dataset
-from .files import (IMAGENET_MEAN, IMAGENET_STD, FileImageData, RandomResizedCropFlip, ResizeCenterCrop,
-                    is_image_file, scan_image_folder)
+from .file_loader import FileImageData
+from .folders import is_image_file, scan_image_folder
 from .imagefolder import DecodedImageParams, check_image_size, require_folder
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, RandomResizedCropFlip, ResizeCenterCrop
 
 TRAIN_SIZE = 224
 EVAL_RESIZE = 256

@@ -26,7 +26,8 @@ import torch
 
 from ..errors import UserError
 from .base import ImageData, register_dataset
-from .files import as_file_array, decode_all, is_image_file
+from .file_loader import decode_all
+from .folders import as_file_array, is_image_file
 from .imagefolder import DecodedImageParams, check_image_size
 
 TINY_MEAN = (0.4802, 0.4481, 0.3975)

@@ -29,10 +29,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .. import runtime
+from ..bounds import MAX_IMAGE_SIDE
 from ..errors import UserError
-from ..files import atomic_write_text, csv_text, sha256_of
 from ..runs import RunFolder, load_model, read_json
-from .onnx_files import MAX_IMAGE_SIDE, check_onnx_file, metadata_of, ort_session
+from ..safe_io import atomic_write_text, csv_text, sha256_of
+from .onnx_files import check_onnx_file, metadata_of, ort_session
 
 LATENCY_CSV = "latency.csv"
 PERCENTILES = (50, 90, 99)

@@ -36,17 +36,17 @@ import torch
 from ..version import __version__ as ipasdctl_version
 from .. import runtime
 from ..data import build_data
-from ..errors import UserError
-from ..files import (atomic_write_json, check_checkpoint, disk_full_error, make_staging_folder, remove_staging_folder,
-                     sha256_of)
+from ..errors import UserError, one_line
 from ..models import count_macs, count_params
 from ..runs import RunFolder, load_model, read_json
+from ..safe_io import (atomic_write_json, check_checkpoint, disk_full_error, make_staging_folder,
+                       remove_staging_folder, sha256_of)
 from .bench import LATENCY_CSV, forget_latencies, int8_speed_check
 from .export_names import check_owner, export_name
 from .int8 import Int8Settings, calibration_batches, check_target, choose_settings, quantize_int8
 from . import onnx_files
 from .onnx_files import (ATOL, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, RTOL,
-                         VALIDATION_BATCH_SIZES, file_size, first_line, opset_of, quiet_exporters, ort_session,
+                         VALIDATION_BATCH_SIZES, file_size, opset_of, quiet_exporters, ort_session,
                          session_accuracy, set_metadata)
 
 
@@ -90,7 +90,7 @@ def export_model(model: torch.nn.Module, example: torch.Tensor, path: Path, opse
             return {"exporter": "dynamo", "opset": got, "fallback_reason": None}
         reason = f"the dynamo exporter produced opset {got}, not the requested {opset}"
     except Exception as exc:  # the exporter raises many types; the reason goes into the json
-        reason = f"dynamo exporter failed: {first_line(exc)}"
+        reason = f"dynamo exporter failed: {one_line(exc, 300, line=0, named=True)}"
     for leftover in (path, path.with_name(path.name + ".data")):
         leftover.unlink(missing_ok=True)
     try:
@@ -100,7 +100,7 @@ def export_model(model: torch.nn.Module, example: torch.Tensor, path: Path, opse
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     except Exception as exc:
         raise UserError(f"ONNX export failed with both exporters ({reason}; TorchScript exporter: "
-                        f"{first_line(exc)}); try another --opset") from None
+                        f"{one_line(exc, 300, line=0, named=True)}); try another --opset") from None
     return {"exporter": "torchscript", "opset": opset_of(path), "fallback_reason": reason}
 
 
@@ -110,7 +110,8 @@ def run_checker(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise ExportValidationError(f"onnx.checker rejects the exported {path.name}: {first_line(exc)}") from None
+        raise ExportValidationError(f"onnx.checker rejects the exported {path.name}: "
+                                    f"{one_line(exc, 300, line=0, named=True)}") from None
 
 
 def _sample_images(data, count: int) -> np.ndarray:

@@ -31,9 +31,9 @@ import torch
 
 from .. import runtime
 from ..data import RandomBatches
-from ..errors import UserError
+from ..errors import UserError, one_line
 from . import onnx_files
-from .onnx_files import INPUT_NAME, file_size, first_line, quiet_exporters
+from .onnx_files import INPUT_NAME, file_size, quiet_exporters
 
 TARGETS = ("auto", "avx2", "avx512-vnni", "arm64")
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -169,7 +169,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterator[np.nda
             quant_pre_process(str(fp32_path), str(pre_path), save_as_external_data=external,
                               all_tensors_to_one_file=True)
         except Exception as exc:
-            raise UserError(f"onnxruntime's quantization pre-processing failed: {first_line(exc)}") from None
+            raise UserError("onnxruntime's quantization pre-processing failed: "
+                            f"{one_line(exc, 300, line=0, named=True)}") from None
         left_float = count_ops(pre_path, "BatchNormalization")  # neither the exporter nor ORT could fold them
         reader = Reader(calibration)
         try:
@@ -182,5 +183,5 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterator[np.nda
                             use_external_data_format=external, calibration_providers=["CPUExecutionProvider"],
                             extra_options=dict(settings.extra_options))
         except Exception as exc:
-            raise UserError(f"INT8 quantization failed: {first_line(exc)}") from None
+            raise UserError(f"INT8 quantization failed: {one_line(exc, 300, line=0, named=True)}") from None
     return {**settings.record(), "batchnorm_left_float": left_float, "calibration_samples": reader.count}

@@ -18,6 +18,7 @@ import torch
 
 from .. import runtime
 from ..accuracy import topk_hits
+from ..bounds import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, whole
 from ..config import DataConfig, shown
 from ..data import build_data
 from ..errors import UserError, one_line
@@ -31,9 +32,6 @@ VALIDATION_BATCH_SIZES = (1, 7, 64)  # batch 1, an odd batch, 64
 # protobuf cannot hold a model of 2 GiB or more in one file; stay well below it
 SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
 # metadata values that are JSON (lists, numbers); the rest are plain strings
-MAX_IMAGE_SIDE = 4096  # pixels: an input_size beyond it would allocate more than any machine holds
-MAX_CHANNELS = 4
-MAX_CLASSES = 1_000_000
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_classes", "epoch", "opset",
               "calibration_samples", "fp32_test_top1", "temperature", "quantization_settings", "int8_speed_check")
 
@@ -121,21 +119,17 @@ def metadata_of(proto, model_path: Path) -> dict:
     return meta
 
 
-def _whole(value, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
 def _metadata_problems(meta: dict):
     """(key, what it should be) for each malformed value among the keys ipasdctl reads."""
     size = meta.get("input_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 3 and _whole(size[0], 1, MAX_CHANNELS)
-                                 and all(_whole(v, 1, MAX_IMAGE_SIDE) for v in size[1:])):
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and whole(size[0], 1, MAX_CHANNELS)
+                                 and all(whole(v, 1, MAX_IMAGE_SIDE) for v in size[1:])):
         yield "input_size", f"[channels (1-{MAX_CHANNELS}), height, width (1-{MAX_IMAGE_SIDE} pixels)]"
     image_size = meta.get("data_image_size")
     if image_size is not None and not (isinstance(image_size, str) and image_size.isdigit()
                                        and 1 <= int(image_size[:5]) <= MAX_IMAGE_SIDE):
         yield "data_image_size", f"an image size from 1 to {MAX_IMAGE_SIDE} pixels"
-    if "num_classes" in meta and not _whole(meta["num_classes"], 1, MAX_CLASSES):
+    if "num_classes" in meta and not whole(meta["num_classes"], 1, MAX_CLASSES):
         yield "num_classes", f"an integer from 1 to {MAX_CLASSES}"
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
@@ -230,12 +224,6 @@ def quiet_exporters():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line[:300]}"
 
 
 def session_batches(session, data, batch_size: int = 256):

@@ -2,7 +2,7 @@
 
 The preprocessing is the evaluation transform of the data the model was trained on, read from the model's
 metadata (input size, mean, std; NCHW): images of at most 64 pixels a side are resized to the input size, larger
-ones have their shorter side resized to size / 0.875 and the centre crop taken (data/imagefolder.py); then
+ones have their shorter side resized to size / 0.875 and the centre crop taken (data/transforms.py); then
 x = (pixel / 255 - mean) / std per channel. A run folder's checkpoint records the same facts.
 """
 
@@ -16,9 +16,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..bounds import MAX_IMAGE_SIDE
 from ..data import build_data
 from ..data.decode import open_image
-from ..data.imagefolder import transforms_for
+from ..data.transforms import transforms_for
 from ..errors import UserError
 from ..runs import RunFolder, load_model
 from .onnx_files import ort_session, read_metadata
@@ -127,7 +128,7 @@ def onnx_preprocessing(model_path: Path) -> Preprocessing:
 
 def _check_preprocessing(prep: Preprocessing, source: Path) -> None:
     channels = prep.input_size[0] if prep.input_size else 0
-    if len(prep.input_size) != 3 or channels not in (1, 3) or not 8 <= prep.input_size[1] <= 4096 \
+    if len(prep.input_size) != 3 or channels not in (1, 3) or not 8 <= prep.input_size[1] <= MAX_IMAGE_SIDE \
             or len(prep.mean) != channels or len(prep.std) != channels or min(prep.std) <= 0 or not prep.class_names:
         raise UserError(f"{source} has malformed preprocessing metadata (input_size {prep.input_size}, "
                         f"{len(prep.mean)} means, {len(prep.std)} stds); export the model again")

@@ -14,10 +14,9 @@ from .folder import (RunFolder, check_out_folder, check_run_name, create_run_dir
                      read_json, write_metrics_csv)
 from .lock import RunLock
 from .study import StudyFolder, trial_run_name
-from .schemas import (CHECKPOINT_FORMAT, MAX_CLASSES, RESULT_COLUMNS, BestEpoch, Checkpoint, DataStats, RunSummary,
-                      check_state)
+from .schemas import CHECKPOINT_FORMAT, RESULT_COLUMNS, BestEpoch, Checkpoint, DataStats, RunSummary, check_state
 
-__all__ = ["CHECKPOINT_FORMAT", "MAX_CLASSES", "RESULT_COLUMNS", "BestEpoch", "Checkpoint", "ComparisonFolder",
-           "DataStats", "RunFolder", "RunLock", "RunSummary", "StudyFolder", "check_out_folder", "check_run_name", "check_state",
+__all__ = ["CHECKPOINT_FORMAT", "RESULT_COLUMNS", "BestEpoch", "Checkpoint", "ComparisonFolder", "DataStats",
+           "RunFolder", "RunLock", "RunSummary", "StudyFolder", "check_out_folder", "check_run_name", "check_state",
            "comparison_run_name", "create_run_dir", "default_run_name", "load_model", "read_json",
            "trial_run_name", "write_metrics_csv"]

@@ -31,10 +31,10 @@ import torch
 
 from ..config import Recipe, dump_recipe, recipe_from_dict
 from ..errors import UserError, one_line
-from ..files import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, neutral_cell,
-                     remove_temporaries, save_checkpoint)
 from ..models import build_model
 from ..runtime import resolve_device
+from ..safe_io import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, neutral_cell,
+                       remove_temporaries, save_checkpoint)
 from ..yaml_files import read_yaml_file
 from .lock import RunLock
 from .schemas import RESULT_COLUMNS, RunSummary, check_state

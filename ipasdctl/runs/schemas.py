@@ -8,12 +8,14 @@ is one line here (and the line of the trainer that fills it in).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TypedDict
 
 import torch
 
+from ..bounds import MAX_CLASSES, whole
 from ..errors import UserError
 
 # the columns of a comparison's results.csv (and of a report's runs): what a finished run's summary holds
@@ -122,9 +124,6 @@ class Checkpoint(TypedDict):
     world_size: int  # for the record: any number of processes can resume it
 
 
-MAX_CLASSES = 1_000_000
-
-
 def check_state(state: dict, path: Path) -> dict:
     """The checkpoint's fields every command reads (see Checkpoint), with their types: a hand-made or damaged
     checkpoint is one line naming what is wrong, never a KeyError deep inside a command."""
@@ -132,12 +131,12 @@ def check_state(state: dict, path: Path) -> dict:
         if not isinstance(state.get("config"), dict):
             return "it holds no recipe ('config')"
         num_classes = state.get("num_classes")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        if not whole(num_classes, 1, MAX_CLASSES):
             return f"'num_classes' is {num_classes!r:.40}, not an integer from 1 to {MAX_CLASSES}"
         if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
             return "'model' is not a mapping of names to tensors"
         epoch = state.get("epoch", 0)
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        if not whole(epoch, 0, math.inf):
             return f"'epoch' is {epoch!r:.40}, not a whole number of epochs"
         if not isinstance(state.get("arch", ""), str):
             return "'arch' is not a name"

@@ -33,10 +33,10 @@ import yaml
 from .. import training
 from ..config import differing_keys
 from ..errors import UserError
-from ..files import atomic_write_text
 from ..analysis.tables import count_noun
 from ..methods import method_class
 from ..runs import RunFolder, RunSummary
+from ..safe_io import atomic_write_text
 from ..yaml_files import read_yaml_file
 from .executors import Executor, Sequential
 from .plan import ComparisonPlan

@@ -38,9 +38,9 @@ import ipasdctl
 
 from .. import runtime, training
 from ..config import Recipe
-from ..errors import UserError
-from ..files import atomic_write_text
+from ..errors import UserError, one_line
 from ..runs import read_json
+from ..safe_io import atomic_write_text
 from .job import job_spec, run_job
 
 RAY_MISSING = "--ray needs Ray, which is not installed; install it with: pip install 'ipasdctl[ray]'"
@@ -240,7 +240,7 @@ class RayTasks(_ForwardsSignals):
                 ray.init(address=None if local else self.address, include_dashboard=False, log_to_driver=False,
                          logging_level="ERROR", runtime_env=runtime_env)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserError(f"--ray {self.address}: cannot connect to a Ray cluster ({_first_line(exc)}); "
+                raise UserError(f"--ray {self.address}: cannot connect to a Ray cluster ({one_line(exc, line=0)}); "
                                 "start one with `ray start --head`, or use --ray local") from None
         resources = ray.cluster_resources()
         if self.gpu:
@@ -295,7 +295,7 @@ class RayTasks(_ForwardsSignals):
         except self.ray.exceptions.TaskCancelledError:
             return Outcome(job, "interrupted", "cancelled", seconds=seconds)
         except self.ray.exceptions.RayError as exc:  # the worker or its node died, or an unexpected exception
-            return Outcome(job, "crashed", f"the Ray task failed ({type(exc).__name__}: {_first_line(exc)})",
+            return Outcome(job, "crashed", f"the Ray task failed ({one_line(exc, line=0, named=True)})",
                            seconds=seconds)
         return Outcome(job, result["status"], result.get("message", ""), bool(result.get("fatal")), seconds)
 
@@ -371,11 +371,6 @@ def _child_pythonpath() -> str:
     """PYTHONPATH for a job's process: this package's folder first, so the job runs this very code."""
     package_root = str(Path(ipasdctl.__file__).resolve().parent.parent)
     return os.pathsep.join(path for path in (package_root, os.environ.get("PYTHONPATH")) if path)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _crash_line(code: int, stderr: Path) -> str:

@@ -23,7 +23,7 @@ import torch
 from .. import training
 from ..config import recipe_from_dict
 from ..errors import UserError
-from ..files import atomic_write_json
+from ..safe_io import atomic_write_json
 
 
 def job_spec(run_dir: Path, resume: bool, recipe=None, threads=None, marker=None, env=None) -> dict:

@@ -12,9 +12,9 @@ from typing import Optional
 from ..analysis.statistics import ACCURACY_CI_NOTE, MIN_SEEDS, accuracy_interval, paired_test
 from ..analysis.tables import count_noun
 from ..errors import UserError
-from ..files import atomic_write_text, csv_text
 from ..methods import method_class
 from ..runs import RESULT_COLUMNS, RunFolder, comparison_run_name
+from ..safe_io import atomic_write_text, csv_text
 from .plan import REFERENCE, ComparisonPlan, reference_run
 
 INTEGER_COLUMNS = ["seed", "epochs", "best_epoch", "params", "macs"]

@@ -29,7 +29,7 @@ import yaml
 from .. import training
 from ..config import ResolvedRecipe, differing_keys, recipe_from_dict
 from ..errors import UserError, one_line
-from ..files import atomic_write_text
+from ..safe_io import atomic_write_text
 from ..runs import RunFolder, StudyFolder, trial_run_name
 from ..yaml_files import read_yaml_file
 from . import space as spaces

@@ -10,7 +10,7 @@ from typing import Optional
 import yaml
 
 from ..analysis.tune_plots import write_study_plots
-from ..files import atomic_write_text, neutral_cell
+from ..safe_io import atomic_write_text, neutral_cell
 from .space import overrides_of
 
 TRIAL_COLUMNS = ["trial", "state", "val_top1", "epochs", "seconds", "run", "note"]

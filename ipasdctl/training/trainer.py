@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import runtime
+from ..bounds import whole
 from ..config import ResolvedRecipe
 from ..data import RandomBatches, build_data, describe_splits
 from ..errors import UserError, one_line
@@ -188,10 +189,9 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
             # a hand-made or foreign checkpoint: a key missing, a tensor of another shape, a value of another type
             where = self.folder.last if self.folder is not None else "the checkpoint"
-            detail = one_line(exc, 160)
-            raise UserError(f"{where} is not a complete training checkpoint of this recipe ({type(exc).__name__}: "
-                            f"{detail}); it cannot be resumed: use a checkpoint written by `ipasdctl train`, or "
-                            "start a new run") from None
+            raise UserError(f"{where} is not a complete training checkpoint of this recipe "
+                            f"({one_line(exc, 160, named=True)}); it cannot be resumed: use a checkpoint written by "
+                            "`ipasdctl train`, or start a new run") from None
 
     def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -200,9 +200,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
-        self.epoch = _whole(state["epoch"], "epoch", 0, self.recipe.train.epochs)
-        self.step_in_epoch = _whole(state["step_in_epoch"], "step_in_epoch", 0, 2**62)  # a sampler's epochs may differ
-        self.global_step = _whole(state["global_step"], "global_step", 0, 2**62)
+        self.epoch = _checked_count(state["epoch"], "epoch", 0, self.recipe.train.epochs)
+        # a sampler's epochs may differ in length: step_in_epoch is bounded by the global count only
+        self.step_in_epoch = _checked_count(state["step_in_epoch"], "step_in_epoch", 0, 2**62)
+        self.global_step = _checked_count(state["global_step"], "global_step", 0, 2**62)
         self.meter = EpochMeter(self.device, self.dist)
         self.meter.load_state_dict(state["meter"])
         self.rows = [dict(row) for row in state["rows"]]
@@ -210,7 +211,7 @@ class Trainer:
             raise ValueError(f"{len(self.rows)} metrics rows for {self.epoch} finished epochs")
         self.best_top1 = float(state["best"]["top1"])
         self.best_score = float(state["best"].get("score", self.best_top1))
-        self.best_epoch = _whole(state["best"]["epoch"], "best epoch", -1, self.epoch)
+        self.best_epoch = _checked_count(state["best"]["epoch"], "best epoch", -1, self.epoch)
         self.best_top5 = float(state["best"]["top5"])
         self.train_seconds = float(state["train_seconds"])
         self.epoch_seconds = float(state.get("epoch_seconds", 0.0))
@@ -442,8 +443,8 @@ class Trainer:
         return summary
 
 
-def _whole(value, what: str, low: int, high: int) -> int:
+def _checked_count(value, what: str, low: int, high: int) -> int:
     """An integer field of a checkpoint, within [low, high]; a ValueError (resume's one line) otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if not whole(value, low, high):
         raise ValueError(f"'{what}' is {value!r}, not an integer from {low} to {high}")
     return value

@@ -18,7 +18,7 @@ from torch import nn
 
 from ipasdctl.data.base import Batch
 from ipasdctl.errors import UserError
-from ipasdctl.files import load_checkpoint
+from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.methods import MethodContext, TrainingNet, build_method, method_class
 from ipasdctl.methods.losses import mixup_draw
 from ipasdctl.methods.mixskd import MixSKDParams, SelfTeacher, discriminator, mixskd_loss

@@ -81,7 +81,7 @@ def disk_full_error(folder: Path, exc: BaseException) -> Optional[UserError]:
         free = stats.f_bavail * stats.f_frsize
         if free < FULL_DISK_BYTES:
             return UserError(f"cannot write into {place}: No space left on device ({free // 1024} kB free, "
-                             f"which is what made it fail: {one_line(exc, 120) or type(exc).__name__}); free disk "
+                             f"which is what made it fail: {one_line(exc, 120)}); free disk "
                              "space or choose another --out")
     return None
 
