@@ -36,7 +36,7 @@ from ..errors import UserError, one_line
 from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
 from ..runs import CHECKPOINT_FORMAT, BestEpoch, Checkpoint, DataStats, RunFolder, RunSummary
-from . import distributed
+from . import distributed, finetune
 from .checks import check_labels
 from .meters import EpochMeter, test_metrics
 from .progress import Progress
@@ -67,12 +67,17 @@ class Trainer:
         self.channels_last = bool(t.channels_last)  # CPU too: oneDNN trains every model here 1.02-1.58x faster in NHWC
         runtime.seed_everything(t.seed)
         runtime.configure_determinism(self.device, bool(t.deterministic))
-        self.data = build_data(recipe.data)
+        finetune.check_freezing(recipe, self.dist.enabled)
+        weights = finetune.read_initial_weights(recipe)  # first: their preprocessing is the data's default
+        self.data = finetune.with_weights_preprocessing(build_data(finetune.data_config_for(recipe.data, weights)),
+                                                        weights)
         check_labels(self.data, recipe.data.name)
         if t.batch_size > self.data.num_train:
             raise UserError(f"batch size {t.batch_size} is larger than the training set ({self.data.num_train} images); "
                             "lower --batch-size or use more data")
-        self.model = self._on_device(build_model(recipe.model.arch, self.data.num_classes))
+        model = build_model(recipe.model.arch, self.data.num_classes)
+        self.weights = finetune.fit_initial_weights(model, weights, recipe.model.arch, self.progress.note)
+        self.model = self._on_device(model)
         # per-sample memories, prototypes, stored logits reach the other ranks through these (identity on one)
         self.collectives = distributed.collectives_for(self.dist)
         self.method: Method = build_method(recipe.method, self._method_context())
@@ -119,6 +124,7 @@ class Trainer:
             train_labels=self.data.train_labels.to(self.device), embed_dim=self.model.embed_dim,
             stage_channels=list(self.model.stage_channels), epochs=t.epochs, batch_size=t.batch_size,
             seed=t.seed, device=self.device, channels_last=self.channels_last, collectives=self.collectives,
+            image_shape=tuple(self.data.image_shape),
         )
 
     def _build_batches(self) -> None:
@@ -134,7 +140,8 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         optim, t = self.recipe.optim, self.recipe.train
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=optim.lr, momentum=optim.momentum,
+        groups = finetune.optimizer_groups(self.net, self.model, self.net.extra, optim.backbone_lr_scale)
+        self.optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
                                          nesterov=optim.nesterov and optim.momentum > 0,
                                          weight_decay=optim.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
@@ -272,7 +279,7 @@ class Trainer:
     def train_step(self, batch, lr: float) -> None:
         """One optimisation step on a batch; everything stays on the device (no host synchronisation)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with runtime.autocast(self.device, self.dtype):
             result = self.method.loss(self.train_step_fn, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -295,6 +302,7 @@ class Trainer:
             self.collectives.capacity = int(distributed.all_reduce_max(
                 torch.tensor(largest, device=self.device)).item())
         self.net.train()
+        finetune.freeze_backbone(self.model, epoch < recipe.model.freeze_epochs)
         bar = self.progress.bar(epoch, recipe.train.epochs, self.steps_per_epoch, self.step_in_epoch)
         every = recipe.checkpoint.every_steps
         check_every = self.agree_every if self.dist.enabled else FINITE_CHECK_STEPS
@@ -419,6 +427,8 @@ class Trainer:
             git_commit=runtime.git_commit(),
             finished=True,
             processes=self.dist.world_size,
+            weights=self.weights.to_dict() if self.weights is not None else None,
+            **self.method.teacher_record(),
         )
         if self.dist.is_main:
             self.folder.write_summary(summary)
