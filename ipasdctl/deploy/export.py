@@ -253,7 +253,10 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     if data.num_classes != int(state["num_classes"]):
         raise UserError(f"the checkpoint has {state['num_classes']} classes but data set '{data_config.name}' has "
                         f"{data.num_classes}; give the data set the run was trained on (--data)")
-    image_shape = list(data.image_shape)
+    # the preprocessing the model was trained with (the checkpoint's: pretrained weights bring their own mean/std)
+    stats = state.get("data_stats") or {}
+    image_shape = list(stats.get("image_shape") or data.image_shape)
+    mean, std = stats.get("mean") or data.mean, stats.get("std") or data.std
 
     base_meta = {
         "producer": "ipasdctl",
@@ -268,8 +271,8 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         "output_name": OUTPUT_NAME,
         "input_size": image_shape,
         "layout": "NCHW",
-        "mean": [float(v) for v in data.mean],
-        "std": [float(v) for v in data.std],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
         "preprocessing": "float32 NCHW, channels in the training data's order, x = (pixel / 255 - mean) / std per channel; "
                          + ("output = logits / temperature (softmax gives calibrated probabilities)" if temperature
                             else "output = logits"),
