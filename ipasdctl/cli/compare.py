@@ -35,6 +35,9 @@ def compare(
     compile: CompileOpt = None,
     track: TrackOpt = None,
     set_: SetOpt = None,
+    baseline_set: Annotated[Optional[list[str]], typer.Option(
+        "--baseline-set", help="A baseline's own parameter, METHOD.KEY=VALUE (repeatable): e.g. "
+                               "--baseline-set kd.teacher=RUN_FOLDER (a larger teacher trained first).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "
              "<method>-s<seed>/.")] = None,
@@ -57,6 +60,7 @@ def compare(
 ) -> "chain.Outputs":
     """Train the main method (--method, default: the recipe's, ipasd), every baseline and ce on the same
     recipe and seeds, then write results.csv, summary.csv and summary.md; prints the comparison folder last.
+    A baseline's own parameters: --baseline-set kd.teacher=RUN (rows with a teacher are marked in summary.md).
 
     A rerun skips finished runs and resumes interrupted ones. --set method.x=... sets the main method's
     parameters only; baselines use their defaults. tf-kd-self distils from the ce run of the same seed (and
@@ -72,7 +76,7 @@ def compare(
     overrides = recipe_overrides(ctx.params)
     seed_list = planning.parse_seeds(seeds)  # before the recipe: the cheapest mistake to report first
     base = training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, overrides))
-    comparison = planning.plan(base, baselines, seed_list, out)
+    comparison = planning.plan(base, baselines, seed_list, out, baseline_set)
     progress = training.Progress(enabled=not quiet)
     executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)
     say = None if quiet else comparing.say_on_stderr
