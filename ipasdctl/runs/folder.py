@@ -40,7 +40,8 @@ from .schemas import RESULT_COLUMNS, RunSummary, check_state
 
 
 def default_run_name(recipe: Recipe) -> str:
-    return f"{recipe.data.name}-{recipe.model.arch}-{recipe.method['name']}-s{recipe.train.seed}"
+    arch = recipe.model.arch.replace(":", "-")  # timm:<name>: a ':' would read as RUN:last in a weights spec
+    return f"{recipe.data.name}-{arch}-{recipe.method['name']}-s{recipe.train.seed}"
 
 
 class RunFolder:
