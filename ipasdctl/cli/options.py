@@ -15,6 +15,7 @@ DEFAULT_RECIPE = "demo"
 RECIPE_KEYS = {
     "method": ("method", "name"),
     "arch": ("model", "arch"),
+    "weights": ("model", "weights"),
     "dataset": ("data", "name"),
     "data": ("data", "root"),
     "epochs": ("train", "epochs"),
@@ -31,6 +32,9 @@ RECIPE_KEYS = {
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe: a YAML path or a name in recipes/ (default: demo).")]
 MethodOpt = Annotated[Optional[str], typer.Option(help="Training method (ipasdctl list).")]
 ArchOpt = Annotated[Optional[str], typer.Option(help="Model architecture (ipasdctl list).")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    help="Initial weights (recipe key model.weights): a .safetensors / .pt file, a run folder (RUN, RUN:last), "
+         "torchvision[:ENUM] for tv_* archs, timm[:TAG] for timm:<name> ones.")]
 DatasetOpt = Annotated[Optional[str], typer.Option(help="Data set name (ipasdctl list).")]
 DataOpt = Annotated[Optional[Path], typer.Option(help="Folder holding the data set's files (e.g. the folder that contains cifar-10-batches-py/).")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Number of epochs.")]

@@ -9,7 +9,7 @@ import typer
 from . import chain
 from .app import app
 from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
-                      MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, TrackOpt, command_line,
+                      MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, TrackOpt, WeightsOpt, command_line,
                       recipe_overrides)
 
 
@@ -19,6 +19,7 @@ def train(
     recipe: RecipeOpt = None,
     method: MethodOpt = None,
     arch: ArchOpt = None,
+    weights: WeightsOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     epochs: EpochsOpt = None,

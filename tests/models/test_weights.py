@@ -81,7 +81,7 @@ def test_safetensors_file_loads_and_trains(source_run, tmp_path):
     model = build_model("resnet8", 10)
     load_weights(model, str(file), "resnet8")
     assert_same_weights(model, state, skip=())
-    run = train_cli(tmp_path / "runs", "ft", "--set", f"model.weights={file}")
+    run = train_cli(tmp_path / "runs", "ft", "--weights", str(file))  # --weights: model.weights
     assert json.loads((run / "summary.json").read_text())["weights"]["sha256"] == sha256(file)
 
 
