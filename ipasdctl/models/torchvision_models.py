@@ -1,4 +1,5 @@
-"""torchvision's ImageNet architectures, randomly initialised (weights=None: nothing is downloaded), wrapped
+"""torchvision's ImageNet architectures, randomly initialised (weights=None: nothing is downloaded; ImageNet
+weights through `model.weights=torchvision[:ENUM]`, runs/weights.py, mapped by `torchvision_key_map`), wrapped
 to the model contract of models/base.py. Registered with a `tv_` prefix; default input 224x224.
 
 - ResNet-18/34/50 (He et al. 2016): stages = layer1..layer4 (strides 4, 8, 16, 32); layer4 is pooled.
