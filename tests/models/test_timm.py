@@ -89,3 +89,37 @@ def test_a_model_without_stages_refuses_a_method_that_needs_them(tmp_path, capsy
     line = one_error_line(["train", *TINY, "--arch", "timm:test_resnet", "--method", "byot",
                            "--out", str(tmp_path / "runs")], capsys)
     assert "at least 2 stages" in line
+
+
+def test_timm_weights_come_through_timms_own_loader_and_offline_is_one_line(monkeypatch):
+    import timm
+
+    from ipasdctl.errors import UserError
+    from ipasdctl.runs.weights import load_weights
+
+    create = timm.create_model
+    made = {}
+
+    def from_cache(name, pretrained=False, **kwargs):  # stands for timm's download into its cache
+        net = create(name, pretrained=False, **kwargs)
+        if pretrained:
+            made["name"], made["net"] = name, net
+        return net
+
+    monkeypatch.setattr(timm, "create_model", from_cache)
+    model = build_model("timm:test_resnet", 3)
+    loaded = load_weights(model, "timm:r160_in1k", "timm:test_resnet")
+    assert made["name"] == "test_resnet.r160_in1k"
+    assert all(torch.equal(model.body.state_dict()[k], v) for k, v in made["net"].state_dict().items())
+    assert loaded.reinitialised == ["classifier.weight", "classifier.bias"] and loaded.input_size == 160
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("cannot reach the hub")
+        return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError, match="place the Hugging Face repo timm/test_resnet"):
+        load_weights(build_model("timm:test_resnet", 3), "timm", "timm:test_resnet")
+    with pytest.raises(UserError, match="for timm architectures"):
+        load_weights(build_model("resnet8", 3), "timm", "resnet8")
