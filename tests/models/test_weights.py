@@ -160,3 +160,25 @@ def test_bad_weights_are_one_line_and_leave_nothing(source_run, tmp_path, capsys
                            f"model.weights={source_run}"], capsys)
     assert "holds a resnet8" in line
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow  # an ImageNet architecture trained and exported (about a minute on 2 cores)
+def test_torchvision_weights_train_and_their_preprocessing_reaches_the_export(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(),
+               cache / "mobilenet_v3_small-047dcff4.pth")
+    run = train_cli(tmp_path / "runs", "tv", "--arch", "tv_mobilenet_v3_small", "--weights", "torchvision",
+                    "--set", "model.freeze_epochs=0")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["weights"]["mean"] == [0.485, 0.456, 0.406]
+    stats = load_checkpoint(run / "checkpoints" / "best.pt")["data_stats"]
+    assert stats["mean"] == pytest.approx([0.485, 0.456, 0.406]) and stats["std"] == pytest.approx([0.229, 0.224, 0.225])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(run), "--out", str(tmp_path / "exports"), "-q"])
+    assert exit_info.value.code in (0, None)
+    meta = json.loads(next((tmp_path / "exports").glob("*.json")).read_text())
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["std"] == pytest.approx([0.229, 0.224, 0.225])
