@@ -6,6 +6,7 @@ spells their file names; every other module reaches them through the names below
     schemas.py     what a run's files hold: RunSummary (summary.json), Checkpoint (checked by check_state), the
                    columns of a run's row in the tables
     lock.py        RunLock: one process writes a folder at a time
+    weights.py     where initial weights or a teacher come from (a file, a run folder, torchvision's or timm's zoo)
 """
 
 from .comparison import ComparisonFolder, comparison_run_name
