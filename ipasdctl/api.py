@@ -43,14 +43,16 @@ def train(recipe: RecipeLike = "demo", out: Union[str, Path] = "runs", name: Opt
 
 def compare(recipe: RecipeLike = "demo", baselines: Union[str, Iterable[str]] = (), seeds: Iterable[int] = (0, 1, 2),
             out: Optional[Union[str, Path]] = None, overrides: Optional[dict] = None,
-            progress: bool = False, tuned: Iterable[Union[str, Path]] = ()) -> Path:
+            progress: bool = False, tuned: Iterable[Union[str, Path]] = (),
+            baseline_params: Optional[dict] = None) -> Path:
     """Train the recipe's method, the baselines and ce with every seed (resumable) and write the tables;
     returns the comparison folder (results.csv, summary.csv, summary.md). `tuned`: study folders of `tune`,
-    whose methods run at their best trial's parameters."""
+    whose methods run at their best trial's parameters; `baseline_params`: a method's own parameters, e.g.
+    {"kd": {"teacher": "runs/teacher"}}."""
     from .studies import tuned as tuned_runs
 
     plan = planning.plan(recipe_of(recipe, overrides), baselines, seeds, Path(out) if out is not None else None,
-                         tuned_runs.read_tuned(tuned))
+                         tuned_runs.read_tuned(tuned), baseline_params)
     comparing.run(plan, training.Progress(enabled=progress), comparing.say_on_stderr if progress else None)
     return plan.out
 

@@ -61,6 +61,8 @@ class DataConfig:
     # the run's seed: every run and method of a comparison is tested on the same images, so it stays paired)
     test_subset: Optional[int] = None
     label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
+    # a subset of the data set's classes, by name or index, in this order (renumbered 0..k-1); None: all of them
+    classes: Optional[list] = None
     # the data set's own parameters (image_size, num_workers, ...), declared by the data set as a method declares
     # its own (data/base.py): flat beside the keys above in a recipe's data: section and in config.yaml
     params: dict = field(default_factory=dict, metadata={OTHER_KEYS: True})
@@ -69,6 +71,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet8"
+    # initial weights (runs/weights.py): a .safetensors / .pt file, a run folder (RUN, RUN:last),
+    # torchvision[:ENUM] for tv_* archs, timm[:TAG] for timm:<name> ones; None: random init
+    weights: Optional[str] = None
+    freeze_epochs: int = 0  # train the classifier (and a method's new heads) alone for this many first epochs
 
 
 @dataclass
@@ -81,6 +87,7 @@ class OptimConfig:
     schedule: str = "multistep"  # multistep | cosine | constant
     milestones: list[int] = field(default_factory=lambda: [100, 150])  # epochs counted after warm-up
     gamma: float = 0.1
+    backbone_lr_scale: float = 1.0  # the backbone's lr relative to the classifier's (fine-tuning: e.g. 0.1)
 
 
 @dataclass

@@ -336,7 +336,7 @@ def test_the_reference_run_comes_from_the_method_not_from_compare(tmp_path):
     from ipasdctl.methods import METHODS
 
     declaring = [name for name in METHODS.names() if METHODS.get(name).reference_run_param]
-    assert declaring == ["tf-kd-self"]
+    assert declaring == ["kd", "tf-kd-self"]
     comparison = planning.plan(tiny_recipe(), "tf-kd-self", [0, 3], tmp_path / "c")
     teachers = {run.seed: run.recipe.method["teacher"] for run in comparison.runs if run.method == "tf-kd-self"}
     assert teachers == {seed: str((tmp_path / "c" / f"ce-s{seed}").resolve()) for seed in (0, 3)}

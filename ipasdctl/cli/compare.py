@@ -35,6 +35,9 @@ def compare(
     compile: CompileOpt = None,
     track: TrackOpt = None,
     set_: SetOpt = None,
+    baseline_set: Annotated[Optional[list[str]], typer.Option(
+        "--baseline-set", help="A baseline's own parameter, METHOD.KEY=VALUE (repeatable): e.g. "
+                               "--baseline-set kd.teacher=RUN_FOLDER (a larger teacher trained first).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Comparison folder (default: comparisons/<recipe name>); run folders go in it as "
              "<method>-s<seed>/.")] = None,
@@ -65,6 +68,7 @@ def compare(
              "file system every node mounts. Needs pip install 'ipasdctl[ray]'.")] = None,
 ) -> "chain.Outputs":
     """Train the main method, every baseline and ce on one recipe with the same seeds, and tabulate them.
+    A baseline's own parameters: --baseline-set kd.teacher=RUN (rows with a teacher are marked in summary.md).
 
     The main method is --method (default: the recipe's, ipasd); the tables are results.csv, summary.csv and
     summary.md; the comparison folder is printed last. A rerun skips finished runs and resumes interrupted ones. --set method.x=... sets the main method's
@@ -92,9 +96,9 @@ def compare(
     executor = make_executor(base, jobs, devices, threads_per_job, ray, progress)  # its options checked before tuning
     studies = tuned_runs.read_tuned(tuned_studies)
     if tune is not None:
-        where = planning.plan(base, baselines, seed_list, out)  # the methods, the folder, every recipe checked
+        where = planning.plan(base, baselines, seed_list, out, baseline_params=baseline_set)  # every recipe checked
         studies = tuned_runs.tune_each(base, where.methods, tune, where.out, not quiet, say)
-    comparison = planning.plan(base, baselines, seed_list, out, studies)
+    comparison = planning.plan(base, baselines, seed_list, out, studies, baseline_set)
     try:
         comparing.run(comparison, progress, say, executor)
     except training.Interrupted as exc:

@@ -25,7 +25,8 @@ REGISTERED_PACKAGES = ("methods", "models", "data")  # the packages whose module
 @app.command("list")
 def list_(
     what: Annotated[Optional[str], typer.Argument(
-        metavar="[methods|models|datasets|recipes]", help="What to list (default: all, by name).")] = None,
+        metavar="[methods|models|datasets|recipes]", help="What to list (default: all, by name); with --models, a "
+             "timm pattern such as 'timm:*mobilenet*' lists timm's models.")] = None,
     models: Annotated[bool, typer.Option("--models", help="A table of every model: input size, parameters, MACs.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -36,6 +37,9 @@ def list_(
     from ..errors import UserError
 
     if models:
+        if what is not None and what.startswith("timm:"):  # timm's zoo: not cached (timm's version decides it)
+            typer.echo(format_table(_timm_table(what, quiet)))
+            return
         typer.echo(format_table(cached("model_table", lambda: _model_table(quiet))))
         return
     groups = {**cached("names", _registered_names), "recipes": sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))}
@@ -94,6 +98,22 @@ def _model_table(quiet: bool) -> list[dict]:
     names = tqdm(MODELS.names(), desc="counting parameters and MACs", file=sys.stderr, leave=False,
                  disable=True if quiet else None)
     return [model_row(name) for name in names]
+
+
+def _timm_table(pattern: str, quiet: bool) -> list[dict]:
+    """The rows of every timm model matching `pattern` (timm:<glob>), each at its own input size."""
+    from tqdm import tqdm
+
+    from ..errors import UserError
+    from ..models.catalog import model_row
+    from ..models.timm_models import timm_model_names
+
+    names = timm_model_names(pattern)
+    if not names:
+        raise UserError(f"no timm model matches '{pattern}'; try a wider pattern such as 'timm:*net*'")
+    return [model_row(name, num_classes=1000) for name in tqdm(names, desc="counting parameters and MACs",
+                                                               file=sys.stderr, leave=False,
+                                                               disable=True if quiet else None)]
 
 
 def cache_file() -> Path:

@@ -16,6 +16,7 @@ DEFAULT_RECIPE = "demo"
 RECIPE_KEYS = {
     "method": ("method", "name"),
     "arch": ("model", "arch"),
+    "weights": ("model", "weights"),
     "dataset": ("data", "name"),
     "data": ("data", "root"),
     "epochs": ("train", "epochs"),
@@ -33,6 +34,9 @@ RecipeOpt = Annotated[Optional[str], typer.Option(
     "--recipe", "-r", metavar="NAME|PATH", help="Recipe: a YAML path or a name in recipes/ (default: demo).")]
 MethodOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="Training method (ipasdctl list methods).")]
 ArchOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="Model architecture (ipasdctl list models).")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    metavar="SPEC", help="Initial weights (recipe key model.weights): a .safetensors / .pt file, a run folder (RUN, "
+                         "RUN:last), torchvision[:ENUM] for tv_* archs, timm[:TAG] for timm:<name> ones.")]
 DatasetOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="Data set name (ipasdctl list datasets).")]
 DataOpt = Annotated[Optional[Path], typer.Option(
     metavar="DIR", help="Folder holding the data set's files (e.g. the folder that contains cifar-10-batches-py/).")]

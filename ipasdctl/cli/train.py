@@ -10,7 +10,7 @@ from . import chain
 from .app import app
 from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
                       MethodOpt, PrecisionOpt, QuietOpt, RecipeOpt, SeedOpt, SetOpt, ThreadsOpt, TrackOpt,
-                      command_line, recipe_overrides, use_threads)
+                      WeightsOpt, command_line, recipe_overrides, use_threads)
 
 
 @app.command()
@@ -19,6 +19,7 @@ def train(
     recipe: RecipeOpt = None,
     method: MethodOpt = None,
     arch: ArchOpt = None,
+    weights: WeightsOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,
     epochs: EpochsOpt = None,

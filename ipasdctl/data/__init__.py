@@ -11,10 +11,12 @@ from ..registry import import_submodules
 from .base import (DATASETS, Augment, Batch, DataSet, ImageData, Loader, RandomBatches, TensorLoader, eval_batches,
                    register_dataset)
 
+from .classes import select_classes
 from .noise import apply_label_noise
 
 # each module but these registers its data sets
-import_submodules(__name__, __path__, skip=("base", "decode", "file_loader", "folders", "noise", "samplers", "transforms"))
+import_submodules(__name__, __path__, skip=("base", "classes", "decode", "file_loader", "folders", "noise", "samplers",
+                                          "transforms"))
 
 
 # keys every data: section held before each data set declared its own (config.yaml of older runs, recipes): a
@@ -46,12 +48,15 @@ def resolved_data_params(cfg: DataConfig) -> dict:
 def build_data(cfg: DataConfig) -> DataSet:
     """The data set named in the recipe, its training split derived in this order (each step seeded by its
     own seed, so the result is the same in every run, resume and command that reads the run):
+    0. `data.classes`: only the chosen classes, relabelled in their order (data/classes.py);
     1. `data.val_split`: a class-balanced validation split held out of the whole training set;
     2. `data.train_subset`: a class-balanced subset of what remains (a subset keeps its size with a val split);
     3. `data.label_noise`: noisy labels on that training split only (validation and test labels stay clean);
     4. `data.test_subset`: a fixed, class-balanced part of the test set (one draw for every run and seed).
     `data.origin` records steps 1, 3 and 4 (the run folder's splits.json)."""
     data = DATASETS.get(cfg.name)(cfg, dataset_params(cfg))
+    if cfg.classes is not None:  # first: every later step sees only the chosen classes, renumbered
+        data = select_classes(data, cfg.classes)
     if cfg.val_split is not None:
         data = data.hold_out_validation(cfg.val_split, cfg.val_seed)
     if cfg.train_subset is not None:

@@ -114,6 +114,18 @@ def run_checker(path: Path) -> None:
                                     f"{one_line(exc, 300, line=0, named=True)}") from None
 
 
+def _as_trained(data_config, data, stats: dict):
+    """(data config, data set) preprocessed as the checkpoint records its training data (pretrained weights bring
+    their own mean/std, and an input size to image-file data sets left without data.image_size)."""
+    shape = stats.get("image_shape")
+    if shape and list(data.image_shape) != list(shape) and "image_size" in data_config.params:
+        data_config = replace(data_config, params={**data_config.params, "image_size": int(shape[-1])})
+        data = build_data(data_config)
+    if stats.get("mean") and stats.get("std") and len(stats["mean"]) == data.image_shape[0]:
+        data = replace(data, mean=[float(v) for v in stats["mean"]], std=[float(v) for v in stats["std"]])
+    return data_config, data
+
+
 def _sample_images(data, count: int) -> np.ndarray:
     """The first `count` normalised test images (the test set repeated when it is smaller)."""
     chunks, have = [], 0
@@ -253,7 +265,8 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
     if data.num_classes != int(state["num_classes"]):
         raise UserError(f"the checkpoint has {state['num_classes']} classes but data set '{data_config.name}' has "
                         f"{data.num_classes}; give the data set the run was trained on (--data)")
-    image_shape = list(data.image_shape)
+    data_config, data = _as_trained(data_config, data, state.get("data_stats") or {})
+    image_shape, mean, std = list(data.image_shape), data.mean, data.std
 
     base_meta = {
         "producer": "ipasdctl",
@@ -268,8 +281,8 @@ def export_onnx(run_dir: Path, out_dir: Path = Path("exports"), opset: Optional[
         "output_name": OUTPUT_NAME,
         "input_size": image_shape,
         "layout": "NCHW",
-        "mean": [float(v) for v in data.mean],
-        "std": [float(v) for v in data.std],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
         "preprocessing": "float32 NCHW, channels in the training data's order, x = (pixel / 255 - mean) / std per channel; "
                          + ("output = logits / temperature (softmax gives calibrated probabilities)" if temperature
                             else "output = logits"),

@@ -83,6 +83,7 @@ class MethodContext:
     seed: int
     device: torch.device
     channels_last: bool = False  # the batches' memory layout (a model a method builds itself should match)
+    image_shape: tuple = ()  # C, H, W of a training image (a teacher's MACs are counted at it)
     collectives: Collectives = field(default_factory=Collectives)
 
 
@@ -134,6 +135,11 @@ class Method:
 
     def loss(self, net: nn.Module, batch) -> StepResult:
         raise NotImplementedError
+
+    def teacher_record(self) -> dict:
+        """A method that distils from a separate teacher: {"teacher", "teacher_arch", "teacher_params",
+        "teacher_macs"} for summary.json (the cost a teacher adds); {} for every other method."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

@@ -1,4 +1,5 @@
-"""torchvision's ImageNet architectures, randomly initialised (weights=None: nothing is downloaded), wrapped
+"""torchvision's ImageNet architectures, randomly initialised (weights=None: nothing is downloaded; ImageNet
+weights through `model.weights=torchvision[:ENUM]`, runs/weights.py, mapped by `torchvision_key_map`), wrapped
 to the model contract of models/base.py. Registered with a `tv_` prefix; default input 224x224.
 
 - ResNet-18/34/50 (He et al. 2016): stages = layer1..layer4 (strides 4, 8, 16, 32); layer4 is pooled.
@@ -145,8 +146,24 @@ def _build(arch: str, num_classes: int):
     return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
 
+TORCHVISION_ARCHS: dict[str, tuple[str, object]] = {}  # registered name -> (torchvision's name, wrapper)
+
+
 def _register(name: str, arch: str, wrap) -> None:
+    TORCHVISION_ARCHS[name] = (arch, wrap)
     MODELS.register(name)(lambda num_classes: wrap(_build(arch, num_classes), num_classes))
+
+
+def torchvision_key_map(name: str) -> dict[str, str]:
+    """torchvision's state-dict name -> the wrapped model's, for a registered `tv_*` architecture: the wrapper
+    holds torchvision's own modules under other names, so each tensor is matched by identity (built on the meta
+    device: no memory, no init)."""
+    arch, wrap = TORCHVISION_ARCHS[name]
+    with torch.device("meta"):
+        net = _build(arch, 1000)
+        wrapped = wrap(net, 1000)
+    ours = {id(tensor): key for key, tensor in wrapped.state_dict(keep_vars=True).items()}
+    return {key: ours[id(tensor)] for key, tensor in net.state_dict(keep_vars=True).items() if id(tensor) in ours}
 
 
 for _depth in (18, 34, 50):

@@ -7,6 +7,7 @@ spells their file names; every other module reaches them through the names below
                    columns of a run's row in the tables
     study.py       StudyFolder: a tuning study's files and its trial run folders
     lock.py        RunLock: one process writes a folder at a time
+    weights.py     where initial weights or a teacher come from (a file, a run folder, torchvision's or timm's zoo)
 """
 
 from .comparison import ComparisonFolder, comparison_run_name

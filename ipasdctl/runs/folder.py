@@ -41,7 +41,8 @@ from .schemas import RESULT_COLUMNS, RunSummary, check_state
 
 
 def default_run_name(recipe: Recipe) -> str:
-    return f"{recipe.data.name}-{recipe.model.arch}-{recipe.method['name']}-s{recipe.train.seed}"
+    arch = recipe.model.arch.replace(":", "-")  # timm:<name>: a ':' would read as RUN:last in a weights spec
+    return f"{recipe.data.name}-{arch}-{recipe.method['name']}-s{recipe.train.seed}"
 
 
 class RunFolder:
@@ -183,8 +184,12 @@ class RunFolder:
         return row
 
     # -------------------------------------------------------------------------------- writing
-    def write_config(self, recipe: Recipe) -> None:
-        atomic_write_text(self.config, dump_recipe(recipe))
+    def write_config(self, recipe: Recipe, loaded: Optional[dict] = None) -> None:
+        """config.yaml; `loaded`: what model.weights loaded (source, sha256, tensor counts), kept as comments
+        above the recipe (a record, not a key: the recipe stays the one that repeats the run)."""
+        notes = "".join(f"# model.weights {key}: {value}\n" for key, value in (loaded or {}).items()
+                        if key in ("source", "sha256", "tensors_loaded", "tensors_reinitialised"))
+        atomic_write_text(self.config, notes + dump_recipe(recipe))
 
     def write_metrics(self, rows: list[dict]) -> None:
         write_metrics_csv(self.metrics, rows)

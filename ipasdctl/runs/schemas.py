@@ -61,6 +61,11 @@ class RunSummary:
     threads: Optional[int] = None  # CPU numbers are bitwise reproducible for the same count
     finished: bool = False
     processes: Optional[int] = None  # of the last session
+    weights: Optional[dict] = None  # model.weights: source, sha256, tensors loaded / re-initialised, mean/std
+    teacher: Optional[str] = None  # a method's teacher (kd): the run folder or weights spec it distils from
+    teacher_arch: Optional[str] = None
+    teacher_params: Optional[int] = None
+    teacher_macs: Optional[int] = None  # per image, on top of the student's in every training step
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from .. import training
-from ..config import Recipe, ResolvedRecipe, deep_merge, recipe_from_dict
+from ..config import Recipe, ResolvedRecipe, deep_merge, parse_set, recipe_from_dict
 from ..errors import UserError, did_you_mean
 from ..methods import METHODS, method_class
 from ..runs import ComparisonFolder
@@ -110,18 +110,43 @@ def default_out(recipe: Recipe) -> Path:
     return Path("comparisons") / recipe.name
 
 
+def parse_baseline_set(assignments: Union[Iterable[str], dict, None], methods: list[str]) -> dict[str, dict]:
+    """['kd.teacher=RUN', 'kd.alpha=0.5'] -> {"kd": {"teacher": "RUN", "alpha": 0.5}}: a planned method's own
+    parameters (values parsed as --set parses them); a method not in the comparison is a UserError."""
+    if isinstance(assignments, dict):
+        nested = assignments
+    else:
+        items = list(assignments or [])
+        for item in items:
+            key = item.split("=", 1)[0]
+            if "=" not in item or "." not in key:
+                raise UserError(f"--baseline-set expects METHOD.KEY=VALUE (e.g. kd.teacher=RUN_FOLDER), got '{item}'")
+        nested = parse_set(items)
+    for method, values in nested.items():
+        if method not in methods:
+            raise UserError(f"--baseline-set {method}.…: '{method}' is not a method of this comparison"
+                            f"{did_you_mean(method, methods)}; its methods: {', '.join(methods)}")
+        if not isinstance(values, dict):
+            raise UserError(f"--baseline-set expects METHOD.KEY=VALUE (e.g. kd.teacher=RUN_FOLDER), got '{method}'")
+    return nested
+
+
 def plan(recipe: Recipe, baselines: Union[str, Iterable[str], None], seeds: Union[str, Iterable[int]],
-         out: Optional[Path] = None, tuned: Optional[dict] = None) -> ComparisonPlan:
+         out: Optional[Path] = None, tuned: Optional[dict] = None,
+         baseline_params: Union[Iterable[str], dict, None] = None) -> ComparisonPlan:
     """Every run of the comparison, seed by seed (ce first, then the main method, then the baselines), with its
     recipe resolved and checked: a mistake in any of them is found before anything trains.
 
     `tuned`: method -> (study folder, recipe overrides of its best trial): that method runs with them (its
-    parameters, optim.lr, ...), every other at its defaults; a tuned method not named is compared too."""
+    parameters, optim.lr, ...), every other at its defaults; a tuned method not named is compared too.
+    `baseline_params`: a method's own parameters (`--baseline-set kd.teacher=RUN`), over its defaults (or the
+    main method's, or its study's)."""
     tuned = dict(tuned or {})
     seeds = parse_seeds(seeds)
     if isinstance(baselines, str):
         baselines = baselines.split(",")
     methods = method_names(recipe.method.get("name"), [*(baselines or []), *tuned])
+    own_params = parse_baseline_set(baseline_params, methods)
     shared = training.resolved(recipe)
     main = shared.method["name"]
     out = Path(out) if out is not None else default_out(shared)
@@ -133,6 +158,7 @@ def plan(recipe: Recipe, baselines: Union[str, Iterable[str], None], seeds: Unio
             if method in tuned:
                 values = deep_merge(values, tuned[method][1])
                 values["method"]["name"] = method
+            values["method"] = {**values["method"], **own_params.get(method, {})}
             reference_key = method_class(method).reference_run_param
             if reference_key and not values["method"].get(reference_key):
                 values["method"][reference_key] = reference_run(out, seed)

@@ -145,6 +145,20 @@ def _method_parameters(comparison: ComparisonPlan) -> list[str]:
     return lines
 
 
+def _teachers(comparison: ComparisonPlan) -> dict[str, str]:
+    """Method -> what its teacher costs (from its finished runs' summary.json), for the methods that used one."""
+    notes: dict[str, str] = {}
+    for planned in comparison.runs:
+        summary = RunFolder(planned.run_dir).read_summary()
+        if planned.method in notes or summary is None or not summary.teacher_params:
+            continue
+        macs = f", {summary.teacher_macs / 1e6:.1f}M MACs per image" if summary.teacher_macs else ""
+        student = f" beside the student's {summary.macs / 1e6:.1f}M" if summary.macs and macs else ""
+        notes[planned.method] = (f"`{planned.method}`: teacher {summary.teacher_arch} ({summary.teacher_params / 1e6:.2f}M "
+                                 f"parameters{macs}{student}; `{summary.teacher}`)")
+    return notes
+
+
 def _partial_notice(results, failed: dict) -> list[str]:
     """The lines that mark a partial table: how many runs finished, which are pending, which failed and why."""
     unfinished = results[results["status"] != "finished"]
@@ -182,10 +196,12 @@ def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: 
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---:", ":---", "---:", "---:", "---:", "---:", "---:", ":---", "---:", "---:", ":---", "---:"]) + "|",
     ]
+    teachers = _teachers(comparison)
     for row in summary.itertuples(index=False):
         reference = row.method == REFERENCE
         cells = [
-            str(row.rank), f"`{row.method}`{CHANGES_IMAGES_MARK if row.changes_images else ''}", str(row.runs),
+            str(row.rank), f"`{row.method}`{CHANGES_IMAGES_MARK if row.changes_images else ''}"
+            + (" (teacher)" if row.method in teachers else ""), str(row.runs),
             _mean_std(row.last_top1_mean, row.last_top1_std),
             _interval(row.last_top1_ci_low, row.last_top1_ci_high),
             "(reference)" if reference else _paired_cell(row, "last_top1"),
@@ -224,8 +240,11 @@ def summary_markdown(comparison: ComparisonPlan, summary, results=None, failed: 
         *([f"- **The verdicts need more seeds**: this comparison has {pairs} paired "
            f"seed{'s' if pairs != 1 else ''}; rerun with `--seeds 0,1,2` (finished runs are kept)."]
           if pairs < MIN_SEEDS else []),
+        *(["- **(teacher)**: the method distils from a separately trained teacher, which runs in every training "
+            "step (its forward is in train s / run; its own training is not). " + "; ".join(teachers.values()) + "."]
+          if teachers else []),
         "- Method parameters (`--set method.x=...` applies to the main method only; the others use their "
-        "defaults):",
+        "defaults, or `--baseline-set method.x=...`):",
         *[f"  {line}" for line in _method_parameters(comparison)],
         f"- Per-run numbers: `{comparison.folder.results.name}`; run folders: "
         f"`{comparison_run_name('<method>', '<seed>')}/`; the recipe: `{comparison.folder.record.name}`.",

@@ -75,3 +75,22 @@ def check_values(recipe: Recipe) -> None:
         raise UserError(f"data.test_subset must be a positive number of test images, got {d.test_subset}; leave it "
                         "unset to test on the whole test set")
     check_label_noise(d.label_noise.rate, d.label_noise.kind)
+    check_finetuning(recipe)
+
+
+def check_finetuning(recipe: Recipe) -> None:
+    m, o, d = recipe.model, recipe.optim, recipe.data
+    if not (0 <= o.backbone_lr_scale <= 1e6 and math.isfinite(o.backbone_lr_scale)):
+        raise UserError(f"optim.backbone_lr_scale must be a number from 0 to 1e6 (the backbone's lr relative to the "
+                        f"classifier's), got {o.backbone_lr_scale}")
+    if not 0 <= m.freeze_epochs < recipe.train.epochs:
+        raise UserError(f"model.freeze_epochs must be from 0 to epochs - 1 ({recipe.train.epochs - 1}), got "
+                        f"{m.freeze_epochs}")
+    if m.weights is not None and not m.weights.strip():
+        raise UserError("model.weights is empty; give a weights file, a run folder, or torchvision[:ENUM] / "
+                        "timm[:TAG] (leave it unset for random weights)")
+    if d.classes is not None:
+        if not isinstance(d.classes, list) or not d.classes or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in d.classes):
+            raise UserError(f"data.classes must be a non-empty list of class names or indices, got {d.classes!r:.80}")
+        if len(set(d.classes)) != len(d.classes):
+            raise UserError(f"data.classes names a class twice: {d.classes!r:.80}")

@@ -215,7 +215,7 @@ def _train_new(trainer: Trainer, run_dir: Path, created: bool) -> Path:
     try:
         if main:
             folder.remove_stale_temporaries()  # a folder compare made earlier may hold some
-            folder.write_config(trainer.recipe)
+            folder.write_config(trainer.recipe, trainer.weights.to_dict() if trainer.weights is not None else None)
         trainer.run()
     except BaseException as exc:
         if main and not isinstance(exc, Interrupted) and not folder.last.exists():

@@ -37,7 +37,8 @@ from ..errors import UserError, one_line
 from ..methods import Method, MethodContext, TrainingNet, build_method
 from ..models import build_model, count_macs, count_params
 from ..runs import CHECKPOINT_FORMAT, BestEpoch, Checkpoint, DataStats, RunFolder, RunSummary
-from . import distributed
+from . import distributed, finetune
+from .summary import run_summary
 from .checks import check_folder_still_there, check_labels
 from .meters import EpochMeter, test_metrics
 from .progress import Progress
@@ -68,12 +69,17 @@ class Trainer:
         self.channels_last = bool(t.channels_last)  # CPU too: oneDNN trains every model here 1.02-1.58x faster in NHWC
         runtime.seed_everything(t.seed)
         runtime.configure_determinism(self.device, bool(t.deterministic))
-        self.data = build_data(recipe.data)
+        finetune.check_freezing(recipe, self.dist.enabled)
+        weights = finetune.read_initial_weights(recipe)  # first: their preprocessing is the data's default
+        self.data = finetune.with_weights_preprocessing(build_data(finetune.data_config_for(recipe.data, weights)),
+                                                        weights)
         check_labels(self.data, recipe.data.name)
         if t.batch_size > self.data.num_train:
             raise UserError(f"batch size {t.batch_size} is larger than the training set ({self.data.num_train} images); "
                             "lower --batch-size or use more data")
-        self.model = self._on_device(build_model(recipe.model.arch, self.data.num_classes))
+        model = build_model(recipe.model.arch, self.data.num_classes)
+        self.weights = finetune.fit_initial_weights(model, weights, recipe.model.arch, self.progress.note)
+        self.model = self._on_device(model)
         # per-sample memories, prototypes, stored logits reach the other ranks through these (identity on one)
         self.collectives = distributed.collectives_for(self.dist)
         self.method: Method = build_method(recipe.method, self._method_context())
@@ -120,6 +126,7 @@ class Trainer:
             train_labels=self.data.train_labels.to(self.device), embed_dim=self.model.embed_dim,
             stage_channels=list(self.model.stage_channels), epochs=t.epochs, batch_size=t.batch_size,
             seed=t.seed, device=self.device, channels_last=self.channels_last, collectives=self.collectives,
+            image_shape=tuple(self.data.image_shape),
         )
 
     def _build_batches(self) -> None:
@@ -135,7 +142,8 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         optim, t = self.recipe.optim, self.recipe.train
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=optim.lr, momentum=optim.momentum,
+        groups = finetune.optimizer_groups(self.net, self.model, self.net.extra, optim.backbone_lr_scale)
+        self.optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
                                          nesterov=optim.nesterov and optim.momentum > 0,
                                          weight_decay=optim.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
@@ -268,7 +276,7 @@ class Trainer:
     def train_step(self, batch, lr: float) -> None:
         """One optimisation step on a batch; everything stays on the device (no host synchronisation)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with runtime.autocast(self.device, self.dtype):
             result = self.method.loss(self.train_step_fn, batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -291,6 +299,7 @@ class Trainer:
             self.collectives.capacity = int(distributed.all_reduce_max(
                 torch.tensor(largest, device=self.device)).item())
         self.net.train()
+        finetune.freeze_backbone(self.model, epoch < recipe.model.freeze_epochs)
         bar = self.progress.bar(epoch, recipe.train.epochs, self.steps_per_epoch, self.step_in_epoch)
         every = recipe.checkpoint.every_steps
         check_every = self.agree_every if self.dist.enabled else FINITE_CHECK_STEPS
@@ -401,42 +410,7 @@ class Trainer:
     # -------------------------------------------------------------------------------- summary
     def _write_summary(self, wall_seconds: float) -> RunSummary:
         """summary.json; wall_seconds adds up every session of the run (it is kept in the checkpoint)."""
-        last = self.rows[-1]
-        summary = RunSummary(
-            name=self.folder.name,
-            method=self.recipe.method["name"],
-            changes_images=self.method.changes_images,
-            arch=self.recipe.model.arch,
-            dataset=self.recipe.data.name,
-            num_classes=self.data.num_classes,
-            train_images=self.data.num_train,
-            epochs=self.recipe.train.epochs,
-            seed=self.recipe.train.seed,
-            best_top1=self.best_top1,
-            best_top5=self.best_top5,
-            best_epoch=self.best_epoch,
-            best_chosen_on=self.chosen_on,
-            best_val_top1=self.best_score if self.data.num_val else None,
-            val_images=self.data.num_val,
-            label_noise_applied=(self.data.origin.get("label_noise") or {}).get("applied_rate", 0.0),
-            last_top1=last["test_top1"],
-            last_top5=last["test_top5"],
-            params=self.params,
-            macs=self.macs,
-            train_seconds=self.train_seconds,
-            wall_seconds=wall_seconds,
-            images_per_second=sum(r["images_per_second"] for r in self.rows) / len(self.rows),
-            device=runtime.device_description(self.device),
-            precision=str(self.dtype).replace("torch.", ""),
-            torch=torch.__version__,
-            git_commit=runtime.git_commit(),
-            test_images=self.data.num_test,
-            test_subset=self.recipe.data.test_subset,
-            eval_every=self.recipe.train.eval_every,
-            threads=torch.get_num_threads(),
-            finished=True,
-            processes=self.dist.world_size,
-        )
+        summary = run_summary(self, wall_seconds)
         if self.dist.is_main:
             check_folder_still_there(self.folder)
             self.folder.write_summary(summary)
