@@ -55,6 +55,8 @@ def test_freeze_epochs_train_the_head_alone_first(tmp_path):
     trainer = trainer_for(model__freeze_epochs=1)
     trainer.folder = RunFolder(tmp_path / "run")
     trainer.folder.checkpoints.mkdir(parents=True)
+    trainer.folder.config.write_text("{}\n")  # what the trainer checks is still there before it writes
+    trainer.folder.lock().path.touch()
     before, head_before = backbone(trainer.model), trainer.model.classifier.weight.detach().clone()
     trainer._train_epoch()  # epoch 1 of 2: frozen
     after = backbone(trainer.model)
