@@ -16,7 +16,7 @@ from conftest import report
 from benchmarks.support import overhead_ratios
 from ipasdctl.methods import METHODS
 
-EXTRA_COMPUTE = {"cs-kd", "ddgsd", "dlb", "tf-kd-self", "byot", "dks"}
+EXTRA_COMPUTE = {"cs-kd", "ddgsd", "dlb", "tf-kd-self", "byot", "dks", "mixskd"}
 
 
 def test_method_step_overhead(benchmark):
