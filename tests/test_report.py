@@ -169,6 +169,8 @@ def test_report_of_a_comparison_renders_every_plot(comparison, tmp_path, capsys)
     # the runs that lacked eval.json were evaluated on the way
     for run in ("ipasd-s0", "ipasd-s1", "ce-s0"):
         assert (comparison / run / "eval.json").is_file()
+    counted = [line.split("]")[0] + "]" for line in err.splitlines() if " evaluating " in line]
+    assert counted == ["[1/3]", "[2/3]", "[3/3]"], err  # progress per run: which of how many
 
     # the summary table: ipasd's best top-1 is the mean ± sample std of its two seeds
     results = pd.read_csv(comparison / "results.csv")

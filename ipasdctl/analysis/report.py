@@ -189,15 +189,16 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, exports: Opti
         run.eval = evaluation.load_eval(run.run_dir)
         if run.eval is not None and is_stale(run.eval, run.row):
             run.eval = None
-        if run.eval is None and RunFolder(run.run_dir).best.is_file():
-            print(f"evaluating {run.run_dir} ...", file=sys.stderr)
-            try:
-                points = (tsne_points or evaluation.TSNE_POINTS) if with_tsne else 0
-                run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device, tsne_points=points,
-                                               progress=progress)
-            except UserError as exc:
-                skipped.append(f"{run.run_dir}: {exc}")
-                print(f"warning: eval of {run.run_dir} skipped: {exc}", file=sys.stderr)
+    to_evaluate = [run for run in runs if run.eval is None and RunFolder(run.run_dir).best.is_file()]
+    for done, run in enumerate(to_evaluate, start=1):  # [i/n]: how many of the runs without a fresh eval.json
+        print(f"[{done}/{len(to_evaluate)}] evaluating {run.run_dir} ...", file=sys.stderr)
+        try:
+            points = (tsne_points or evaluation.TSNE_POINTS) if with_tsne else 0
+            run.eval = evaluation.eval_run(run.run_dir, "best", data_root, device, tsne_points=points,
+                                           progress=progress)
+        except UserError as exc:
+            skipped.append(f"{run.run_dir}: {exc}")
+            print(f"warning: eval of {run.run_dir} skipped: {exc}", file=sys.stderr)
 
     groups = group_runs(runs)
 
