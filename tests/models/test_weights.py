@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ipasdctl.cli import main
 from ipasdctl.errors import UserError
-from ipasdctl.files import load_checkpoint
+from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.models import build_model
 from ipasdctl.runs.weights import load_weights
 
