@@ -9,23 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ipasdctl.cli import main
 from ipasdctl.config import load_recipe
 from ipasdctl.training import Progress, train, train_into
 from ipasdctl.analysis.evaluation import EVAL_FILES, load_eval
 from ipasdctl.analysis.collect import Run, group_runs
+from tests.helpers import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TSNE_POINTS = "60"  # keeps t-SNE cheap on the shared CPUs
 RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch",
                   "best_top5", "params", "macs", "train_seconds", "images_per_second"]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def assert_png(path: Path) -> None:

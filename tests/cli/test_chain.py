@@ -15,16 +15,10 @@ import typer
 
 from ipasdctl.cli import app, chain, main
 from ipasdctl.errors import UserError
+from tests.helpers import run_cli
 
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--set", "data.train_subset=64", "-q"]
 BENCH = ["--runs", "2", "--warmup", "0", "--batch-sizes", "1", "--no-torch", "--threads", "1"]
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_the_command_line_splits_where_a_command_name_stands_in_for_an_option_or_argument():

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import sys
 from ipasdctl.cli import main
+from tests.helpers import REPO
 try:
     main({args!r})
 except SystemExit as exc:
@@ -26,8 +26,8 @@ print("torch imported:", "torch" in sys.modules, "exit:", code, file=sys.stderr)
 
 def run(args: list[str], cache: Path, **env) -> tuple[str, bool, int]:
     """(stdout, whether torch was imported, exit code) of `ipasdctl ARGS` in a fresh interpreter."""
-    done = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "IPASDCTL_CACHE_DIR": str(cache), **env})
+    done = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "IPASDCTL_CACHE_DIR": str(cache), **env})
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("torch imported:"), done.stderr
     return done.stdout, "torch imported: True" in last, int(last.rsplit(" ", 1)[1])
@@ -81,7 +81,7 @@ def test_shell_completion_completes_commands_and_options(tmp_path):
         pytest.skip("the ipasdctl console script is not installed beside this interpreter")
 
     def complete(words: str) -> list[str]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "IPASDCTL_CACHE_DIR": str(tmp_path),
+        env = {**os.environ, "PYTHONPATH": str(REPO), "IPASDCTL_CACHE_DIR": str(tmp_path),
                "_IPASDCTL_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
         return subprocess.run([str(script)], capture_output=True, text=True, env=env).stdout.split()
 

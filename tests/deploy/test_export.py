@@ -18,10 +18,8 @@ import torch
 
 from ipasdctl import cli
 from ipasdctl.deploy.bench import bench, parse_batch_sizes, summarize, unstable_rows
-from ipasdctl.config import load_recipe
 from ipasdctl.data import build_data
 from ipasdctl.runs import load_model as load_run_model
-from ipasdctl.training import Progress, train
 from ipasdctl.training.meters import test_metrics as evaluate
 from ipasdctl.errors import UserError
 from ipasdctl.deploy import onnx_test_accuracy as evaluate_onnx
@@ -30,10 +28,10 @@ from ipasdctl.deploy.export import (ExportValidationError, compare_outputs, expo
                                     validate_against_torch)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    recipe = load_recipe("demo", {"train": {"epochs": 1}, "data": {"train_subset": 64}})
-    return train(recipe, tmp_path_factory.mktemp("runs"), progress=Progress(enabled=False))
+@pytest.fixture
+def run_dir(demo_run) -> Path:
+    """The session's shared demo run (read-only)."""
+    return demo_run
 
 
 @pytest.fixture(scope="module")

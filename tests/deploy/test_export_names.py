@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from ipasdctl import cli
 from ipasdctl.config import load_recipe
 from ipasdctl.deploy.bench import bench
 from ipasdctl.deploy.export import export_onnx
 from ipasdctl.errors import UserError
 from ipasdctl.training import Progress, train_into
+from tests.helpers import run_cli
 
 NAME = "digits-resnet8-ipasd-s0"  # <dataset>-<arch>-<method>-s<seed>, as `train` names the run
 
@@ -46,20 +45,13 @@ def comparisons(tmp_path_factory) -> dict:
     return runs
 
 
-def _main(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 def test_another_comparisons_run_of_the_same_name_is_refused_and_overwrite_replaces_every_file(
         comparisons, tmp_path, capsys, monkeypatch):
     from ipasdctl.analysis.evaluation import eval_onnx_model
 
     _torchscript_only(monkeypatch)
     exports = tmp_path / "exports"
-    code, _, err = _main(["export", str(comparisons["A"]), "--int8", "--calib-samples", "16", "--out", str(exports),
+    code, _, err = run_cli(["export", str(comparisons["A"]), "--int8", "--calib-samples", "16", "--out", str(exports),
                           "-q"], capsys)
     assert code == 0, err
     assert (exports / f"{NAME}.onnx").is_file() and (exports / f"{NAME}-int8.onnx").is_file()
@@ -69,13 +61,13 @@ def test_another_comparisons_run_of_the_same_name_is_refused_and_overwrite_repla
     assert {f"{NAME}.eval.json", f"{NAME}.reliability.png", f"{NAME}-int8.json"} <= set(files_of_a)
 
     # B's ipasd-s0 would take the same name: refused in one line, naming A's run and --overwrite; nothing changes
-    code, out, err = _main(["export", str(comparisons["B"]), "--out", str(exports)], capsys)
+    code, out, err = run_cli(["export", str(comparisons["B"]), "--out", str(exports)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert str(comparisons["A"].resolve()) in err and "--overwrite" in err
     assert {p.name: p.read_bytes() for p in exports.iterdir() if p.name != "latency.csv"} == files_of_a
 
     # --overwrite: B's model, and none of A's files left beside it (no INT8, no eval files, no latency rows)
-    code, out, err = _main(["export", str(comparisons["B"]), "--out", str(exports), "--overwrite", "-q"], capsys)
+    code, out, err = run_cli(["export", str(comparisons["B"]), "--out", str(exports), "--overwrite", "-q"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in exports.iterdir()) == sorted([f"{NAME}.onnx", f"{NAME}.json", "latency.csv"])
     record = json.loads((exports / f"{NAME}.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ipasdctl import config, runs, training
+from ipasdctl import runs, training
 from ipasdctl.training import stopping
 from ipasdctl.data.base import Batch
 from ipasdctl.data.samplers import ClassPairBatches, OverlapBatches
@@ -26,6 +26,7 @@ from ipasdctl.methods.dks import dks_loss
 from ipasdctl.methods.dlb import dlb_loss
 from ipasdctl.methods.losses import distill_kl
 from ipasdctl.models import build_model
+from tests.helpers import tiny_recipe
 
 # ----------------------------------------------------------------------------------------------- plain math
 
@@ -349,11 +350,6 @@ def test_auxiliary_heads_are_not_part_of_the_evaluated_model():
 # ----------------------------------------------------------------------------------------------- engine runs
 
 
-def tiny_recipe(method: dict, epochs: int = 1):
-    return config.load_recipe("demo", {"method": method, "train": {"epochs": epochs, "batch_size": 16},
-                                       "data": {"train_subset": 64}})
-
-
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory):
     """method -> run folder of a 1-epoch run on 64 digits (trained once, on first use)."""
@@ -362,7 +358,7 @@ def trained_runs(tmp_path_factory):
     def run(method: str) -> Path:
         if method not in runs:
             out = tmp_path_factory.mktemp(method)
-            runs[method] = training.train(tiny_recipe({"name": method}), out, progress=training.Progress(enabled=False))
+            runs[method] = training.train(tiny_recipe(method, batch_size=16), out, progress=training.Progress(enabled=False))
         return runs[method]
 
     return run
@@ -398,7 +394,7 @@ def test_dlb_mid_epoch_resume_continues_exactly(tmp_path, trained_runs, monkeypa
     run_dir = tmp_path / "interrupted"
     monkeypatch.setenv(stopping.TEST_SIGNAL_ENV, "2:TERM")  # SIGTERM after step 2 of 4: checkpoint and stop
     with pytest.raises(training.Interrupted):
-        training.train_into(tiny_recipe({"name": method}), run_dir, progress=training.Progress(enabled=False))
+        training.train_into(tiny_recipe(method, batch_size=16), run_dir, progress=training.Progress(enabled=False))
     interrupted = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert (interrupted["epoch"], interrupted["step_in_epoch"]) == (0, 2)
     assert interrupted["method"]["stored_logits"].shape == (16, 10)  # step 2's new half, for step 3

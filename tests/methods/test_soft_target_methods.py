@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
 
-from ipasdctl.config import load_recipe
 from ipasdctl.data.base import Batch
 from ipasdctl.models import count_params
 from ipasdctl.runs import load_model as load_run_model
@@ -24,6 +23,7 @@ from ipasdctl.methods.memory import SampleMemory
 from ipasdctl.methods.ps_kd import pskd_alpha
 from ipasdctl.methods.zipf_ls import dense_votes, min_ranks
 from ipasdctl.models import build_model
+from tests.helpers import tiny_recipe
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -74,11 +74,6 @@ def leaf(values):
 
 LOGITS = [[2.0, 0.5, -1.0, 0.3], [0.1, 1.5, 0.3, -0.2], [-1.0, 0.0, 1.0, 2.5]]
 LABELS = [0, 2, 3]
-
-
-def tiny_recipe(method: dict, epochs: int = 1, subset: int = 64):
-    return load_recipe("demo", {"method": method, "data": {"train_subset": subset},
-                                "model": {"arch": "resnet8"}, "train": {"epochs": epochs, "batch_size": 32}})
 
 
 def read_metrics(run_dir):

@@ -1,4 +1,4 @@
-"""The fuzz driver of tests/test_fuzz.py: mutated recipes (nasty values, deep nesting, duplicate keys),
+"""The fuzz driver of test_fuzz.py: mutated recipes (nasty values, deep nesting, duplicate keys),
 checkpoints (nasty values, damaged bytes, zip records that inflate far beyond the file), ONNX metadata, CIFAR
 pickles, and CSV tables with formula cells, fed to the loaders (and the CSV writer) under an address-space
 and CPU-time limit. Run as a script (a process of its own, so the limits bind only it):

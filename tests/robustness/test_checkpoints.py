@@ -1,58 +1,90 @@
-"""Safe loading and atomic files.
-
-- Checkpoints load weights-only: a checkpoint carrying pickled code is refused with one line, and its payload
-  (which would create a file) never runs, whichever command reads it.
-- CIFAR "python version" files are read by a restricted unpickler: what the official files hold (written by
-  Python 2 with NumPy 1.x) and re-exports (Python 3, protocols 2-5) load; any other global is refused unrun.
-- Writes are atomic: a failure or a kill before the rename leaves the previous file and no temporary file.
-- The RNG snapshot in a checkpoint survives the weights-only round trip and restores every generator.
+"""Hostile checkpoints: pickled code refused unrun (weights-only loading), torn, foreign, hand-made,
+inflating or non-finite files, a checkpoint from another architecture or behind metrics.csv, the RNG snapshot
+round trip. Each is one line for every command that reads it.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import pickle
 import random
-import struct
+import shutil
+import time
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from ipasdctl import runtime
+from ipasdctl import runtime, training
 from ipasdctl.cli import main
-from ipasdctl.data.cifar import load_cifar10, read_pickle
-from ipasdctl.runs import load_model as load_run_model
 from ipasdctl.errors import UserError
-from ipasdctl.files import atomic_write_text, load_checkpoint, save_checkpoint
+from ipasdctl.files import load_checkpoint, save_checkpoint
+from ipasdctl.runs import load_model as load_run_model
+from ipasdctl.training import train
+from tests.helpers import cli_error, copy_run, only_line, Payload, picture, snapshot, SystemPayload, tiny_cifar_args, train_ok
+from tests.robustness.fuzz_loaders import inflate_record
 
 
-class Payload:
-    """Unpickling this runs open(path, 'w'): the file appearing means the payload ran."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-class SystemPayload:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "started"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("name: x\n")
+    line = cli_error(["train", "--resume", str(run_dir)], capsys)
+    assert "has no checkpoints/last.pt (the run stopped before its first checkpoint); start a new run" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+def test_data_whose_class_count_disagrees_with_the_checkpoint(finished_run, tmp_path, capsys):
+    finished, root = finished_run
+    # a finished run resumes without loading its data ("already finished"): take one that crashed after its
+    # last checkpoint, before summary.json, which --resume completes and so loads the data for
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "summary.json").unlink()
+    before = snapshot(run_dir)
+    meta = root / "cifar-10-batches-py" / "batches.meta"
+    original = meta.read_bytes()
+    meta.write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(12)]}, protocol=2))
+    try:
+        line = cli_error(["train", "--resume", str(run_dir)], capsys)
+    finally:
+        meta.write_bytes(original)
+    assert "the checkpoint has 10 classes but data set 'cifar10' has 12" in line
+    assert snapshot(run_dir) == before
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
+def test_a_checkpoint_with_nan_weights_is_one_line_for_eval_and_export(finished, tmp_path, capsys):
+    run_dir = copy_run(finished, tmp_path / "run")
+    path = run_dir / "checkpoints" / "best.pt"
+    state = load_checkpoint(path)
+    state["model"][next(k for k, v in state["model"].items() if v.is_floating_point())].fill_(float("nan"))
+    save_checkpoint(path, state)
+    assert "holds non-finite weights" in cli_error(["eval", str(run_dir), "--device", "cpu"], capsys)
+    assert "holds non-finite weights" in cli_error(["export", str(run_dir), "--onnx", "--out", str(tmp_path / "x")],
+                                                 capsys)
+
+
+def test_resume_with_a_checkpoint_copied_from_another_arch_is_refused(finished, tiny_cifar, tmp_path, capsys):
+    other_out = tmp_path / "other"
+    train_ok(tiny_cifar_args(tiny_cifar, other_out, "--epochs", "1", "--arch", "resnet20", "--name", "o",
+                       "--set", "data.train_subset=16"))
+    run_dir = copy_run(finished, tmp_path / "run")
+    shutil.copy(other_out / "o" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt")
+    before = snapshot(run_dir)
+    line = cli_error(["train", "--resume", str(run_dir)], capsys)
+    assert "config.yaml disagrees with the recipe in checkpoints/last.pt (" in line and "model.arch" in line
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_metrics_ahead_of_the_checkpoint_is_refused(finished, tmp_path, capsys):
+    """A last.pt older than the run (copied back from elsewhere) would rewrite metrics.csv shorter."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    metrics = run_dir / "metrics.csv"
+    metrics.write_text(metrics.read_text() + metrics.read_text().splitlines()[-1] + "\n")
+    before = snapshot(run_dir)
+    line = cli_error(["train", "--resume", str(run_dir)], capsys)
+    assert "metrics.csv records 2 epochs but checkpoints/last.pt only 1" in line
+    assert snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize("payload_class", [Payload, SystemPayload])
@@ -78,7 +110,7 @@ def test_every_command_path_refuses_the_planted_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--resume", str(run_dir)])
     assert exit_info.value.code == 2
-    assert "not a weights-only checkpoint;" in one_line(capsys.readouterr().err)
+    assert "not a weights-only checkpoint;" in only_line(capsys.readouterr().err)
     with pytest.raises(UserError, match="not a weights-only checkpoint;"):
         load_run_model(run_dir, "best")
     assert not marker.exists()
@@ -114,153 +146,46 @@ def test_rng_snapshot_restores_python_numpy_and_torch(tmp_path):
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn()) == expected
 
 
-# ------------------------------------------------------------------------------------------ CIFAR pickles
+def first_float_weight(state):
+    return next(k for k, v in state["model"].items() if v.is_floating_point() and v.dim() > 1)
 
 
-def test_the_shared_tiny_cifar_fixtures_load(tiny_cifar, tiny_cifar100):
-    from ipasdctl.data.cifar import load_cifar100
-
-    ten, hundred = load_cifar10(str(tiny_cifar)), load_cifar100(str(tiny_cifar100))
-    assert (ten.num_train, ten.num_test, ten.num_classes, ten.image_shape) == (200, 50, 10, (3, 32, 32))
-    assert (hundred.num_train, hundred.num_test, hundred.num_classes) == (200, 100, 100)
-    assert ten.class_names[3] == "class3" and hundred.class_names[42] == "fine42"
-    assert torch.bincount(ten.train_labels, minlength=10).tolist() == [20] * 10
-
-
-class Py2Pickler(pickle._Pickler):
-    """Writes bytes as Python 2 `str` (BINSTRING opcodes), the way the official CIFAR files were written."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_str(self, obj: bytes) -> None:
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
+DAMAGES = {
+    # damage: (change of the state, expected part of the line of eval/export, of resume)
+    "no-config": (lambda s: s.pop("config"), "holds no recipe ('config')", "holds no recipe ('config')"),
+    "no-num-classes": (lambda s: s.pop("num_classes"), "'num_classes' is None", "'num_classes' is None"),
+    "epoch-not-integer": (lambda s: s.update(epoch=1.5), "'epoch' is 1.5, not a whole number", "'epoch' is 1.5"),
+    "wrong-shape": (lambda s: s["model"].update({first_float_weight(s): torch.zeros(1)}),
+                    "does not hold the weights of a resnet8 with 10 classes", "is not a complete training checkpoint"),
+    "other-class-count": (lambda s: s.update(num_classes=7, class_names=[f"c{i}" for i in range(7)]),
+                          "does not hold the weights of a resnet8 with 7 classes", "the checkpoint has 7 classes"),
+    "missing-key": (lambda s: s.pop("optimizer"), None, "is not a complete training checkpoint of this recipe (KeyError: 'optimizer')"),
+}
 
 
-def py2_style_pickle(obj) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    Py2Pickler(buffer, protocol=2).dump(obj)
-    # NumPy 1.x named its reconstructor numpy.core.multiarray (GLOBAL opcodes are text lines)
-    return buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-
-
-def test_restricted_unpickler_reads_official_style_and_re_exported_files(tmp_path):
-    images = np.arange(4 * 3072, dtype=np.uint8).reshape(4, 3072)
-    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1, 4, 1], b"data": images,
-             b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}
-    official = py2_style_pickle(batch)
-    assert b"numpy.core.multiarray" in official and b"_codecs" not in official
-    blobs = {"official": official, **{f"protocol{p}": pickle.dumps(batch, protocol=p) for p in (2, 3, 4, 5)}}
-    for name, blob in blobs.items():
-        (tmp_path / name).write_bytes(blob)
-        loaded = read_pickle(tmp_path / name)
-        assert loaded["labels"] == [3, 1, 4, 1], name
-        assert loaded["data"].dtype == np.uint8 and np.array_equal(loaded["data"], images), name
-        assert loaded["batch_label"] in ("training batch 1 of 5", b"training batch 1 of 5"), name
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_hand_made_checkpoints_are_one_line_for_eval_export_and_resume(damage, finished, tmp_path, capsys):
+    change, for_model, for_resume = DAMAGES[damage]
+    run_dir = copy_run(finished, tmp_path / "run")
+    for which in ("best", "last"):
+        path = run_dir / "checkpoints" / f"{which}.pt"
+        state = load_checkpoint(path)
+        change(state)
+        save_checkpoint(path, state)
+    if for_model is not None:
+        assert for_model in cli_error(["eval", str(run_dir), "--device", "cpu"], capsys)
+        assert for_model in cli_error(["export", str(run_dir), "--onnx", "--out", str(tmp_path / "x")], capsys)
+    assert for_resume in cli_error(["train", "--resume", str(run_dir)], capsys)
 
 
-@pytest.mark.parametrize("payload", ["open", "system", "eval", "codecs_other", "numpy_load"])
-def test_restricted_unpickler_refuses_anything_else_unrun(tmp_path, make_tiny_cifar, payload):
-    marker = tmp_path / "payload-ran"
-
-    class Eval:
-        def __reduce__(self):
-            return (eval, (f"open({str(marker)!r}, 'w')",))
-
-    class NumpyLoad:
-        def __reduce__(self):
-            return (np.load, (str(marker),))
-
-    class OtherCodec:  # _codecs.encode is allowed only as the latin-1 bytes trick
-        def __reduce__(self):
-            import _codecs
-
-            return (_codecs.encode, ("x", "rot13"))
-
-    objects = {"open": Payload(marker), "system": SystemPayload(marker), "eval": Eval(), "numpy_load": NumpyLoad(),
-               "codecs_other": OtherCodec()}
-    folder = make_tiny_cifar(tmp_path, train=20, test=10) / "cifar-10-batches-py"
-    batch = {b"labels": [0], b"data": np.zeros((1, 3072), np.uint8), b"extra": objects[payload]}
-    (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
-    with pytest.raises(UserError, match="is not a plain CIFAR file") as info:
-        load_cifar10(str(tmp_path))
-    assert "refusing to load it" in str(info.value) and "\n" not in str(info.value)
-    assert not marker.exists()
-
-
-def test_cli_refuses_a_planted_cifar_file_without_a_run_folder(tmp_path, make_tiny_cifar, capsys):
-    marker = tmp_path / "payload-ran"
-    root = make_tiny_cifar(tmp_path / "data", train=20, test=10)
-    batch = {b"labels": [0], b"data": np.zeros((1, 3072), np.uint8), b"x": SystemPayload(marker)}
-    (root / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
-    out = tmp_path / "runs"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--dataset", "cifar10", "--data", str(root), "--out", str(out), "--epochs", "1"])
-    assert exit_info.value.code == 2
-    assert "test_batch is not a plain CIFAR file" in one_line(capsys.readouterr().err)
-    assert not marker.exists() and not out.exists()
-
-
-# ------------------------------------------------------------------------------------------ atomic writes
-
-
-def test_write_failure_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
-    path = tmp_path / "metrics.csv"
-    atomic_write_text(path, "epoch\n1\n")
-    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~runtime_umask())
-
-    def no_space(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr("ipasdctl.files.os.fsync", no_space)
-    with pytest.raises(UserError) as info:
-        atomic_write_text(path, "epoch\n1\n2\n")
-    assert str(info.value) == (f"cannot write {path}: No space left on device (the previous file is kept); "
-                               "free disk space or choose another --out")
-    assert path.read_text() == "epoch\n1\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
-
-
-def test_a_kill_before_the_rename_leaves_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
-
-    def killed(src, dst):  # the process dies between the fsync and the rename
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("ipasdctl.files.os.replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
-    monkeypatch.undo()
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
-
-
-def test_atomic_write_never_exposes_a_partial_file(tmp_path, monkeypatch):
-    """While the new content is being written the path still holds the old file, whole."""
-    import ipasdctl.files as io_module
-
-    path = tmp_path / "summary.json"
-    atomic_write_text(path, '{"old": true}\n')
-    seen = []
-    real_fsync = os.fsync
-
-    def fsync_and_look(fd):
-        seen.append(path.read_text())  # what a reader (or a crash) sees at this instant
-        real_fsync(fd)
-
-    monkeypatch.setattr(io_module.os, "fsync", fsync_and_look)
-    atomic_write_text(path, '{"new": true}\n')
-    assert seen[0] == '{"old": true}\n' and path.read_text() == '{"new": true}\n'
-
-
-def runtime_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def test_a_checkpoint_that_inflates_far_beyond_its_size_is_refused_unread(demo_run, tmp_path, capsys):
+    run_dir = copy_run(demo_run, tmp_path / "run")
+    best = run_dir / "checkpoints" / "best.pt"
+    inflate_record(best, 64 << 20)  # 64 MiB of zeros, deflated to ~64 kB
+    assert best.stat().st_size < (64 << 20) // 50
+    started = time.monotonic()
+    for args in (["eval", str(run_dir), "--device", "cpu"], ["predict", str(run_dir), str(picture(tmp_path / "a.png"))]):
+        line = cli_error(args, capsys)
+        assert f"{best} is not a checkpoint ipasdctl wrote: its zip records inflate to 6" in line
+        assert "beyond the bound of 2 x the file size + 1 MiB" in line and "refused unread" in line
+    assert time.monotonic() - started < 30

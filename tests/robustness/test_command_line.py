@@ -1,48 +1,33 @@
-"""The bad-input catalogue of docs/errors.md, one test per row.
+"""Hostile command-line values: the bad-input catalogue of docs/errors.md (one test per row), sizes and counts
+bounded with the bound in the message, non-finite numbers, names that are not plain folder names, resume
+options against the run's own recipe.
 
-Every row: `ipasdctl train ...` exits with code 2 and one line on stderr ("error: what is wrong; how to fix
-it"), no traceback, and no run folder left behind (a run folder that existed before is left as it was).
-IPASDCTL_DEBUG=1 turns the line into the exception itself (a traceback).
+Every row: exit code 2 and one line on stderr ("error: what is wrong; how to fix it"), no traceback, and no run
+folder left behind (a run folder that existed before is left as it was). IPASDCTL_DEBUG=1 turns the line into
+the exception itself (a traceback).
 """
 
 from __future__ import annotations
 
-import errno
+import importlib
 import os
-import pickle
-import shutil
+import re
 
 import pytest
 import torch
+import yaml
 
+from ipasdctl import runtime, training
 from ipasdctl.cli import main
+from ipasdctl.config import load_recipe, parse_set
+from ipasdctl.deploy.bench import check_bench_options
 from ipasdctl.errors import UserError
-from ipasdctl.files import load_checkpoint
+from ipasdctl.studies.executors import make_executor
+from ipasdctl.training import train
+from tests.helpers import assert_no_run_folder, cli_error, copy_run, snapshot, tiny_cifar_args, tiny_onnx
+
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
-
-
-def run_cli(args, capsys) -> str:
-    """Run the CLI in-process; assert exit 2 and exactly one stderr line without a traceback; return it."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 2, (args, captured.err)
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
-
-
-def assert_no_run_folder(out):
-    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.rglob("*"))
-
-
-def tiny_args(data_root, out, *extra):
-    """A 2-step-per-epoch CIFAR run: 32 images, batch 16."""
-    return ["train", "--dataset", "cifar10", "--data", str(data_root), "--arch", "resnet8", "--method", "ce",
-            "--batch-size", "16", "--device", "cpu", "--quiet", "--out", str(out),
-            "--set", "data.train_subset=32", "--set", "optim.warmup_epochs=0", *extra]
 
 
 def write_recipe(tmp_path, text: str):
@@ -50,8 +35,6 @@ def write_recipe(tmp_path, text: str):
     path.write_text(text)
     return str(path)
 
-
-# ---------------------------------------------------------------------------------------- rows that need no run
 
 ROWS = {
     # row id: (extra train arguments (callable of tmp_path and the tiny CIFAR root), expected part of the line)
@@ -121,7 +104,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row, tmp_path, tiny_cif
     (tmp_path / "a-file").write_text("not a folder\n")
     extra, expected = ROWS[row]
     out = tmp_path / "runs"
-    line = run_cli(["train", "--out", str(out), *extra(tmp_path, tiny_cifar)], capsys)
+    line = cli_error(["train", "--out", str(out), *extra(tmp_path, tiny_cifar)], capsys)
     assert expected in line, line
     assert_no_run_folder(out)
 
@@ -137,7 +120,7 @@ def test_output_folder_without_write_permission(tmp_path, capsys, monkeypatch):
                             else real_access(path, mode))
     try:
         for target in (out, out / "runs"):
-            line = run_cli(["train", "--out", str(target)], capsys)
+            line = cli_error(["train", "--out", str(target)], capsys)
             assert f"{out} is not writable; choose another --out" in line, line
         assert not any(out.iterdir())
     finally:
@@ -150,70 +133,14 @@ def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
         main(["train", "--out", str(tmp_path / "runs"), "--method", "ipasdd"])
 
 
-# ---------------------------------------------------------------------------------------- damaged data files
-
-
-def damaged_copy(make_tiny_cifar, tmp_path, damage: str):
-    root = make_tiny_cifar(tmp_path / "data", train=40, test=10)
-    folder = root / "cifar-10-batches-py"
-    target = folder / "data_batch_3"
-    if damage == "truncated":
-        target.write_bytes(target.read_bytes()[:1500])
-    elif damage == "garbage":
-        target.write_bytes(b"\x00not a pickle" * 200)
-    elif damage == "missing-file":
-        target.unlink()
-    elif damage == "wrong-shape":
-        target.write_bytes(pickle.dumps({b"labels": [1, 2], b"data": b"\x00" * 100}, protocol=2))
-    elif damage == "labels-out-of-range":  # in the test split (the training subset could leave the row out)
-        target = folder / "test_batch"
-        batch = pickle.loads(target.read_bytes(), encoding="latin1")
-        batch[b"labels"][0] = 12
-        target.write_bytes(pickle.dumps(batch, protocol=2))
-    return root
-
-
-@pytest.mark.parametrize("damage,expected", [
-    ("truncated", "data_batch_3 is truncated or corrupt (UnpicklingError); download the data set again"),
-    ("garbage", "data_batch_3 is truncated or corrupt"),
-    ("missing-file", "lacks data_batch_3; expected the full 'python version' layout"),
-    ("wrong-shape", "data_batch_3 is corrupt: expected uint8 N x 3072 images and N labels"),
-    ("labels-out-of-range", "to 12 but 10 classes; its files are corrupt or do not belong together"),
-])
-def test_damaged_data_file_is_one_line(damage, expected, tmp_path, make_tiny_cifar, capsys):
-    root = damaged_copy(make_tiny_cifar, tmp_path, damage)
-    out = tmp_path / "runs"
-    line = run_cli(tiny_args(root, out, "--epochs", "1"), capsys)
-    assert expected in line, line
-    assert_no_run_folder(out)
-
-
-# ---------------------------------------------------------------------------------------- rows that need a run
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, make_tiny_cifar):
-    """A finished 1-epoch run on its own tiny CIFAR copy (its data may be changed by the tests below)."""
-    base = tmp_path_factory.mktemp("finished")
-    root = make_tiny_cifar(base / "data", train=40, test=10)
-    with pytest.raises(SystemExit) as exit_info:
-        main(tiny_args(root, base / "runs", "--epochs", "1", "--name", "run"))
-    assert exit_info.value.code == 0
-    return base / "runs" / "run", root
-
-
-def snapshot(run_dir):
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
 def test_resume_with_a_different_recipe_is_refused(finished_run, tmp_path, capsys):
     run_dir, _ = finished_run
     before = snapshot(run_dir)
-    line = run_cli(["train", "--resume", str(run_dir), "--set", "optim.lr=0.2"], capsys)
+    line = cli_error(["train", "--resume", str(run_dir), "--set", "optim.lr=0.2"], capsys)
     assert f"--resume {run_dir}: the given recipe differs from the run's (" in line and "optim.lr" in line
     assert "resume without recipe options, or start a new run" in line
     other = write_recipe(tmp_path, "train:\n  epochs: 5\n")
-    assert "train.epochs" in run_cli(["train", "--resume", str(run_dir), "--recipe", other], capsys)
+    assert "train.epochs" in cli_error(["train", "--resume", str(run_dir), "--recipe", other], capsys)
     assert snapshot(run_dir) == before  # nothing written, no lock left
 
 
@@ -233,105 +160,87 @@ def test_resume_recipe_compares_the_options_with_the_runs_own_recipe(finished_ru
     assert "differs from the run's (optim.lr, train.seed);" in str(info.value)
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
-    run_dir = tmp_path / "started"
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text("name: x\n")
-    line = run_cli(["train", "--resume", str(run_dir)], capsys)
-    assert "has no checkpoints/last.pt (the run stopped before its first checkpoint); start a new run" in line
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
-
-
-def test_data_whose_class_count_disagrees_with_the_checkpoint(finished_run, tmp_path, capsys):
-    finished, root = finished_run
-    # a finished run resumes without loading its data ("already finished"): take one that crashed after its
-    # last checkpoint, before summary.json, which --resume completes and so loads the data for
-    run_dir = tmp_path / "run"
-    shutil.copytree(finished, run_dir)
-    (run_dir / "summary.json").unlink()
-    before = snapshot(run_dir)
-    meta = root / "cifar-10-batches-py" / "batches.meta"
-    original = meta.read_bytes()
-    meta.write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(12)]}, protocol=2))
-    try:
-        line = run_cli(["train", "--resume", str(run_dir)], capsys)
-    finally:
-        meta.write_bytes(original)
-    assert "the checkpoint has 10 classes but data set 'cifar10' has 12" in line
-    assert snapshot(run_dir) == before
-
-
-def _fail_fsync_of(name: str, nth: int, monkeypatch):
-    """Make the nth fsync of a temporary file of `name` (e.g. last.pt) fail with ENOSPC, inside ipasdctl.files."""
-    import ipasdctl.files as io_module
-
-    real_fsync, count = os.fsync, {"n": 0}
-
-    def fsync(fd):
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        if os.path.basename(target).startswith(f".{name}."):
-            count["n"] += 1
-            if count["n"] == nth:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(io_module.os, "fsync", fsync)
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name the file being written")
-def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tiny_cifar, tmp_path, monkeypatch, capsys):
-    _fail_fsync_of("last.pt", 2, monkeypatch)  # every_steps=1: step 1's checkpoint is written, step 2's fails
-    out = tmp_path / "runs"
-    line = run_cli(tiny_args(tiny_cifar, out, "--epochs", "1", "--name", "full", "--set", "checkpoint.every_steps=1"),
-                   capsys)
-    last = out / "full" / "checkpoints" / "last.pt"
-    assert line == (f"error: cannot write {last}: No space left on device (the previous file is kept); "
-                    "free disk space or choose another --out")
-    assert load_checkpoint(last)["global_step"] == 1  # the previous checkpoint survived, whole
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temporary file left
-    assert not (out / "full" / ".lock").exists()
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name the file being written")
-def test_disk_full_at_the_first_checkpoint_leaves_no_run_folder(tiny_cifar, tmp_path, monkeypatch, capsys):
-    _fail_fsync_of("last.pt", 1, monkeypatch)
-    out = tmp_path / "runs"
-    line = run_cli(tiny_args(tiny_cifar, out, "--epochs", "1", "--name", "full", "--set", "checkpoint.every_steps=1"),
-                   capsys)
-    assert "No space left on device" in line
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/ipasdctl-absolute-name", "..", "a/b"])
+def test_train_name_must_be_a_plain_folder_name(name, tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "deep" / "runs"
+    line = cli_error(tiny_cifar_args(tiny_cifar, out, "--epochs", "1", "--name", name), capsys)
+    assert f"--name {name!r} must be a plain folder name" in line
+    assert not (tmp_path / "escaped").exists() and not os.path.exists("/tmp/ipasdctl-absolute-name")
     assert_no_run_folder(out)
 
 
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path, capsys):
-    """lr=1e30: step 1 is finite and checkpointed (every_steps=1); its update makes step 2's loss NaN."""
-    out = tmp_path / "runs"
-    line = run_cli(tiny_args(tiny_cifar, out, "--epochs", "2", "--lr", "1e30", "--name", "nan",
-                             "--set", "checkpoint.every_steps=1"), capsys)
-    last = out / "nan" / "checkpoints" / "last.pt"
-    assert line == (f"error: non-finite loss at epoch 1, step 2 (loss=nan, loss_ce=nan); the last good checkpoint is "
-                    f"kept in {last}; lower the lr, or set train.detect_anomaly=true to find the operation")
-    state = load_checkpoint(last)
-    assert state["global_step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
-                                             if v.is_floating_point())
-    assert not (out / "nan" / ".lock").exists()  # the lock is released: the folder can be resumed or removed
+def test_eval_of_a_folder_named_like_a_model_says_what_it_is(tmp_path, capsys):
+    (tmp_path / "dir.onnx").mkdir()
+    line = cli_error(["eval", str(tmp_path / "dir.onnx")], capsys)
+    assert "is a folder, not a file" in line and "does not exist" not in line
 
 
-def test_non_finite_loss_before_any_checkpoint_leaves_no_run_folder(tiny_cifar, tmp_path, capsys):
-    out = tmp_path / "runs"
-    line = run_cli(tiny_args(tiny_cifar, out, "--epochs", "1", "--lr", "1e30"), capsys)
-    assert "non-finite loss at epoch 1, step 2 (" in line and "no checkpoint had been written yet" in line
-    assert_no_run_folder(out)
-    shutil.rmtree(out, ignore_errors=True)
+def test_eval_of_a_read_only_run_folder_suggests_no_option_eval_lacks(finished, tmp_path, capsys, monkeypatch):
+    run_dir = copy_run(finished, tmp_path / "run")
+    real_access = os.access
+    monkeypatch.setattr("ipasdctl.analysis.evaluation.os.access",
+                        lambda path, mode: False if os.path.samefile(path, run_dir) and mode & os.W_OK
+                        else real_access(path, mode))
+    line = cli_error(["eval", str(run_dir), "--device", "cpu"], capsys)
+    assert f"{run_dir} is not writable" in line and "--out" not in line
 
 
-@pytest.mark.filterwarnings("ignore:Error detected in")
-def test_detect_anomaly_names_the_operation_and_is_switched_off_after(tiny_cifar, tmp_path, monkeypatch):
-    """train.detect_anomaly=true: autograd's anomaly mode raises in the backward of the op that made the NaN
-    (a traceback is what one asks for here); the mode does not outlive the run."""
-    monkeypatch.setenv("IPASDCTL_DEBUG", "1")
-    with pytest.warns(UserWarning, match="Anomaly Detection has been enabled"):
-        with pytest.raises(RuntimeError, match="returned nan values"):
-            main(tiny_args(tiny_cifar, tmp_path / "runs", "--epochs", "1", "--lr", "1e30",
-                           "--set", "train.detect_anomaly=true", "--set", "checkpoint.every_steps=1"))
-    assert not torch.is_anomaly_enabled()
-    assert load_checkpoint(next((tmp_path / "runs").iterdir()) / "checkpoints" / "last.pt")["global_step"] == 1
+@pytest.mark.parametrize("option,expected", [
+    ("data.image_size=100000", "data.image_size must be from 8 to 4096 pixels, got 100000"),
+    ("data.num_workers=500", "data.num_workers must be from 0 (decode in the training process) to 64, got 500"),
+])
+def test_image_folder_sizes_are_bounded(option, expected, tmp_path, capsys):
+    line = cli_error(["train", "--dataset", "imagefolder", "--data", str(tmp_path), "--out", str(tmp_path / "runs"),
+                    "--set", option], capsys)
+    assert expected in line
+
+
+def test_bench_threads_and_onnx_input_size_are_bounded(tmp_path, capsys):
+    model = tiny_onnx(tmp_path / "m.onnx", {"input_size": "[3, 8, 8]"})
+    assert "--threads must be from 1 to " in cli_error(["bench", model, "--threads", "100000", "--no-torch"], capsys)
+    huge = tiny_onnx(tmp_path / "huge.onnx", {"input_size": "[3, 100000, 100000]", "dataset": "digits"})
+    expected = "has malformed metadata: 'input_size' is [3, 100000, 100000], expected [channels (1-4), height, width (1-4096"
+    assert expected in cli_error(["bench", huge, "--runs", "1", "--no-torch"], capsys)
+    assert expected in cli_error(["eval", huge], capsys)
+
+
+@pytest.mark.parametrize("option,expected", [
+    ("train.epochs=1180591620717411303424", "train.epochs must be an integer from -2^63 to 2^63-1, got 1180591620717411303424"),
+    ("optim.momentum=.inf", "optim.momentum must be a finite number, got inf"),
+    ("method.tau=.nan", "method.tau must be a finite number, got nan"),
+])
+def test_non_finite_and_huge_numbers_are_refused_at_parse_time(option, expected, tmp_path, capsys):
+    line = cli_error(["train", "--method", "ipasd", "--out", str(tmp_path / "runs"), "--set", option], capsys)
+    assert expected in line
+
+
+bench_module = importlib.import_module("ipasdctl.deploy.bench")  # the package's `bench` is the function
+
+
+def test_bench_batch_sizes_are_bounded_by_the_input_size_and_memory(tmp_path, capsys):
+    model = tiny_onnx(tmp_path / "m.onnx", {"input_size": "[3, 8, 8]"})
+    largest = (runtime.memory_bytes() // 2) // (32 * 4 * 3 * 8 * 8)
+    with pytest.raises(UserError):  # here first: before the fix bench timed the batch (whatever memory it took)
+        bench_module.check_batch_memory([largest + 1], [3, 8, 8])
+    line = cli_error(["bench", model, "--batch-sizes", f"1,{largest + 1}", "--runs", "1", "--no-torch"], capsys)
+    assert f"--batch-sizes {largest + 1} is too large for 3x8x8 images on this machine" in line
+    assert f"so at most {largest} images" in line
+
+
+def test_bench_runs_and_compare_threads_per_job_are_bounded(tmp_path, capsys):
+    for runs, warmup, expected in ((10**12, None, "--runs must be from 1 to 100000, got 1000000000000"),
+                                   (1, 10**12, "--warmup must be from 0 to 100000, got 1000000000000")):
+        with pytest.raises(UserError, match=expected):  # here first: before the fix bench ran 10^11 warm-up calls
+            check_bench_options("1", runs, None, warmup)
+    model = tiny_onnx(tmp_path / "m.onnx", {"input_size": "[3, 8, 8]"})
+    assert "--runs must be from 1 to 100000, got 1000000000000" in cli_error(
+        ["bench", model, "--runs", str(10**12), "--no-torch"], capsys)
+    assert "--warmup must be from 0 to 100000, got 1000000000000" in cli_error(
+        ["bench", model, "--warmup", str(10**12), "--no-torch"], capsys)
+    cpus = runtime.available_cpus()
+    expected = f"--threads-per-job must be from 1 to {4 * cpus} (4 x this machine's {cpus} CPUs), got 500"
+    with pytest.raises(UserError, match=re.escape(expected)):  # here first: before the fix compare trained
+        make_executor(load_recipe("demo"), threads=500)
+    line = cli_error(["compare", "--recipe", "demo", "--epochs", "1", "--threads-per-job", "500", "--out",
+                    str(tmp_path / "cmp")], capsys)
+    assert expected in line and not (tmp_path / "cmp").exists()

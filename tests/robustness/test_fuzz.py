@@ -1,9 +1,9 @@
-"""Fuzz (issues 19, 31): mutated recipes (deep nesting and duplicate keys among the mutations), checkpoints
-(zip records that inflate far beyond the file among them), ONNX metadata, CIFAR pickles and CSV tables with
-formula cells, seeded, fed to the loaders (the CSV tables to the writer, then back to a reader).
+"""Fuzz: mutated recipes (deep nesting and duplicate keys among the mutations), checkpoints (zip records
+that inflate far beyond the file among them), ONNX metadata, CIFAR pickles and CSV tables with formula cells,
+seeded, fed to the loaders (the CSV tables to the writer, then back to a reader).
 
 Every case ends in success or a one-line UserError (what the CLI prints as `error: ...` with exit 2), never
-another exception, within CASE_SECONDS; the driver (tests/fuzz_loaders.py) runs in a process of its own
+another exception, within CASE_SECONDS; the driver (fuzz_loaders.py beside it) runs in a process of its own
 under an address-space limit (2 GiB beyond its imports: a loader that tries to allocate 100 GB fails the
 case with MemoryError) and a CPU-time limit, and the whole run under a wall-clock timeout.
 """

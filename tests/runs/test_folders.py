@@ -5,33 +5,24 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import pytest
-
-from ipasdctl import training
 from ipasdctl.config import load_recipe
 from ipasdctl.files import load_checkpoint
 from ipasdctl.runs import BestEpoch, Checkpoint, ComparisonFolder, DataStats, RunFolder, RunSummary, check_state
 from ipasdctl.studies import plan as planning
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    recipe = load_recipe("demo", {"train": {"epochs": 1}, "data": {"train_subset": 64}})
-    return training.train(recipe, tmp_path_factory.mktemp("runs"), "r", training.Progress(enabled=False))
-
-
-def test_the_trainer_writes_the_fields_the_schemas_declare_in_their_order(trained):
+def test_the_trainer_writes_the_fields_the_schemas_declare_in_their_order(demo_run):
     for which in ("last", "best"):
-        state = load_checkpoint(RunFolder(trained).checkpoint(which))
+        state = load_checkpoint(RunFolder(demo_run).checkpoint(which))
         assert list(state) == list(Checkpoint.__annotations__), which
         assert list(state["best"]) == list(BestEpoch.__annotations__)
         assert list(state["data_stats"]) == list(DataStats.__annotations__)
-        assert check_state(state, trained) is state
-    written = json.loads(RunFolder(trained).summary.read_text())
+        assert check_state(state, demo_run) is state
+    written = json.loads(RunFolder(demo_run).summary.read_text())
     assert list(written) == [field.name for field in dataclasses.fields(RunSummary)]
-    summary = RunFolder(trained).read_summary()
+    summary = RunFolder(demo_run).read_summary()
     assert summary == RunSummary(**written) and summary.finished and summary.epochs == 1
-    assert RunFolder(trained).result_row() == {**summary.result_row(), "run_dir": str(trained)}
+    assert RunFolder(demo_run).result_row() == {**summary.result_row(), "run_dir": str(demo_run)}
 
 
 def test_a_summary_of_another_version_reads_with_its_fields_and_only_true_finishes(tmp_path):

@@ -21,18 +21,12 @@ from ipasdctl.studies import plan as planning
 from ipasdctl.studies.summary import summary_table
 from ipasdctl.training import trainer as trainer_module
 from ipasdctl.cli import main
-from ipasdctl.cli.options import recipe_overrides
-from ipasdctl.config import load_recipe
 from ipasdctl.methods import METHODS
+from tests.helpers import run_cli, tiny_recipe
 
 TINY = ["--recipe", "demo", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--set", "data.train_subset=64"]
 RESULT_COLUMNS = ["method", "seed", "arch", "dataset", "epochs", "best_top1", "last_top1", "best_epoch", "best_top5",
                   "params", "macs", "train_seconds", "images_per_second", "run_dir"]
-
-
-def tiny_recipe(*sets):
-    overrides = recipe_overrides({"epochs": 1, "batch_size": 32, "device": "cpu", "set_": ["data.train_subset=64", *sets]})
-    return load_recipe("demo", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +48,6 @@ def copy_of(finished, tmp_path):
 
 def file_times(folder):
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 # ------------------------------------------------------------------------------------------------ a comparison
@@ -288,7 +275,7 @@ def test_all_means_every_registered_method_with_ce_first():
 
 
 def test_plan_gives_method_parameters_to_the_main_method_only(tmp_path):
-    recipe = tiny_recipe("method.w_div=0.5")
+    recipe = tiny_recipe(sets=["method.w_div=0.5"])
     plan = planning.plan(recipe, "ce", "3,0", tmp_path / "c")
     assert [(r.method, r.seed, r.run_dir.name) for r in plan.runs] == [
         ("ce", 3, "ce-s3"), ("ipasd", 3, "ipasd-s3"), ("ce", 0, "ce-s0"), ("ipasd", 0, "ipasd-s0")]

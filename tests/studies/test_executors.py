@@ -31,9 +31,8 @@ from ipasdctl.studies.job import job_spec, run_job
 from ipasdctl.studies.scheduler import TEST_SIGNAL_RUN_ENV, RunsFailed
 from ipasdctl.studies.summary import write_tables
 
-from test_compare import run_cli, tiny_recipe
+from tests.helpers import REPO, run_cli, tiny_recipe
 
-REPO = Path(__file__).resolve().parent.parent
 TWO_EPOCHS = ["--recipe", "demo", "--epochs", "2", "--batch-size", "32", "--device", "cpu",
               "--set", "data.train_subset=64", "--threads-per-job", "1"]
 TIMING = ["train_seconds", "images_per_second", "run_dir"]

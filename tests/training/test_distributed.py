@@ -44,8 +44,8 @@ from ipasdctl.methods import Collectives
 from ipasdctl.training.distributed import DistContext, shard_batches
 from ipasdctl.files import load_checkpoint
 from ipasdctl.methods.ipasd import Prototypes
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "digits", "--arch", "resnet8", "--epochs", "2", "--device", "cpu", "--quiet",
         "--set", "data.train_subset=64"]
 FROZEN = ["--method", "ipasd", "--lr", "1e-12", "--set", "optim.momentum=0", "--set", "optim.weight_decay=0",

@@ -15,22 +15,21 @@ from PIL import Image
 
 from ipasdctl import training
 from ipasdctl.cli import main
-from ipasdctl.config import DataConfig, load_recipe
+from ipasdctl.config import DataConfig
 from ipasdctl.data import DATASETS, build_data, dataset_params
 from ipasdctl.files import load_checkpoint
 from ipasdctl.training import stopping
 from ipasdctl.training import trainer as trainer_module
+from tests.helpers import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}
 
 
-def tiny_recipe(epochs: int = 5, eval_every: int = 2, method: str = "ce", **data):
-    # 64 digits, batch 16: 4 steps an epoch
-    return load_recipe("demo", {"method": {"name": method}, "data": {"train_subset": 64, **data},
-                                "train": {"epochs": epochs, "batch_size": 16, "eval_every": eval_every,
-                                          "device": "cpu"}})
+def evaluated_every(epochs: int, eval_every: int, method: str = "ce", **data):
+    """64 digits, batch 16: 4 steps an epoch; test (and validation) passes every `eval_every` epochs."""
+    return tiny_recipe(method, epochs=epochs, batch_size=16, train={"eval_every": eval_every}, data=data)
 
 
 def quiet() -> training.Progress:
@@ -56,7 +55,7 @@ def counting_evaluations(monkeypatch) -> list[str]:
 
 def test_eval_every_evaluates_on_its_interval_and_at_the_last_epoch(tmp_path, monkeypatch):
     calls = counting_evaluations(monkeypatch)
-    run = training.train(tiny_recipe(epochs=5, eval_every=2), tmp_path / "every2", progress=quiet())
+    run = training.train(evaluated_every(epochs=5, eval_every=2), tmp_path / "every2", progress=quiet())
     assert calls == ["test"] * 3  # epochs 2, 4 and 5 (the last)
     rows = metrics_rows(run)
     evaluated = [row["epoch"] for row in rows if row["test_top1"] != ""]
@@ -70,7 +69,7 @@ def test_eval_every_evaluates_on_its_interval_and_at_the_last_epoch(tmp_path, mo
 
     # skipping a test pass changes nothing in training: the train columns are those of an every-epoch run,
     # and the evaluated epochs' test figures too
-    every = metrics_rows(training.train(tiny_recipe(epochs=5, eval_every=1), tmp_path / "every1", progress=quiet()))
+    every = metrics_rows(training.train(evaluated_every(epochs=5, eval_every=1), tmp_path / "every1", progress=quiet()))
     for skipping, full in zip(rows, every):
         assert {k: v for k, v in skipping.items() if k not in TIMING_COLUMNS and not k.startswith("test_")} == \
             {k: v for k, v in full.items() if k not in TIMING_COLUMNS and not k.startswith("test_")}
@@ -80,7 +79,7 @@ def test_eval_every_evaluates_on_its_interval_and_at_the_last_epoch(tmp_path, mo
 
 def test_the_validation_pass_follows_the_interval_and_chooses_the_best_among_evaluated_epochs(tmp_path, monkeypatch):
     calls = counting_evaluations(monkeypatch)
-    run = training.train(tiny_recipe(epochs=4, eval_every=3, val_split=40), tmp_path, progress=quiet())
+    run = training.train(evaluated_every(epochs=4, eval_every=3, val_split=40), tmp_path, progress=quiet())
     assert calls == ["test", "val", "test", "val"]  # epochs 3 and 4
     rows = metrics_rows(run)
     assert [row["val_top1"] != "" for row in rows] == [False, False, True, True]
@@ -93,7 +92,7 @@ def test_the_validation_pass_follows_the_interval_and_chooses_the_best_among_eva
 
 
 def test_a_run_stopped_mid_epoch_with_eval_every_resumes_exactly_and_says_where(tmp_path, monkeypatch):
-    recipe = lambda: tiny_recipe(epochs=3, eval_every=2, method="ipasd")  # noqa: E731
+    recipe = lambda: evaluated_every(epochs=3, eval_every=2, method="ipasd")  # noqa: E731
     reference = training.train(recipe(), tmp_path / "reference", progress=quiet())
     monkeypatch.setenv(stopping.TEST_SIGNAL_ENV, "6:INT")  # after step 6: epoch 2, step 2 of 4
     with pytest.raises(training.Interrupted) as stopped:
@@ -132,7 +131,7 @@ def test_the_test_subset_is_class_balanced_deterministic_and_recorded(tmp_path):
 
     runs = []
     for seed in (0, 1):
-        recipe = tiny_recipe(epochs=1, eval_every=1, test_subset=30)
+        recipe = evaluated_every(epochs=1, eval_every=1, test_subset=30)
         recipe.train.seed = seed
         runs.append(training.train(recipe, tmp_path, progress=quiet()))
     for run in runs:

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from ipasdctl import training
 from ipasdctl.cli import main
-from ipasdctl.config import load_recipe
 from ipasdctl.training import meters
+from tests.helpers import tiny_recipe
 
 
 class Terminal(io.StringIO):
@@ -22,11 +22,9 @@ class Terminal(io.StringIO):
         return True
 
 
-def tiny_recipe(epochs: int = 1):
-    # 64 digits, batch 8: 8 steps an epoch; the test set (360 digits) at batch 100: 4 batches
-    return load_recipe("demo", {"method": {"name": "ce"}, "train": {"epochs": epochs, "batch_size": 8,
-                                                                     "eval_batch_size": 100, "device": "cpu"},
-                                "data": {"train_subset": 64}})
+def eight_steps_an_epoch(epochs: int = 1):
+    """64 digits, batch 8: 8 steps an epoch; the test set (360 digits) at batch 100: 4 batches."""
+    return tiny_recipe("ce", epochs=epochs, batch_size=8, train={"eval_batch_size": 100})
 
 
 def test_the_bar_counts_every_step_and_reads_the_device_every_refresh_steps():
@@ -62,7 +60,7 @@ def test_training_on_a_terminal_shows_step_and_test_bars_and_the_epoch_line(tmp_
     monkeypatch.setattr(training.Progress, "test_bar", recording_test_bar)
     stream = Terminal()
     progress = training.Progress(refresh_steps=4, stream=stream, redraw_seconds=0)  # every update drawn
-    training.train(tiny_recipe(epochs=2), tmp_path, progress=progress)
+    training.train(eight_steps_an_epoch(epochs=2), tmp_path, progress=progress)
     text = stream.getvalue()
     assert reads.count(False) == 4  # steps 4 and 8 of each epoch for the postfix; the epoch end reads over ranks
     assert test_bars == [4, 4]  # one test bar per epoch, over its 4 batches
@@ -75,14 +73,14 @@ def test_training_on_a_terminal_shows_step_and_test_bars_and_the_epoch_line(tmp_
 def test_no_terminal_no_bars_but_one_line_per_epoch(tmp_path):
     stream = io.StringIO()
     # an epoch shorter than first_line_seconds (an hour here, whatever the machine's load) has its line only
-    training.train(tiny_recipe(epochs=2), tmp_path, progress=training.Progress(stream=stream, first_line_seconds=3600))
+    training.train(eight_steps_an_epoch(epochs=2), tmp_path, progress=training.Progress(stream=stream, first_line_seconds=3600))
     lines = stream.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    return training.train(tiny_recipe(), tmp_path_factory.mktemp("runs"), progress=training.Progress(enabled=False))
+    return training.train(eight_steps_an_epoch(), tmp_path_factory.mktemp("runs"), progress=training.Progress(enabled=False))
 
 
 def test_resume_of_a_finished_run_says_so_in_one_line_and_trains_nothing(finished_run, capsys):
@@ -103,7 +101,7 @@ def test_resume_of_a_finished_run_says_so_in_one_line_and_trains_nothing(finishe
 def test_no_terminal_a_line_comes_early_in_each_epoch_not_only_at_its_end(tmp_path):
     stream = io.StringIO()
     progress = training.Progress(stream=stream, first_line_seconds=0.0, line_seconds=3600.0)
-    training.train(tiny_recipe(epochs=2), tmp_path, progress=progress)
+    training.train(eight_steps_an_epoch(epochs=2), tmp_path, progress=progress)
     lines = stream.getvalue().splitlines()
     # the first step of each epoch is past first_line_seconds (0 here; seconds in real use), the next line an
     # hour away: one step line, then the epoch's own line

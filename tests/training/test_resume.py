@@ -25,8 +25,8 @@ import torch
 from ipasdctl.cli import main
 from ipasdctl.runs import RunLock
 from ipasdctl.files import load_checkpoint, save_checkpoint
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}
 
 

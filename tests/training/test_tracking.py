@@ -13,15 +13,15 @@ import pytest
 
 from ipasdctl import training
 from ipasdctl.cli import main
-from ipasdctl.config import load_recipe
 from ipasdctl.training import trainer as trainer_module
 from ipasdctl.training.tracking import board_tag
 from ipasdctl.version import install_command
+from tests.helpers import tiny_recipe
 
 
-def tiny_recipe(track: str, epochs: int = 2):
-    return load_recipe("demo", {"method": {"name": "ce"}, "data": {"train_subset": 64},
-                                "train": {"epochs": epochs, "batch_size": 16, "device": "cpu", "track": track}})
+def tracked(track: str):
+    """ce, 2 epochs of 4 steps (64 digits, batch 16), logged to `track`."""
+    return tiny_recipe("ce", epochs=2, batch_size=16, train={"track": track})
 
 
 def logged_columns(run_dir) -> pd.DataFrame:
@@ -33,7 +33,7 @@ def test_tensorboard_holds_the_recipe_every_metrics_column_and_the_summary(tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    run_dir = training.train(tiny_recipe("tensorboard"), tmp_path, progress=training.Progress(enabled=False))
+    run_dir = training.train(tracked("tensorboard"), tmp_path, progress=training.Progress(enabled=False))
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     metrics = logged_columns(run_dir)
@@ -51,7 +51,7 @@ def test_tensorboard_holds_the_recipe_every_metrics_column_and_the_summary(tmp_p
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     params = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert params["train.epochs"].number_value == 2 and params["method.name"].string_value == "ce"
-    assert params["optim.lr"].number_value == pytest.approx(tiny_recipe("x").optim.lr) and params["train.track"].string_value == "tensorboard"
+    assert params["optim.lr"].number_value == pytest.approx(tracked("x").optim.lr) and params["train.track"].string_value == "tensorboard"
 
 
 def _interrupt_after_first_epoch(monkeypatch):
@@ -76,7 +76,7 @@ def test_mlflow_holds_the_recipe_every_metrics_column_and_a_resume_continues_the
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     _interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(training.Interrupted) as stopped:
-        training.train(tiny_recipe("mlflow"), tmp_path, progress=training.Progress(enabled=False))
+        training.train(tracked("mlflow"), tmp_path, progress=training.Progress(enabled=False))
     run_dir = stopped.value.run_dir
     training.resume(run_dir, progress=training.Progress(enabled=False))
 
@@ -85,7 +85,7 @@ def test_mlflow_holds_the_recipe_every_metrics_column_and_a_resume_continues_the
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2" and run.data.params["method.name"] == "ce"
-    assert float(run.data.params["optim.lr"]) == tiny_recipe("x").optim.lr
+    assert float(run.data.params["optim.lr"]) == tracked("x").optim.lr
     metrics = logged_columns(run_dir)
     for column in metrics.columns.drop("epoch"):
         history = sorted(client.get_metric_history(run.info.run_id, column), key=lambda m: m.step)
