@@ -83,6 +83,7 @@ def test_train_export_bench_chain_writes_what_the_separate_commands_write_and_re
     assert {p.name: p.stat().st_mtime_ns for p in (chained / "exports").iterdir()} == before
 
 
+@pytest.mark.slow
 def test_compare_export_bench_report_chain_on_cifar_gives_the_selection(tiny_cifar, tmp_path, capsys):
     cmp, exports = tmp_path / "cmp", tmp_path / "exports"
     code, out, err = run_cli([

@@ -137,6 +137,7 @@ def _zero_point_types(model, op_type: str) -> set[int]:
     return {inits[n.input[2]] for n in model.graph.node if n.op_type == op_type and len(n.input) > 2}
 
 
+@pytest.mark.slow
 def test_only_the_operators_that_pay_are_quantised(resnet8):
     model = onnx.load(str(resnet8["int8"]))
     quantised = _quantised_ops(model)
@@ -153,6 +154,7 @@ def test_only_the_operators_that_pay_are_quantised(resnet8):
     assert weight.dtype == np.int8 and np.abs(weight.astype(int)).max() <= 64
 
 
+@pytest.mark.slow
 def test_preact_batchnorm_that_cannot_fold_stays_float(preact):
     model = onnx.load(str(preact["int8"]))
     batchnorms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
@@ -173,6 +175,7 @@ def test_preact_batchnorm_that_cannot_fold_stays_float(preact):
     assert set(_quantised_ops(model)) <= QUANTISED_CONSUMERS
 
 
+@pytest.mark.slow
 def test_arm64_target_writes_int8_activations(resnet8, tmp_path):
     record = export_onnx(resnet8["run"], tmp_path, int8=True, int8_target="arm64", calib_samples=32,
                          validation_batch_sizes=(1,))
@@ -184,6 +187,7 @@ def test_arm64_target_writes_int8_activations(resnet8, tmp_path):
 # ----------------------------------------------------------------------------------------------- records
 
 
+@pytest.mark.slow
 def test_metadata_and_json_record_the_settings_and_the_speed_check(resnet8):
     meta = read_metadata(resnet8["int8"])
     saved = json.loads(resnet8["int8"].with_suffix(".json").read_text())
@@ -202,6 +206,7 @@ def test_metadata_and_json_record_the_settings_and_the_speed_check(resnet8):
     assert saved["fp32_onnx_file"] == resnet8["fp32"].name
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32_on_test_images(resnet8):
     data = build_data(load_recipe("demo").data)
     x, y = next(iter(data.test_batches(256, torch.device("cpu"))))
@@ -217,6 +222,7 @@ def test_int8_agrees_with_fp32_on_test_images(resnet8):
 # ----------------------------------------------------------------------------------------------- verdicts
 
 
+@pytest.mark.slow
 def test_bench_marks_int8_rows_against_the_fp32_original(resnet8, tmp_path, capsys):
     rows, csv_path = bench(resnet8["int8"], [1, 2], threads=1, runs=3, warmup=1, out=tmp_path, with_torch=False)
     table = pd.read_csv(csv_path)
@@ -236,6 +242,7 @@ def test_bench_marks_int8_rows_against_the_fp32_original(resnet8, tmp_path, caps
     assert "vs_fp32" in header and "int8_pays" in header
 
 
+@pytest.mark.slow
 def test_export_says_in_one_line_when_int8_does_not_pay(resnet8, tmp_path, capsys, monkeypatch):
     import ipasdctl.deploy.export as export_module
 

@@ -61,6 +61,7 @@ def sequential(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ real runs
 
 
+@pytest.mark.slow
 def test_jobs_2_gives_the_sequential_rows_and_a_sigkilled_job_is_retried(sequential, tmp_path, capsys, monkeypatch):
     """Both runs at once, each in its own process; ipasd-s0's first process is SIGKILLed after step 3 (epoch 2,
     after epoch 1's checkpoint), its second resumes: the table is complete and bitwise the sequential one."""

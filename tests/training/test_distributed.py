@@ -46,6 +46,8 @@ from ipasdctl.files import load_checkpoint
 from ipasdctl.methods.ipasd import Prototypes
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # real processes (torchrun, kills and resumes): tens of seconds
+
 TINY = ["--dataset", "digits", "--arch", "resnet8", "--epochs", "2", "--device", "cpu", "--quiet",
         "--set", "data.train_subset=64"]
 FROZEN = ["--method", "ipasd", "--lr", "1e-12", "--set", "optim.momentum=0", "--set", "optim.weight_decay=0",

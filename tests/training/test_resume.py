@@ -27,6 +27,8 @@ from ipasdctl.runs import RunLock
 from ipasdctl.files import load_checkpoint, save_checkpoint
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # real processes (torchrun, kills and resumes): tens of seconds
+
 TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}
 
 
