@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
+
 PROBE = """
 import sys
 from ipasdctl.cli import main
-from tests.helpers import REPO
 try:
     main({args!r})
 except SystemExit as exc:

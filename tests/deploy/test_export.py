@@ -28,7 +28,7 @@ from ipasdctl.deploy.export import (ExportValidationError, compare_outputs, expo
                                     validate_against_torch)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_dir(demo_run) -> Path:
     """The session's shared demo run (read-only)."""
     return demo_run
