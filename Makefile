@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install clean
+.PHONY: demo test quick bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/ipasdctl train --recipe demo
 
+# the whole suite, with its 15 slowest tests listed at the end (CI runs this)
 test: $(VENV)/.installed-test
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# the edit-test loop: the suite without the tests marked slow
+quick: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pytest benchmarks --benchmark-only -s

@@ -5,8 +5,11 @@
 - `tiny_cifar100` : a folder holding cifar-100-python/ (train of 200, test of 100, meta), 100 fine classes.
 - `make_tiny_cifar`: the writer itself, `make_tiny_cifar(root, kind="cifar10", **sizes)`, for a test that
                     needs its own copy (to corrupt or change it).
+- `demo_run`      : a finished 1-epoch run of the demo recipe (ipasd, resnet8, 64 digits), trained once for
+                    the session and shared by the export, run-folder and hostile-input tests.
 
-The two folder fixtures are shared by the whole session: treat them as read-only. The images are seeded
+The folder fixtures are shared by the whole session: treat them as read-only (helpers.copy_run makes a
+private copy to change or resume). The images are seeded
 noise around a per-class colour, so a few epochs learn something and every run sees the same pixels.
 """
 
@@ -85,6 +88,16 @@ def tiny_cifar100(tmp_path_factory) -> Path:
 def make_tiny_cifar():
     """The writer: make_tiny_cifar(root, kind='cifar10'|'cifar100', train=, test=, seed=, num_classes=)."""
     return write_tiny_cifar
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """A read-only finished 1-epoch demo run (ipasd, resnet8, 64 training digits, batch 64)."""
+    from ipasdctl.config import load_recipe
+    from ipasdctl.training import Progress, train
+
+    recipe = load_recipe("demo", {"train": {"epochs": 1}, "data": {"train_subset": 64}})
+    return train(recipe, tmp_path_factory.mktemp("demo_run"), progress=Progress(enabled=False))
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from tests.helpers import REPO
 
-PACKAGE = Path(__file__).resolve().parent.parent / "ipasdctl"
+PACKAGE = REPO / "ipasdctl"
 RUN_FOLDER_FILES = {"config.yaml", "metrics.csv", "summary.json", "splits.json", "temperature.json"}
 COMPARISON_FOLDER_FILES = {"comparison.yaml", "results.csv", "summary.csv", "summary.md"}
 

@@ -43,7 +43,7 @@ DataOpt = Annotated[Optional[Path], typer.Option(
 EpochsOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Number of epochs.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", metavar="N", help="Training batch size.")]
 LrOpt = Annotated[Optional[float], typer.Option(metavar="LR", help="Peak learning rate.")]
-# the defaults named in these two are TrainConfig's (tests/test_help.py checks that they agree)
+# the defaults named in these two are TrainConfig's (tests/cli/test_help.py checks that they agree)
 SeedOpt = Annotated[Optional[int], typer.Option(
     metavar="N", help="Random seed (default: the recipe's train.seed; 0 if it sets none).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(

@@ -4,7 +4,7 @@ checkpoint), and under several processes the agreement of every rank on the step
 SIGINT/SIGTERM finish the current step, write last.pt and raise Interrupted (the CLI prints how to resume and
 exits 130/143); a second signal aborts at once (the last checkpoint stays).
 
-Test hook (tests/test_resume.py): IPASDCTL_TEST_SIGNAL_AT_STEP="N[:KILL|TERM|INT][@RANK]" makes the process
+Test hook (tests/training/test_resume.py): IPASDCTL_TEST_SIGNAL_AT_STEP="N[:KILL|TERM|INT][@RANK]" makes the process
 (rank RANK only, if given) send itself that signal (default SIGKILL) right after global step N's update,
 before that step's checkpoint.
 """

@@ -3,7 +3,7 @@
 Everything random is a function of the seed, the epoch and the step, and the checkpoint carries the optimizer,
 the method's state, the epoch's running sums and every RNG, so a resumed run continues exactly where it
 stopped: on CPU a run killed mid-epoch and resumed ends with the same metrics and bitwise the same weights
-(tests/test_resume.py). On CUDA the data order, RNG streams and state are just as exact, but cuDNN autotuning
+(tests/training/test_resume.py). On CUDA the data order, RNG streams and state are just as exact, but cuDNN autotuning
 and atomic-add kernels (index_add_, scatter, conv backward) may round differently from run to run, so metrics
 agree to float noise unless `train.deterministic` is set.
 
