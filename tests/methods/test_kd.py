@@ -12,6 +12,7 @@ import torch
 from ipasdctl.cli import main
 from ipasdctl.methods import MethodContext, build_method
 from ipasdctl.methods.kd import kd_loss
+from tests.helpers import cli_error as one_error_line
 
 TINY = ["--recipe", "demo", "--epochs", "1", "--batch-size", "32", "--set", "data.train_subset=64", "-q"]
 
@@ -20,14 +21,6 @@ def run_cli(args):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code in (0, None)
-
-
-def one_error_line(args, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def test_kd_loss_is_the_formula_on_a_hand_made_example():

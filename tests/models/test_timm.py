@@ -14,6 +14,7 @@ pytest.importorskip("timm")
 
 from ipasdctl.cli import main  # noqa: E402
 from ipasdctl.models import build_model  # noqa: E402
+from tests.helpers import cli_error as one_error_line
 
 TINY = ["--recipe", "demo", "--epochs", "1", "--batch-size", "32", "--set", "data.train_subset=64", "-q"]
 
@@ -23,14 +24,6 @@ def run_cli(args, capsys=None) -> str:
         main(args)
     assert exit_info.value.code in (0, None)
     return capsys.readouterr().out if capsys is not None else ""
-
-
-def one_error_line(args, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit"])

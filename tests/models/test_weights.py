@@ -17,6 +17,7 @@ from ipasdctl.errors import UserError
 from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.models import build_model
 from ipasdctl.runs.weights import load_weights
+from tests.helpers import cli_error as one_error_line
 
 TINY = ["--recipe", "demo", "--epochs", "1", "--batch-size", "32", "--set", "data.train_subset=64", "-q"]
 
@@ -26,14 +27,6 @@ def train_cli(out, name, *extra):
         main(["train", *TINY, "--out", str(out), "--name", name, *extra])
     assert exit_info.value.code in (0, None)
     return out / name
-
-
-def one_error_line(args, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
