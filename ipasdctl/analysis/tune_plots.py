@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from ..errors import one_line
 from .plots import save_figure
 
 PLOTS = {
@@ -32,7 +33,7 @@ def write_study_plots(study, folder: Path) -> tuple[list[Path], list[str]]:
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
                 axes = getattr(optuna_plots, function)(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            skipped.append(f"{name}: {' '.join(str(exc).split())[:120]}")
+            skipped.append(f"{name}: {one_line(exc, 120)}")
             continue
         axes = axes.flat[0] if hasattr(axes, "flat") else axes
         figure = axes.figure

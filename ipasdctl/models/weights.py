@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..errors import UserError, one_line
-from ..safe_io import sha256_of
 
 CLASSIFIER_PREFIX = "classifier."  # the contract's final linear layer: replaced when the class count differs
 STATE_DICT_KEYS = ("state_dict", "model")  # where a training script's checkpoint keeps its weights
@@ -128,7 +127,3 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
         keep[name] = given
     model.load_state_dict(keep, strict=False)
     return LoadedWeights(source=source, sha256=sha256, loaded=len(keep), reinitialised=reinitialised)
-
-
-def file_sha256(path: Path) -> str:
-    return sha256_of(Path(path))

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from ..errors import UserError, one_line
-from ..models.weights import LoadedWeights, file_sha256, fit_state_dict, read_weights_file
+from ..models.weights import LoadedWeights, fit_state_dict, read_weights_file
+from ..safe_io import sha256_of
 from .folder import RunFolder
 
 CHECKPOINT_NAMES = ("best", "last")
@@ -66,7 +67,7 @@ def read_source(spec: str, arch: str) -> WeightsSource:
     if run is not None:
         return _run_source(spec, *run)
     path = Path(spec).expanduser()
-    return WeightsSource(spec, read_weights_file(path), file_sha256(path) if path.is_file() else None)
+    return WeightsSource(spec, read_weights_file(path), sha256_of(path) if path.is_file() else None)
 
 
 def _run_source(spec: str, run_dir: Path, which: str) -> WeightsSource:
@@ -76,7 +77,7 @@ def _run_source(spec: str, run_dir: Path, which: str) -> WeightsSource:
                         "run (RUN for its best checkpoint, RUN:last for the last)")
     state = folder.load_state(which)
     stats = state.get("data_stats") or {}
-    return WeightsSource(spec, state["model"], file_sha256(folder.checkpoint(which)),
+    return WeightsSource(spec, state["model"], sha256_of(folder.checkpoint(which)),
                          arch=state.get("arch") or (state["config"].get("model") or {}).get("arch"),
                          num_classes=int(state["num_classes"]), mean=stats.get("mean"), std=stats.get("std"))
 
@@ -109,7 +110,7 @@ def _torchvision_source(spec: str, arch: str, enum_name: str) -> WeightsSource:
     mapping = torchvision_key_map(arch)
     state = {mapping.get(key, key): tensor for key, tensor in read_weights_file(file).items()}
     transform = weights.transforms()
-    return WeightsSource(spec, state, file_sha256(file), mean=[float(v) for v in transform.mean],
+    return WeightsSource(spec, state, sha256_of(file), mean=[float(v) for v in transform.mean],
                          std=[float(v) for v in transform.std], input_size=int(transform.crop_size[0]))
 
 

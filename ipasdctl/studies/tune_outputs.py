@@ -10,6 +10,7 @@ from typing import Optional
 import yaml
 
 from ..analysis.tune_plots import write_study_plots
+from ..errors import one_line
 from ..safe_io import atomic_write_text, neutral_cell
 from .space import overrides_of
 
@@ -39,7 +40,7 @@ def _note(trial, retried_as: dict) -> str:
     if trial.state.name == "PRUNED":
         return f"pruned at epoch {trial.user_attrs.get('pruned_at', max(trial.intermediate_values, default=0))}"
     if trial.user_attrs.get("error"):
-        return " ".join(str(trial.user_attrs["error"]).split())[:160]
+        return one_line(trial.user_attrs["error"], 160)
     return ""
 
 
