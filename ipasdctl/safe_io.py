@@ -206,6 +206,20 @@ def neutral_cell(value):
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
+def rows_csv_text(columns: list, rows: list, cell=neutral_cell) -> str:
+    """Rows (dicts) as CSV text under a header of `columns`, the header through neutral_cell and every value
+    through `cell` (neutral_cell, or a formatter that calls it): the rows-of-dicts twin of csv_text."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writerow({column: neutral_cell(column) for column in columns})
+    for row in rows:
+        writer.writerow({key: cell(value) for key, value in row.items()})
+    return buffer.getvalue()
+
+
 def csv_text(frame, float_format: str = "%.6g") -> str:
     """A DataFrame as CSV text without its index, the text cells and column names through neutral_cell:
     every CSV the suite writes goes through here (or neutral_cell), so none carries a formula."""

@@ -19,8 +19,6 @@ through `RunFolder`; every other command reads it through `RunFolder` too, and b
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -34,7 +32,7 @@ from ..errors import UserError, one_line
 from ..models import build_model
 from ..runtime import resolve_device
 from ..safe_io import (atomic_write_json, atomic_write_text, check_checkpoint, load_checkpoint, neutral_cell,
-                       remove_temporaries, save_checkpoint)
+                       remove_temporaries, rows_csv_text, save_checkpoint)
 from ..yaml_files import read_yaml_file
 from .lock import RunLock
 from .schemas import RESULT_COLUMNS, RunSummary, check_state
@@ -293,12 +291,12 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
         for key in row:
             if key not in columns:
                 columns.append(key)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writerow({column: neutral_cell(column) for column in columns})
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else neutral_cell(v)) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, rows_csv_text(columns, rows, _metrics_cell))
+
+
+def _metrics_cell(value):
+    """A metrics.csv cell: floats to 6 significant digits (what a curve needs), text neutralised."""
+    return f"{value:.6g}" if isinstance(value, float) else neutral_cell(value)
 
 
 # ------------------------------------------------------------------------------------------------ creation

@@ -3,15 +3,13 @@ summary.md and the plots. Rewritten whole after every session of `tune`, from th
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Optional
 
 import yaml
 
 from ..analysis.tune_plots import write_study_plots
 from ..errors import one_line
-from ..safe_io import atomic_write_text, neutral_cell
+from ..safe_io import atomic_write_text, rows_csv_text
 from .space import overrides_of
 
 TRIAL_COLUMNS = ["trial", "state", "val_top1", "epochs", "seconds", "run", "note"]
@@ -74,13 +72,7 @@ def best_overrides(study) -> Optional[dict]:
 
 
 def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    columns = list(rows[0]) if rows else TRIAL_COLUMNS
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writerow({column: neutral_cell(column) for column in columns})  # notes hold error text: no formulas
-    for row in rows:
-        writer.writerow({k: neutral_cell(v) for k, v in row.items()})
-    return buffer.getvalue()
+    return rows_csv_text(list(rows[0]) if rows else TRIAL_COLUMNS, rows)  # notes hold error text: no formulas
 
 
 def summary_markdown(study, rows: list[dict], best: Optional[dict], plot_notes: list[str]) -> str:
