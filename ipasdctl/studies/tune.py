@@ -140,8 +140,10 @@ def open_study(study: Study) -> None:
                                   pruner=pruner)
     done = len(created.get_trials(deepcopy=False))
     # reseeded past the trials already run: a continued study does not sample its first trials again
+    # constant liar: trials in flight together (--jobs, --ray) count as bad so far, so TPE samples elsewhere
+    # (Optuna 5's default, spelled out for Optuna 4)
     sampler = optuna.samplers.TPESampler(seed=study.recipe.train.seed + done,
-                                         n_startup_trials=min(10, max(2, s.trials // 3)))
+                                         n_startup_trials=min(10, max(2, s.trials // 3)), constant_liar=True)
     study.study = optuna.load_study(storage=storage, study_name=study.name, sampler=sampler, pruner=pruner)
     recorded = study.study.user_attrs.get("recipe")
     if recorded is not None:
