@@ -59,14 +59,21 @@ def compare(recipe: RecipeLike = "demo", baselines: Union[str, Iterable[str]] = 
 
 def tune(recipe: RecipeLike = "demo", trials: int = 20, out: Optional[Union[str, Path]] = None,
          space: Optional[Union[str, Path]] = None, storage: Optional[str] = None, pruner: str = "median",
-         overrides: Optional[dict] = None, progress: bool = False) -> Path:
+         overrides: Optional[dict] = None, progress: bool = False, jobs: Optional[int] = None,
+         devices: Optional[str] = None, threads_per_job: Optional[int] = None, ray: Optional[str] = None) -> Path:
     """An Optuna study of the recipe's method on its validation split (resumable: a rerun continues it); returns
-    the study folder (trials.csv, best.yaml, summary.md, plots/). Needs pip install 'ipasdctl[tune]'."""
+    the study folder (trials.csv, best.yaml, summary.md, plots/). Needs pip install 'ipasdctl[tune]'. `jobs`,
+    `devices`, `threads_per_job`, `ray`: several trials at once, as `ipasdctl tune --jobs/--devices/
+    --threads-per-job/--ray` (Ray already initialised by the caller is used as it is)."""
     from .studies import tune as tuning
+    from .studies.executors import make_executor
 
     settings = tuning.TuneSettings(trials=trials, out=Path(out) if out is not None else None,
                                    space=Path(space) if space is not None else None, storage=storage, pruner=pruner)
-    return tuning.run(recipe_of(recipe, overrides), settings, progress, tuning.say_on_stderr if progress else None)
+    settings.check()
+    resolved = recipe_of(recipe, overrides)
+    executor = make_executor(resolved, jobs, devices, threads_per_job, ray, training.Progress(enabled=False))
+    return tuning.run(resolved, settings, progress, tuning.say_on_stderr if progress else None, executor)
 
 
 def evaluate(target: Union[str, Path], checkpoint: str = "best", data: Optional[Union[str, Path]] = None,

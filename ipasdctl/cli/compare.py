@@ -9,8 +9,9 @@ import typer
 
 from . import chain
 from .app import app
-from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt,
-                      PrecisionOpt, QuietOpt, RecipeOpt, SetOpt, TrackOpt, recipe_overrides)
+from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, CompileOpt, DataOpt, DatasetOpt, DeviceOpt, DevicesOpt,
+                      EpochsOpt, JobsOpt, LrOpt, PrecisionOpt, QuietOpt, RayOpt, RecipeOpt, SetOpt, ThreadsPerJobOpt,
+                      TrackOpt, recipe_overrides)
 
 
 @app.command()
@@ -49,23 +50,10 @@ def compare(
         help="Tune every compared method first with the same budget of N Optuna trials on the validation split "
              "(data.val_split; study folders in <out>/tuning/), then compare them at their best parameters. "
              "Needs pip install 'ipasdctl[tune]'.")] = None,
-    jobs: Annotated[Optional[int], typer.Option(
-        help="Train up to N runs at once on this machine, each in its own process: on CPU each gets "
-             "cores / N threads, on CUDA its own GPU (default: 1, one run after another in this process; "
-             "with --devices: one job per GPU named).")] = None,
-    devices: Annotated[Optional[str], typer.Option(
-        help="CUDA: the GPUs the jobs share out, one job each, as indices of the visible GPUs (0,1,2,3; "
-             "default: all of them).")] = None,
-    threads_per_job: Annotated[Optional[int], typer.Option(
-        "--threads-per-job", "--threads", metavar="N",
-        help="torch threads per run (default: cores / --jobs; sequentially: PyTorch's own). The same count "
-             "gives bitwise the same CPU results whatever the executor. --threads is the same option, as every "
-             "command that computes has it.")] = None,
-    ray: Annotated[Optional[str], typer.Option(
-        metavar="ADDRESS",
-        help="Run each run as a Ray task (one GPU, or --threads-per-job CPUs): 'local' (a Ray instance on "
-             "this machine), 'auto' (the cluster this machine belongs to) or HOST:PORT. --out must be on a "
-             "file system every node mounts. Needs pip install 'ipasdctl[ray]'.")] = None,
+    jobs: JobsOpt = None,
+    devices: DevicesOpt = None,
+    threads_per_job: ThreadsPerJobOpt = None,
+    ray: RayOpt = None,
 ) -> "chain.Outputs":
     """Train the main method, every baseline and ce on one recipe with the same seeds, and tabulate them.
     A baseline's own parameters: --baseline-set kd.teacher=RUN (rows with a teacher are marked in summary.md).
@@ -97,7 +85,7 @@ def compare(
     studies = tuned_runs.read_tuned(tuned_studies)
     if tune is not None:
         where = planning.plan(base, baselines, seed_list, out, baseline_params=baseline_set)  # every recipe checked
-        studies = tuned_runs.tune_each(base, where.methods, tune, where.out, not quiet, say)
+        studies = tuned_runs.tune_each(base, where.methods, tune, where.out, not quiet, say, executor)
     comparison = planning.plan(base, baselines, seed_list, out, studies, baseline_set)
     try:
         comparing.run(comparison, progress, say, executor)

@@ -84,6 +84,25 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(
     help="CPU threads for PyTorch and onnxruntime (default: PyTorch's count, one per core). On a busy or small "
          "machine 1 is often faster (README, --threads). In a chain it holds for the links after it too.")]
 
+# where the runs of `compare` and the trials of `tune` train (studies/executors.py checks the values)
+JobsOpt = Annotated[Optional[int], typer.Option(
+    help="Train up to N runs at once on this machine (compare: its runs; tune: its trials), each in its own "
+         "process: on CPU each gets cores / N threads, on CUDA its own GPU (default: 1, one run after another in "
+         "this process; with --devices: one job per GPU named).")]
+DevicesOpt = Annotated[Optional[str], typer.Option(
+    help="CUDA: the GPUs the jobs share out, one job each, as indices of the visible GPUs (0,1,2,3; "
+         "default: all of them).")]
+ThreadsPerJobOpt = Annotated[Optional[int], typer.Option(
+    "--threads-per-job", "--threads", metavar="N",
+    help="torch threads per run (default: cores / --jobs; sequentially: PyTorch's own). The same count "
+         "gives bitwise the same CPU results whatever the executor. --threads is the same option, as every "
+         "command that computes has it.")]
+RayOpt = Annotated[Optional[str], typer.Option(
+    metavar="ADDRESS",
+    help="Run each run as a Ray task (one GPU, or --threads-per-job CPUs): 'local' (a Ray instance on "
+         "this machine), 'auto' (the cluster this machine belongs to) or HOST:PORT. --out must be on a "
+         "file system every node mounts. Needs pip install 'ipasdctl[ray]'.")]
+
 
 def use_threads(threads: Optional[int]) -> None:
     """Apply --threads (None: leave the count as it is) to torch and to the onnxruntime sessions opened after."""

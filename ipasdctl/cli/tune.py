@@ -8,8 +8,8 @@ import typer
 
 from . import chain
 from .app import app
-from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, DataOpt, DatasetOpt, DeviceOpt, EpochsOpt, LrOpt, PrecisionOpt,
-                      QuietOpt, RecipeOpt, SetOpt, recipe_overrides)
+from .options import (DEFAULT_RECIPE, ArchOpt, BatchOpt, DataOpt, DatasetOpt, DeviceOpt, DevicesOpt, EpochsOpt, JobsOpt,
+                      LrOpt, PrecisionOpt, QuietOpt, RayOpt, RecipeOpt, SetOpt, ThreadsPerJobOpt, recipe_overrides)
 
 
 @app.command()
@@ -39,23 +39,30 @@ def tune(
     out: Annotated[Optional[Path], typer.Option(
         help="Study folder (default: studies/<recipe name>-<method>); one run folder per trial goes in it.")] = None,
     quiet: QuietOpt = False,
+    jobs: JobsOpt = None,
+    devices: DevicesOpt = None,
+    threads_per_job: ThreadsPerJobOpt = None,
+    ray: RayOpt = None,
 ) -> "chain.Outputs":
     """Tune a method with Optuna (TPE, a pruner) on the recipe's validation split (data.val_split), then write
     trials.csv, best.yaml, summary.md and plots/; prints the study folder last.
 
     A rerun of the same command continues the study: finished trials are kept, a killed or interrupted trial
     is re-run from its checkpoint. `compare --tuned STUDY` then runs the method with the best trial's parameters.
+    Several trials at once: --jobs N (this machine's cores or GPUs) or --ray ADDRESS (a cluster), as compare.
     """
     from .. import training
     from ..config import load_recipe
     from ..studies import tune as tuning
+    from ..studies.executors import make_executor
 
     settings = tuning.TuneSettings(trials=trials, out=out, space=space, storage=storage, pruner=pruner)
     settings.check()  # before the recipe: the cheapest mistakes first
     base = training.resolve_recipe(load_recipe(recipe or DEFAULT_RECIPE, recipe_overrides(ctx.params)))
+    executor = make_executor(base, jobs, devices, threads_per_job, ray, training.Progress(enabled=False))
     say = None if quiet else tuning.say_on_stderr
     try:
-        folder = tuning.run(base, settings, progress_enabled=not quiet, say=say)
+        folder = tuning.run(base, settings, progress_enabled=not quiet, say=say, executor=executor)
     except training.Interrupted as exc:
         import sys
 

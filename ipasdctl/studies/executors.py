@@ -1,6 +1,9 @@
 """How the runs of a comparison are carried out: one after another in this process (the default), as
 processes on this machine (`compare --jobs N`), or as tasks on a Ray cluster (`compare --ray ADDRESS`).
 
+The trials of a study (`tune --jobs N`, `--ray`) go through the same executors, driven by studies/tune_jobs.py
+(the sequential study trains in `tune`'s own process instead, through Optuna's optimize loop).
+
 Each is an `Executor` with one small interface, which the comparison's scheduler (studies/scheduler.py) drives:
 `open(out)` / `close()` around the comparison, `slots` runs at once, `start(job)`, `wait()` for the outcomes
 of the jobs that ended (at least one; none right after a stop signal was passed on to the jobs), and
@@ -58,6 +61,7 @@ class Job:
     attempt: int = 1
     env: dict = field(default_factory=dict)  # variables for this attempt only (the scheduler's test hook)
     started: float = 0.0
+    trial: Optional[dict] = None  # a tuning trial to train and report to its study (studies/trial.trial_spec)
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Outcome:
     message: str = ""
     fatal: bool = False  # the comparison cannot go on (a node without the shared --out)
     seconds: float = 0.0
+    result: dict = field(default_factory=dict)  # what the job returned (a trial's value), empty after a crash
 
 
 class Executor:
@@ -149,6 +154,8 @@ class _ForwardsSignals(Executor):
 class LocalProcesses(_ForwardsSignals):
     """Up to `slots` jobs at once, each its own process on this machine."""
 
+    job_module = "ipasdctl.studies.job"  # what each process runs (`python -m`): job.main
+
     def __init__(self, slots: int, threads: int, gpus: Optional[list[str]] = None):
         self.slots = slots
         self.threads = threads
@@ -175,14 +182,14 @@ class LocalProcesses(_ForwardsSignals):
         folder = Path(self._folder.name) / f"{job.name}.{job.attempt}"
         folder.mkdir()
         atomic_write_text(folder / "spec.json", json.dumps(job_spec(job.run_dir, job.resume, job.recipe, self.threads,
-                                                                       env=job.env)))
+                                                                       env=job.env, trial=job.trial)))
         env = dict(os.environ)
         env["PYTHONPATH"] = _child_pythonpath()
         env["OMP_NUM_THREADS"] = str(self.threads)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         with open(folder / "stderr.txt", "wb") as stderr:
-            process = subprocess.Popen([sys.executable, "-m", "ipasdctl.studies.job", str(folder / "spec.json"),
+            process = subprocess.Popen([sys.executable, "-m", self.job_module, str(folder / "spec.json"),
                                         str(folder / "result.json")], env=env, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         self._running[process] = (job, gpu, folder)
@@ -203,7 +210,8 @@ class LocalProcesses(_ForwardsSignals):
         seconds = time.monotonic() - job.started
         result = read_json(folder / "result.json")
         if result is not None:
-            return Outcome(job, result["status"], result.get("message", ""), bool(result.get("fatal")), seconds)
+            return Outcome(job, result["status"], result.get("message", ""), bool(result.get("fatal")), seconds,
+                           result)
         return Outcome(job, "crashed", _crash_line(process.returncode, folder / "stderr.txt"), seconds=seconds)
 
     def stop_jobs(self, signum: int) -> None:
@@ -258,7 +266,8 @@ class RayTasks(_ForwardsSignals):
                                 f"(the largest has {largest}); use --threads-per-job {largest} or fewer")
             self.slots = max(1, int(resources.get("CPU", 1)) // self.threads)
         self.marker = out.resolve() / f".ipasdctl-shared-{uuid.uuid4().hex}"
-        atomic_write_text(self.marker, "written by the coordinating `ipasdctl compare`; every Ray task checks it sees it\n")
+        atomic_write_text(self.marker, "written by the coordinating `ipasdctl compare` or `tune`; every Ray task checks "
+                                       "it sees it\n")
         self._task = ray.remote(run_job)
         super().open(out)
 
@@ -275,7 +284,7 @@ class RayTasks(_ForwardsSignals):
                 self.ray.shutdown()
 
     def start(self, job: Job) -> None:
-        spec = job_spec(job.run_dir, job.resume, job.recipe, self.threads, self.marker, job.env)
+        spec = job_spec(job.run_dir, job.resume, job.recipe, self.threads, self.marker, job.env, job.trial)
         options = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": self.threads}
         self._running[self._task.options(max_retries=0, **options).remote(spec)] = job
 
@@ -297,7 +306,7 @@ class RayTasks(_ForwardsSignals):
         except self.ray.exceptions.RayError as exc:  # the worker or its node died, or an unexpected exception
             return Outcome(job, "crashed", f"the Ray task failed ({one_line(exc, line=0, named=True)})",
                            seconds=seconds)
-        return Outcome(job, result["status"], result.get("message", ""), bool(result.get("fatal")), seconds)
+        return Outcome(job, result["status"], result.get("message", ""), bool(result.get("fatal")), seconds, result)
 
     def stop_jobs(self, signum: int) -> None:
         for ref in self._running:

@@ -1,12 +1,15 @@
-"""One attempt at one run of a comparison, where it is carried out: a child process of `compare --jobs N`
-(`python -m ipasdctl.studies.job SPEC.json`) or a Ray task of `compare --ray` (`run_job(spec)` in a worker).
+"""One attempt at one run of a comparison or one trial of a study, where it is carried out: a child process of
+`compare --jobs N`/`tune --jobs N` (`python -m ipasdctl.studies.job SPEC.json`) or a Ray task of `--ray`
+(`run_job(spec)` in a worker).
 
 The spec is plain data (it crosses a process or a machine): `run_dir` (absolute), `resume` (continue from
 checkpoints/last.pt, else a new run in run_dir), `recipe` (the resolved recipe as a dict, for a new run),
 `threads` (torch intra-op threads, None: leave it), `marker` (a file the coordinator wrote into --out: a
-worker that cannot see it is on a machine without the shared file system) and `env` (variables set for the
-attempt: the coordinator's test hook). The result is plain data too: {"status": "finished" | "error" |
-"interrupted", "message": ..., "fatal": bool}; a crash is whatever the executor sees when no result comes.
+worker that cannot see it is on a machine without the shared file system), `env` (variables set for the
+attempt: the coordinator's test hook) and `trial` (a tuning trial, `tune --jobs`/`--ray`: the storage and number
+of the trial to report to; studies/trial.py trains it). The result is plain data too: {"status": "finished" |
+"error" | "interrupted", "message": ..., "fatal": bool} (a trial's: also "pruned" or "diverged", and its "value");
+a crash is whatever the executor sees when no result comes.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from .. import training
 from ..config import recipe_from_dict
 from ..errors import UserError
 from ..safe_io import atomic_write_json
+from .trial import run_trial
 
 
-def job_spec(run_dir: Path, resume: bool, recipe=None, threads=None, marker=None, env=None) -> dict:
+def job_spec(run_dir: Path, resume: bool, recipe=None, threads=None, marker=None, env=None, trial=None) -> dict:
     return {"run_dir": str(Path(run_dir).resolve()), "resume": resume,
             "recipe": None if recipe is None else recipe.to_dict(), "threads": threads,
-            "marker": None if marker is None else str(marker), "env": dict(env or {})}
+            "marker": None if marker is None else str(marker), "env": dict(env or {}), "trial": trial}
 
 
 def unseen_marker(spec: dict) -> str | None:
@@ -64,6 +68,9 @@ def run_job(spec: dict) -> dict:
         return {"status": "error", "message": unseen, "fatal": True}
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    if spec.get("trial") is not None:  # a tuning trial: it reports to its study and says how it ended
+        with _environment(spec.get("env") or {}):
+            return run_trial(spec)
     run_dir = Path(spec["run_dir"])
     progress = training.Progress(enabled=False)
     try:

@@ -3,8 +3,11 @@
 Each trial samples the search space (studies/space.py), trains an ordinary run folder inside the study folder
 with the same code as `train` (training.train_into / training.resume), and reports every epoch's validation
 top-1 to the pruner through the trainer's `Progress.epoch_finished` hook; a pruned run stops after that epoch's
-checkpoint. The value of a trial is its run's best validation top-1 (the epoch best.pt holds). The recipe must
-hold out a validation split (`data.val_split`): a search scored on the test set would flatter its own result.
+checkpoint (studies/trial.py). The value of a trial is its run's best validation top-1 (the epoch best.pt
+holds). The recipe must hold out a validation split (`data.val_split`): a search scored on the test set would
+flatter its own result. Trials train one after another in this process (Optuna's optimize loop), or on the
+executors of `compare` (`--jobs N` processes or GPUs, `--ray ADDRESS` tasks: studies/tune_jobs.py, Optuna's
+ask-and-tell), each job reporting to the storage itself.
 
 The study lives in Optuna's storage (SQLite in the study folder unless `--storage` names a database), so a
 rerun of the same command continues it until `--trials` trials are counted (complete, pruned, or diverged).
@@ -16,40 +19,33 @@ again (its value is read back from its summary). A trial stopped by SIGINT/SIGTE
 
 from __future__ import annotations
 
-import csv
-import math
 import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 import yaml
 
 from .. import training
 from ..config import ResolvedRecipe, differing_keys, recipe_from_dict
-from ..errors import UserError, one_line
+from ..errors import UserError
 from ..safe_io import atomic_write_text
 from ..runs import RunFolder, StudyFolder, trial_run_name
 from ..yaml_files import read_yaml_file
 from . import space as spaces
+from . import tune_jobs
+from .executors import Executor, RayTasks, Sequential
+from .trial import TUNE_MISSING  # noqa: F401  (re-exported: the message callers match)
+from .trial import TrialDiverged, import_optuna, make_pruner, open_storage, shown_url, train_reporting
 from .tune_outputs import counted, write_outputs
 
-TUNE_MISSING = "tune needs Optuna, which is not installed; install it with: pip install 'ipasdctl[tune]'"
 PRUNERS = ("median", "halving", "none")
 
 
 def say_on_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def import_optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise UserError(TUNE_MISSING) from None
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says what happened
-    return optuna
 
 
 @dataclass
@@ -69,10 +65,6 @@ class TuneSettings:
             raise UserError(f"--pruner must be one of {', '.join(PRUNERS)}, got '{self.pruner}'")
 
 
-class TrialDiverged(Exception):
-    """A trial's training failed after its first checkpoint (a non-finite loss): a bad trial, not bad input."""
-
-
 def default_out(recipe: ResolvedRecipe) -> Path:
     return Path("studies") / f"{recipe.name}-{recipe.method['name']}"
 
@@ -82,55 +74,6 @@ def check_recipe(recipe: ResolvedRecipe) -> None:
         raise UserError(f"tune needs a validation split to score trials on, and recipe '{recipe.name}' holds none: "
                         "add --set data.val_split=N (N training images held out); scoring on the test set would "
                         "flatter the tuned result")
-
-
-# ------------------------------------------------------------------------------------------------ the trial
-
-
-class TrialProgress(training.Progress):
-    """The trainer's progress, reporting each epoch's validation top-1 to the trial and stopping a trial the
-    pruner gives up on (after the epoch's checkpoint: the run stays resumable)."""
-
-    def __init__(self, trial, optuna, enabled: bool):
-        super().__init__(enabled=enabled)
-        self.trial, self.optuna = trial, optuna
-
-    def epoch_finished(self, row: dict) -> None:
-        report(self.trial, self.optuna, int(row["epoch"]), row.get("val_top1"))
-
-
-def report(trial, optuna, epoch: int, val_top1) -> None:
-    if val_top1 is None or not math.isfinite(float(val_top1)):
-        return
-    trial.report(float(val_top1), epoch)
-    if trial.should_prune():
-        trial.set_user_attr("pruned_at", epoch)
-        raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-
-def earlier_epochs(folder: RunFolder) -> list[tuple[int, Optional[float]]]:
-    """(epoch, val top-1) of the epochs a run folder's metrics.csv records (a run resumed or read back)."""
-    if not folder.metrics.is_file():
-        return []
-    with folder.metrics.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [(int(float(r["epoch"])), float(r["val_top1"]) if r.get("val_top1") not in (None, "") else None)
-            for r in rows if r.get("epoch")]
-
-
-def train_trial(recipe: ResolvedRecipe, folder: RunFolder, progress: training.Progress) -> float:
-    """Train (or resume, or read back) the trial's run; its best validation top-1."""
-    state = folder.state()
-    if state == "resumable" or state == "finished":
-        training.resume(folder.path, recipe, progress)  # a finished run: nothing trains
-    else:
-        if folder.path.exists():
-            folder.remove_partial(created=True)  # killed before its first checkpoint: start it again
-        training.train_into(recipe, folder.path, progress)
-    summary = folder.read_summary()
-    if summary is None or summary.best_val_top1 is None:
-        raise UserError(f"{folder.path} finished without a validation top-1; is data.val_split set?")
-    return float(summary.best_val_top1)
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -187,43 +130,26 @@ def _refuse_other_study(folder: StudyFolder, record: dict) -> None:
                         "with the same recipe options or choose another --out")
 
 
-def _shown_url(url: str) -> str:
-    """The storage URL without its password."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a database URL at all: it is shown as given (and refused below)
-        return url
-
-
 def open_study(study: Study) -> None:
     optuna = study.optuna
     s = study.settings
     url = study.storage_url
-    try:
-        storage = optuna.storages.RDBStorage(url)
-    except Exception as exc:  # a bad URL, an unreachable server, a missing driver: all one line
-        raise UserError(f"cannot open the study storage {_shown_url(url)}: {one_line(exc, 200)}; give a database "
-                        "URL Optuna accepts, e.g. sqlite:///path/study.db or postgresql://user@host/db") from None
-    if s.pruner == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=s.warmup_epochs)
-    elif s.pruner == "halving":
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=max(s.warmup_epochs, 1), reduction_factor=3)
-    else:
-        pruner = optuna.pruners.NopPruner()
+    storage = open_storage(optuna, url)
+    pruner = make_pruner(optuna, s.pruner, s.startup_trials, s.warmup_epochs)
     created = optuna.create_study(storage=storage, study_name=study.name, direction="maximize", load_if_exists=True,
                                   pruner=pruner)
     done = len(created.get_trials(deepcopy=False))
     # reseeded past the trials already run: a continued study does not sample its first trials again
+    # constant liar: trials in flight together (--jobs, --ray) count as bad so far, so TPE samples elsewhere
+    # (Optuna 5's default, spelled out for Optuna 4)
     sampler = optuna.samplers.TPESampler(seed=study.recipe.train.seed + done,
-                                         n_startup_trials=min(10, max(2, s.trials // 3)))
+                                         n_startup_trials=min(10, max(2, s.trials // 3)), constant_liar=True)
     study.study = optuna.load_study(storage=storage, study_name=study.name, sampler=sampler, pruner=pruner)
     recorded = study.study.user_attrs.get("recipe")
     if recorded is not None:
         diff = differing_keys(training.resolved_dict(recorded), study.recipe.to_dict())
         if diff:
-            raise UserError(f"study '{study.name}' in {_shown_url(url)} was run with another recipe (differs in "
+            raise UserError(f"study '{study.name}' in {shown_url(url)} was run with another recipe (differs in "
                             f"{', '.join(diff[:5])}); use the same recipe options or another --storage")
     else:
         study.study.set_user_attr("recipe", study.recipe.to_dict())
@@ -253,28 +179,27 @@ def recover(study: Study) -> list[str]:
     return notes
 
 
-def objective_of(study: Study, progress_enabled: bool) -> Callable:
-    optuna = study.optuna
+def begin_trial(study: Study, trial) -> tuple[RunFolder, ResolvedRecipe]:
+    """This process's side of a trial's start, wherever it trains: its run folder (a re-run's is the failed
+    trial's), its parameters sampled, its recipe resolved (a UserError, recorded on the trial, for values that
+    do not go together)."""
+    run_name = trial.user_attrs.get("run") or trial_run_name(trial.number)
+    trial.set_user_attr("run", run_name)
+    trial.set_user_attr("folder", str(study.folder.path.resolve()))
+    trial.set_user_attr("host", study.host)
+    params = {d.key: d.suggest(trial) for d in study.dims}
+    try:
+        recipe = training.resolve_recipe(spaces_recipe(study.recipe, params))
+    except UserError as exc:
+        trial.set_user_attr("error", str(exc))
+        raise
+    return study.folder.run(run_name), recipe
 
+
+def objective_of(study: Study, progress_enabled: bool) -> Callable:
     def objective(trial) -> float:
-        run_name = trial.user_attrs.get("run") or trial_run_name(trial.number)
-        trial.set_user_attr("run", run_name)
-        trial.set_user_attr("folder", str(study.folder.path.resolve()))
-        trial.set_user_attr("host", study.host)
-        params = {d.key: d.suggest(trial) for d in study.dims}
-        folder = study.folder.run(run_name)
-        try:
-            recipe = training.resolve_recipe(spaces_recipe(study.recipe, params))
-            progress = TrialProgress(trial, optuna, progress_enabled)
-            for epoch, val in earlier_epochs(folder):  # a resumed run's epochs so far, for the pruner
-                report(trial, optuna, epoch, val)
-            return train_trial(recipe, folder, progress)
-        except UserError as exc:
-            trial.set_user_attr("error", str(exc))
-            if folder.last.is_file():  # it trained, then failed (a non-finite loss): a bad trial
-                trial.set_user_attr("diverged", True)
-                raise TrialDiverged(str(exc)) from None
-            raise
+        folder, recipe = begin_trial(study, trial)
+        return train_reporting(trial, study.optuna, recipe, folder, progress_enabled)
 
     return objective
 
@@ -283,7 +208,9 @@ def spaces_recipe(recipe: ResolvedRecipe, params: dict):
     return recipe_from_dict(spaces.apply(recipe, params))
 
 
-def say_progress(study: Study, say: Callable[[str], None], session_trials: list) -> Callable:
+def say_progress(study: Study, say: Callable[[str], None], session_trials: list, slots: int = 1) -> Callable:
+    """The line per trial that ended with an answer; the time left is the mean trial time of this session
+    times the trials left, shared over the executor's slots."""
     target = study.settings.trials
 
     def line(_study, frozen) -> None:
@@ -299,7 +226,7 @@ def say_progress(study: Study, say: Callable[[str], None], session_trials: list)
         best_text = f"best {best.value:.2f} % (trial {best.number})" if best is not None else "no best yet"
         left = max(target - done, 0)
         per_trial = sum(session_trials) / len(session_trials)
-        eta = f", about {_duration(per_trial * left)} left" if left else ""
+        eta = f", about {_duration(per_trial * left / min(max(slots, 1), left))} left" if left else ""
         say(f"trial {frozen.number} {state} ({done}/{target}): {shown} after {epochs} epochs in "
             f"{_duration(session_trials[-1])}; {best_text}; {left} to go{eta}")
 
@@ -317,10 +244,12 @@ def _duration(seconds: float) -> str:
 
 
 def run(recipe: ResolvedRecipe, settings: TuneSettings, progress_enabled: bool = True,
-        say: Optional[Callable[[str], None]] = None) -> Path:
+        say: Optional[Callable[[str], None]] = None, executor: Optional[Executor] = None) -> Path:
     """Carry out (or continue) the study until `settings.trials` trials are counted; write trials.csv,
-    best.yaml, summary.md and the plots; returns the study folder."""
+    best.yaml, summary.md and the plots; returns the study folder. `executor` (studies/executors.make_executor:
+    `--jobs`, `--ray`): where the trials train; default (or Sequential) one after another in this process."""
     say = say or (lambda message: None)
+    executor = executor or Sequential()
     settings.check()
     check_recipe(recipe)
     optuna = import_optuna()
@@ -351,19 +280,48 @@ def run(recipe: ResolvedRecipe, settings: TuneSettings, progress_enabled: bool =
         remaining = settings.trials - sum(counted(t) for t in study.study.get_trials(deepcopy=False))
         if remaining <= 0:
             say(f"{folder.path}: {settings.trials} trials done already; nothing to run")
+            write_outputs(study)
         else:
-            say(f"{folder.path}: {remaining} trials to run; space: {'; '.join(d.describe() for d in dims)}")
-            session: list = []
             try:
-                study.study.optimize(objective_of(study, progress_enabled), n_trials=remaining,
-                                     catch=(TrialDiverged,),
-                                     callbacks=[say_progress(study, say, session)])
-            finally:
+                _open(executor, study, say)
+            except UserError:
+                if created:
+                    lock.release()
+                    _remove_empty(folder)
+                raise
+            where = "" if isinstance(executor, Sequential) else f", up to {executor.slots} at once"
+            say(f"{folder.path}: {remaining} trials to run{where}; space: {'; '.join(d.describe() for d in dims)}")
+            try:
+                _carry_out(study, executor, remaining, progress_enabled, say)
+            finally:  # the outputs of every trial that ended, whatever ended the session
+                executor.close()
                 write_outputs(study)
-        write_outputs(study)
     finally:
         lock.release()
     return folder.path
+
+
+def _open(executor: Executor, study: Study, say: Callable[[str], None]) -> None:
+    executor.open(study.folder.path)  # Ray: connects (a one-line error when it cannot) and writes its marker
+    if isinstance(executor, RayTasks) and executor.address != "local" and study.settings.storage is None:
+        say(f"note: the trials write to {study.folder.database.name} (SQLite) through the shared file system; "
+            "with Ray nodes on several machines give --storage a database server (postgresql://...)")
+
+
+def _carry_out(study: Study, executor: Executor, remaining: int, progress_enabled: bool, say: Callable) -> None:
+    session: list = []
+    line = say_progress(study, say, session, executor.slots)
+    if not isinstance(executor, Sequential):
+        tune_jobs.carry_out(study, executor, lambda trial: begin_trial(study, trial), line, say)
+        return
+    before = torch.get_num_threads()
+    if executor.threads:  # --threads-per-job without --jobs: this process's thread count
+        torch.set_num_threads(executor.threads)
+    try:
+        study.study.optimize(objective_of(study, progress_enabled), n_trials=remaining, catch=(TrialDiverged,),
+                             callbacks=[line])
+    finally:
+        torch.set_num_threads(before)
 
 
 def _remove_empty(folder: StudyFolder) -> None:

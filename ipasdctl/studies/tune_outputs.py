@@ -12,7 +12,7 @@ from ..errors import one_line
 from ..safe_io import atomic_write_text, rows_csv_text
 from .space import overrides_of
 
-TRIAL_COLUMNS = ["trial", "state", "val_top1", "epochs", "seconds", "run", "note"]
+TRIAL_COLUMNS = ["trial", "state", "val_top1", "epochs", "seconds", "run", "worker", "note"]
 
 
 def counted(trial) -> bool:
@@ -39,6 +39,8 @@ def _note(trial, retried_as: dict) -> str:
         return f"pruned at epoch {trial.user_attrs.get('pruned_at', max(trial.intermediate_values, default=0))}"
     if trial.user_attrs.get("error"):
         return one_line(trial.user_attrs["error"], 160)
+    if trial.user_attrs.get("crash"):  # its job crashed (tune --jobs, --ray)
+        return one_line(trial.user_attrs["crash"], 160)
     return ""
 
 
@@ -52,7 +54,8 @@ def trial_rows(study) -> list[dict]:
         row = {"trial": trial.number, "state": trial.state.name.lower(),
                "val_top1": "" if value is None else round(value, 4), "epochs": len(trial.intermediate_values),
                "seconds": round(trial.duration.total_seconds(), 1) if trial.duration else "",
-               "run": trial.user_attrs.get("run", ""), "note": _note(trial, retried_as)}
+               "run": trial.user_attrs.get("run", ""), "worker": trial.user_attrs.get("worker", ""),
+               "note": _note(trial, retried_as)}
         row.update({key: trial.params.get(key, "") for key in keys})
         rows.append(row)
     return rows

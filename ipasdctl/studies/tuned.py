@@ -17,6 +17,7 @@ from ..methods import method_class
 from ..runs import ComparisonFolder, StudyFolder
 from .. import training
 from . import tune as tuning
+from .executors import Executor
 
 
 def read_tuned(studies) -> dict:
@@ -42,10 +43,11 @@ def read_tuned(studies) -> dict:
 
 
 def tune_each(recipe: ResolvedRecipe, methods: Iterable[str], trials: int, out: Path, progress_enabled: bool = True,
-              say: Optional[Callable[[str], None]] = None) -> dict:
+              say: Optional[Callable[[str], None]] = None, executor: Optional[Executor] = None) -> dict:
     """Tune every method (but those with a reference run) for `trials` trials into the comparison folder's
-    study folders, the main method with the recipe's parameters as its base, the others with their defaults;
-    returns what read_tuned returns for them. Resumable as `tune` is: a rerun adds no trial."""
+    study folders, the main method with the recipe's parameters as its base, the others with their defaults,
+    on `executor` (the comparison's: `compare --tune N --jobs M` tunes on M jobs); returns what read_tuned
+    returns for them. Resumable as `tune` is: a rerun adds no trial."""
     tuning.TuneSettings(trials=trials).check()
     tuning.check_recipe(recipe)
     main = recipe.method["name"]
@@ -60,5 +62,6 @@ def tune_each(recipe: ResolvedRecipe, methods: Iterable[str], trials: int, out: 
             values["method"] = {"name": method}
         base = training.resolve_recipe(recipe_from_dict(values))
         folder = ComparisonFolder(out).study(method)
-        studies.append(tuning.run(base, tuning.TuneSettings(trials=trials, out=folder), progress_enabled, say))
+        studies.append(tuning.run(base, tuning.TuneSettings(trials=trials, out=folder), progress_enabled, say,
+                                  executor))
     return read_tuned(studies)

@@ -20,7 +20,7 @@ from ipasdctl.cli import main
 from ipasdctl.cli.options import recipe_overrides
 from ipasdctl.config import load_recipe
 from ipasdctl.runs import RunFolder, StudyFolder
-from ipasdctl.studies import compare, plan as planning, tune as tuning, tuned as tuned_runs
+from ipasdctl.studies import compare, plan as planning, trial as trials, tune as tuning, tuned as tuned_runs
 from ipasdctl.training import stopping
 
 pytest.importorskip("optuna")
@@ -107,7 +107,7 @@ def test_the_pruner_stops_a_trial_a_stubbed_objective_makes_hopeless(tmp_path, m
             progress.epoch_finished({"epoch": epoch, "val_top1": value})
         return value
 
-    monkeypatch.setattr(tuning, "train_trial", stubbed)
+    monkeypatch.setattr(trials, "train_trial", stubbed)
     out = tmp_path / "s"
     settings = tuning.TuneSettings(trials=3, out=out, startup_trials=2, warmup_epochs=0)
     tuning.run(tiny_recipe(3), settings, progress_enabled=False)
