@@ -6,8 +6,9 @@
     recovery.py   the settings of a prune, and the recipe a pruned network recovers with (an ordinary run)
     latency.py    the batch-1 onnxruntime latency a latency target is measured with
 
-It stands beside studies (both orchestrate training runs and read what deploy and analysis make); nothing
-below imports it (import-linter checks it). The pruned shapes are data of the recipe (models/structure.py),
+It is a layer of its own below studies and above analysis and deploy: it orchestrates training runs and
+times with deploy; nothing below imports it, and it imports no study (import-linter checks both; the API,
+which studies' executors reach through the package, imports it). The pruned shapes are data of the recipe (models/structure.py),
 so every other command reads a pruned run folder as any other.
 """
 
