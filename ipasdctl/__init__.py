@@ -2,13 +2,13 @@
 
 The Python API (api.py) is imported on first use, so `import ipasdctl` and the CLI's help stay light:
 
-    from ipasdctl import train, tune, compare, evaluate, export_onnx, bench, predict, load_model, Recipe
+    from ipasdctl import train, tune, compare, prune, evaluate, export_onnx, bench, predict, load_model, Recipe
 """
 
 from .version import __version__
 
 _API = ("Prediction", "Recipe", "RunFolder", "bench", "compare", "evaluate", "export_onnx", "load_model",
-        "load_recipe", "predict", "recipe_of", "train", "tune")
+        "load_recipe", "predict", "prune", "recipe_of", "train", "tune")
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
 """The Python API: the functions behind the commands, returning paths, records and dataclasses (nothing printed
-unless `progress=True`). `from ipasdctl import train, tune, compare, evaluate, export_onnx, bench, predict, load_model`.
+unless `progress=True`). `from ipasdctl import train, tune, compare, prune, evaluate, export_onnx, bench, predict,
+load_model`.
 
     from ipasdctl import train, export_onnx, predict
     run = train("demo", out="runs", overrides={"train": {"epochs": 5}})
@@ -76,6 +77,22 @@ def tune(recipe: RecipeLike = "demo", trials: int = 20, out: Optional[Union[str,
     return tuning.run(resolved, settings, progress, tuning.say_on_stderr if progress else None, executor)
 
 
+def prune(run: Union[str, Path], target_macs: Optional[float] = None, target_latency_ms: Optional[float] = None,
+          importance: str = "magnitude", steps: int = 1, method: Optional[str] = None, epochs: Optional[int] = None,
+          out: Optional[Union[str, Path]] = None, name: Optional[str] = None, overrides: Optional[dict] = None,
+          progress: bool = False, **settings) -> Path:
+    """Prune a finished run to a share of its MACs or a batch-1 latency and recover it by training; returns the
+    pruned run folder (beside the run unless `out`). `settings`: the other fields of compress.PruneSettings
+    (lr_scale, teacher_original, checkpoint, data, device); `overrides`: recipe keys of the recovery."""
+    from .compress import DEFAULT_EPOCHS, PruneSettings, prune_run
+
+    chosen = PruneSettings(target_macs=target_macs, target_latency_ms=target_latency_ms, importance=importance,
+                           steps=steps, method=method, epochs=DEFAULT_EPOCHS if epochs is None else epochs,
+                           overrides=dict(overrides or {}), **settings)
+    return Path(prune_run(Path(run), chosen, Path(out) if out is not None else None, name,
+                          progress=training.Progress(enabled=progress)))
+
+
 def evaluate(target: Union[str, Path], checkpoint: str = "best", data: Optional[Union[str, Path]] = None,
              device: str = "auto") -> dict:
     """eval.json of a run folder's checkpoint, or of an exported .onnx model (written beside it, and returned)."""
@@ -87,5 +104,5 @@ def evaluate(target: Union[str, Path], checkpoint: str = "best", data: Optional[
 
 
 __all__ = ["Prediction", "Recipe", "RunFolder", "bench", "compare", "evaluate", "export_onnx", "load_model",
-           "load_recipe", "predict", "recipe_of", "train", "tune"]
+           "load_recipe", "predict", "prune", "recipe_of", "train", "tune"]
 

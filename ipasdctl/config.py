@@ -69,12 +69,30 @@ class DataConfig:
 
 
 @dataclass
+class PruningRecord:
+    """What `ipasdctl prune` made this run from (compress/prune.py): a record that every table reads, not a knob
+    of training. The shapes themselves are `model.structure`."""
+
+    source: str = ""  # the unpruned run folder
+    checkpoint: str = "best"  # its checkpoint that was pruned
+    target_macs: Optional[float] = None  # the fraction of the source's MACs aimed at, or
+    target_latency_ms: Optional[float] = None  # the batch-1 latency aimed at (onnxruntime, this CPU)
+    importance: str = "magnitude"  # magnitude | taylor | bn-scale
+    steps: int = 1  # prune a share, recover, repeat: this many times
+    step: int = 1  # which of them this run is
+
+
+@dataclass
 class ModelConfig:
     arch: str = "resnet8"
     # initial weights (runs/weights.py): a .safetensors / .pt file, a run folder (RUN, RUN:last),
     # torchvision[:ENUM] for tv_* archs, timm[:TAG] for timm:<name> ones; None: random init
     weights: Optional[str] = None
     freeze_epochs: int = 0  # train the classifier (and a method's new heads) alone for this many first epochs
+    # a pruned network's shapes as data (models/structure.py): module name -> its type and channel counts, applied
+    # to the architecture as built; None: the architecture as registered
+    structure: Optional[dict] = None
+    pruning: Optional[PruningRecord] = None  # set by `ipasdctl prune`
 
 
 @dataclass

@@ -79,7 +79,7 @@ def summary_rows(runs_by_method: dict) -> tuple[list[str], list[list[str]], list
     return header, rows, records
 
 
-SELECTION_SHOWN = ["dataset", "method", "changes_images", "arch", "precision", "checkpoint", "seeds", "seeds_compared",
+SELECTION_SHOWN = ["dataset", "method", "changes_images", "arch", "pruning", "precision", "checkpoint", "seeds", "seeds_compared",
                    "missing_seeds", "top1", "top1_std", "params", "macs", "file_size_mb", "latency_ms",
                    "slower_than_fp32", "pareto_optimal", "within_budget"]
 
@@ -123,7 +123,8 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
 
 
 def _row_name(row: dict) -> str:
-    return f"{row['method']} / {row['arch']} ({row['precision']})"
+    pruned = f" pruned ({row['pruning']})" if row.get("pruning", "none") != "none" else ""
+    return f"{row['method']} / {row['arch']}{pruned} ({row['precision']})"
 
 
 def _recommendation_line(pick, budget: str) -> str:

@@ -2,8 +2,9 @@
 
 `selection_table` joins each comparison's `results.csv` (one row per trained run; a run folder given alone is
 one row too) with the exports of those runs (`<name>.json` written by `ipasdctl export`, matched to runs by the
-`run_dir` recorded in the json) and their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, epochs,
-precision), and every row's `top1` has one definition: the test top-1 of the model that would ship, measured
+`run_dir` recorded in the json) and their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, pruning,
+epochs, precision) (`pruning`: "none", or how `ipasdctl prune` made the run, "macs 50% magnitude", read from
+its config.yaml), and every row's `top1` has one definition: the test top-1 of the model that would ship, measured
 by the runtime it ships in. For an exported precision that is the exported models' own onnxruntime top-1 on
 the whole test set, averaged over the seeds that were exported (`seeds` of `seeds_compared`; fp32 and int8 of
 the same exports stand on the same seeds; `missing_seeds` names the compared seeds a row lacks, `top1_by_seed`
@@ -45,9 +46,9 @@ from ..safe_io import atomic_write_text, csv_text
 from .statistics import paired_test
 from .tables import seed_key
 
-GROUP_KEYS = ["dataset", "method", "arch", "epochs"]
+GROUP_KEYS = ["dataset", "method", "arch", "pruning", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
-COLUMNS = ["dataset", "method", "changes_images", "arch", "epochs", "precision", "checkpoint", "seeds", "seeds_compared",
+COLUMNS = ["dataset", "method", "changes_images", "arch", "pruning", "epochs", "precision", "checkpoint", "seeds", "seeds_compared",
            "missing_seeds", "top1", "top1_std", "top1_by_seed", "top5", "accuracy_source", "pytorch_best_top1",
            "pytorch_last_top1", "params", "macs",
            "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "latency_batch_size",
@@ -98,7 +99,9 @@ def load_results(comparison_dirs: Sequence[Path], run_dirs: Sequence[Path] = ())
     if not frames:
         raise UserError("no comparison or run folders given; name at least one folder written by `ipasdctl "
                         "compare` or `ipasdctl train`")
-    return pd.concat(frames, ignore_index=True).drop_duplicates("run_key", keep="first")
+    table = pd.concat(frames, ignore_index=True).drop_duplicates("run_key", keep="first")
+    table["pruning"] = [RunFolder(Path(key)).pruning_label() for key in table["run_key"]]  # "none" unpruned
+    return table
 
 
 def _visible(paths, root: Path) -> list[Path]:

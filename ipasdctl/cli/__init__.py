@@ -14,7 +14,7 @@ import typer
 
 from ..errors import Interrupted, UserError, debug_enabled
 from . import chain
-from . import train, listing, tune, compare, evaluate, report, calibrate, export, bench, predict  # noqa: F401,I001  (each adds its command, in --help order)
+from . import train, listing, tune, compare, evaluate, report, calibrate, export, bench, predict, prune  # noqa: F401,I001  (each adds its command, in --help order)
 from .app import app
 
 

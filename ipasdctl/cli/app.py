@@ -7,7 +7,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 # the order of `ipasdctl --help`: the order the commands chain in (train ... export bench report), then the rest
-COMMAND_ORDER = ("train", "tune", "compare", "eval", "calibrate", "export", "bench", "report", "predict", "list")
+COMMAND_ORDER = ("train", "tune", "compare", "prune", "eval", "calibrate", "export", "bench", "report", "predict",
+                 "list")
 
 
 def first_sentence(text: str) -> str:

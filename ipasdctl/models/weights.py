@@ -3,6 +3,8 @@
     read_weights_file(path)           a `.safetensors` file (the safetensors library) or a `.pt`/`.pth`/`.bin`
                                       read with torch.load(weights_only=True): a state dict, or a dict holding one
                                       under `state_dict` or `model`
+    write_safetensors / read_preprocessing   a .safetensors file with its inputs' mean, std and size in its
+                                      metadata (`ipasdctl prune` starts the recovery from one)
     fit_state_dict(model, state, ..)  load it: the classifier (`classifier.*`) is left at its fresh init when its
                                       shape differs (another class count); any other tensor that is missing,
                                       unexpected or of another shape is refused, naming the first one
@@ -12,6 +14,7 @@ Nothing here reaches a network; run folders and the libraries' zoos are resolved
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError, one_line
+from ..safe_io import atomic_write_bytes
 
 CLASSIFIER_PREFIX = "classifier."  # the contract's final linear layer: replaced when the class count differs
 STATE_DICT_KEYS = ("state_dict", "model")  # where a training script's checkpoint keeps its weights
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+PREPROCESSING_KEYS = ("mean", "std", "input_size")  # what a .safetensors file's metadata may say of its inputs
 
 
 @dataclass
@@ -64,6 +69,35 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         return _read_pickle(path)
     raise UserError(f"model.weights={path}: unknown weights format '{path.suffix}'; give a .safetensors file or a "
                     f"{'/'.join(PICKLE_SUFFIXES)} state dict")
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], preprocessing: Optional[dict] = None) -> None:
+    """A state dict as a .safetensors file (atomically), with the preprocessing its network was trained with
+    (mean, std, input_size) in the file's metadata, where read_preprocessing finds it."""
+    from safetensors.torch import save
+
+    metadata = {key: json.dumps(value) for key, value in (preprocessing or {}).items()
+                if key in PREPROCESSING_KEYS and value is not None}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata or None))
+
+
+def read_preprocessing(path: Path) -> dict:
+    """The mean, std and input_size a .safetensors file records in its metadata (write_safetensors); {} when it
+    records none or they are not numbers."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        values = {key: json.loads(metadata[key]) for key in PREPROCESSING_KEYS if key in metadata}
+    except Exception:  # unreadable or foreign metadata: the weights alone (read_weights_file says if they are bad)
+        return {}
+    numbers = lambda v: isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)  # noqa: E731
+    out = {key: [float(x) for x in values[key]] for key in ("mean", "std") if numbers(values.get(key))}
+    if isinstance(values.get("input_size"), int) and 0 < values["input_size"] <= 1 << 16:
+        out["input_size"] = values["input_size"]
+    return out
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

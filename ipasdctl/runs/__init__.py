@@ -15,9 +15,10 @@ from .folder import (RunFolder, check_out_folder, check_run_name, create_run_dir
                      read_json, write_metrics_csv)
 from .lock import RunLock
 from .study import StudyFolder, trial_run_name
-from .schemas import CHECKPOINT_FORMAT, RESULT_COLUMNS, BestEpoch, Checkpoint, DataStats, RunSummary, check_state
+from .schemas import (CHECKPOINT_FORMAT, RESULT_COLUMNS, BestEpoch, Checkpoint, DataStats, RunSummary, check_state,
+                      pruned_suffix, pruning_label)
 
 __all__ = ["CHECKPOINT_FORMAT", "RESULT_COLUMNS", "BestEpoch", "Checkpoint", "ComparisonFolder", "DataStats",
            "RunFolder", "RunLock", "RunSummary", "StudyFolder", "check_out_folder", "check_run_name", "check_state",
-           "comparison_run_name", "create_run_dir", "default_run_name", "load_model", "read_json",
-           "trial_run_name", "write_metrics_csv"]
+           "comparison_run_name", "create_run_dir", "default_run_name", "load_model", "pruned_suffix", "pruning_label",
+           "read_json", "trial_run_name", "write_metrics_csv"]

@@ -8,6 +8,10 @@
     <run>/splits.json            how the training split was derived: validation indices, label noise applied
     <run>/temperature.json       `ipasdctl calibrate`: the fitted temperature per checkpoint (export folds it in)
     <run>/.lock                  held (flock) by the one process that trains into the folder
+    <run>/pruning.json           `ipasdctl prune`: the settings a rerun compares, and what each step reached
+    <run>/pruned.safetensors     `ipasdctl prune`: the pruned weights the recovery started from (model.weights)
+    <run>/steps/<k>/             `ipasdctl prune --steps K`: the run folders of steps 1 .. K-1 (step K is <run>)
+    <run>/.prune-lock            held by the one `ipasdctl prune` that works in the folder
     <run>/tensorboard/           event files of `--track tensorboard`
     <run>/../mlflow.db           `--track mlflow`'s default store, shared by the run folders beside it
     <run>/eval.json, ...         written by `ipasdctl eval` (analysis/evaluation.py names its files)
@@ -35,12 +39,13 @@ from ..safe_io import (atomic_write_json, atomic_write_text, check_checkpoint, l
                        remove_temporaries, rows_csv_text, save_checkpoint)
 from ..yaml_files import read_yaml_file
 from .lock import RunLock
-from .schemas import RESULT_COLUMNS, RunSummary, check_state
+from .schemas import RESULT_COLUMNS, RunSummary, check_state, pruned_suffix, pruning_label
 
 
 def default_run_name(recipe: Recipe) -> str:
     arch = recipe.model.arch.replace(":", "-")  # timm:<name>: a ':' would read as RUN:last in a weights spec
-    return f"{recipe.data.name}-{arch}-{recipe.method['name']}-s{recipe.train.seed}"
+    pruned = pruned_suffix(recipe.model.pruning)  # beside its source, a pruned run's export needs a name of its own
+    return f"{recipe.data.name}-{arch}{pruned}-{recipe.method['name']}-s{recipe.train.seed}"
 
 
 class RunFolder:
@@ -88,6 +93,30 @@ class RunFolder:
     @property
     def temperature(self) -> Path:
         return self.path / "temperature.json"
+
+    @property
+    def pruning(self) -> Path:
+        return self.path / "pruning.json"
+
+    @property
+    def pruned_weights(self) -> Path:
+        return self.path / "pruned.safetensors"
+
+    def prune_step(self, step: int) -> "RunFolder":
+        """The run folder of an earlier step of `ipasdctl prune --steps K`."""
+        return RunFolder(self.path / "steps" / str(step))
+
+    def prune_lock(self) -> "RunLock":
+        return RunLock(self.path, ".prune-lock")
+
+    def pruning_label(self) -> str:
+        """How the run was pruned ('macs 50% magnitude'), or 'none', read from config.yaml."""
+        try:
+            config = self.read_config() or {}
+        except UserError:
+            config = {}
+        model = config.get("model") if isinstance(config.get("model"), dict) else {}
+        return pruning_label(model.get("pruning"))
 
     def checkpoint(self, which: str = "last") -> Path:
         return self.checkpoints / f"{which}.pt"
@@ -268,7 +297,7 @@ def load_model(run_dir: Path, checkpoint: str = "best", device: str = "cpu"):
     path = folder.checkpoint(checkpoint)
     recipe = recipe_from_dict(state["config"])
     arch, num_classes = state.get("arch", recipe.model.arch), state["num_classes"]
-    model = build_model(arch, num_classes)
+    model = build_model(arch, num_classes, recipe.model.structure)  # a pruned run: the shapes its config records
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # missing or unexpected keys, tensors of another shape (another class count)

@@ -23,8 +23,8 @@ class RunLock:
     SIGKILLed run is free at once and the next `--resume` takes it over; nothing is ever stale for good.
     """
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, run_dir: Path, name: str = ".lock"):
+        self.path = Path(run_dir) / name
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:

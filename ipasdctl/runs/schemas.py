@@ -156,3 +156,35 @@ def check_state(state: dict, path: Path) -> dict:
                         "`ipasdctl train`")
     return state
 
+
+
+def _pruning_fields(record) -> Optional[dict]:
+    """model.pruning as a dict (a recipe holds a config.PruningRecord, config.yaml a mapping); None when unpruned."""
+    if dataclasses.is_dataclass(record):
+        record = dataclasses.asdict(record)
+    return record if isinstance(record, dict) and record else None
+
+
+def pruning_label(record) -> str:
+    """What the selection table and the reports call a run's pruning: 'none', 'macs 50% magnitude',
+    'latency 2.5ms taylor', with '3 steps' added when it was pruned in several."""
+    fields = _pruning_fields(record)
+    if fields is None:
+        return "none"
+    macs, latency = fields.get("target_macs"), fields.get("target_latency_ms")
+    target = f"macs {100 * macs:g}%" if isinstance(macs, (int, float)) else \
+        f"latency {latency:g}ms" if isinstance(latency, (int, float)) else "pruned"
+    steps = fields.get("steps")
+    several = f" {steps} steps" if isinstance(steps, int) and steps > 1 else ""
+    return f"{target} {fields.get('importance') or 'magnitude'}{several}"
+
+
+def pruned_suffix(record) -> str:
+    """'-pruned-50' (to 50 % of the MACs) or '-pruned-2.5ms' for a pruned run's names; '' when unpruned."""
+    fields = _pruning_fields(record)
+    if fields is None:
+        return ""
+    macs, latency = fields.get("target_macs"), fields.get("target_latency_ms")
+    if isinstance(macs, (int, float)):
+        return f"-pruned-{100 * macs:g}"
+    return f"-pruned-{latency:g}ms" if isinstance(latency, (int, float)) else "-pruned"

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError, one_line
-from ..models.weights import LoadedWeights, fit_state_dict, read_weights_file
+from ..models.weights import LoadedWeights, fit_state_dict, read_preprocessing, read_weights_file
 from ..safe_io import sha256_of
 from .folder import RunFolder
 
@@ -67,7 +67,10 @@ def read_source(spec: str, arch: str) -> WeightsSource:
     if run is not None:
         return _run_source(spec, *run)
     path = Path(spec).expanduser()
-    return WeightsSource(spec, read_weights_file(path), sha256_of(path) if path.is_file() else None)
+    state = read_weights_file(path)
+    prep = read_preprocessing(path) if path.suffix == ".safetensors" else {}  # a pruned run's: its source's data
+    return WeightsSource(spec, state, sha256_of(path), mean=prep.get("mean"), std=prep.get("std"),
+                         input_size=prep.get("input_size"))
 
 
 def _run_source(spec: str, run_dir: Path, which: str) -> WeightsSource:

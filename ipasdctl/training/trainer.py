@@ -77,7 +77,7 @@ class Trainer:
         if t.batch_size > self.data.num_train:
             raise UserError(f"batch size {t.batch_size} is larger than the training set ({self.data.num_train} images); "
                             "lower --batch-size or use more data")
-        model = build_model(recipe.model.arch, self.data.num_classes)
+        model = build_model(recipe.model.arch, self.data.num_classes, recipe.model.structure)  # pruned: its shapes
         self.weights = finetune.fit_initial_weights(model, weights, recipe.model.arch, self.progress.note)
         self.model = self._on_device(model)
         # per-sample memories, prototypes, stored logits reach the other ranks through these (identity on one)

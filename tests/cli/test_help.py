@@ -90,7 +90,7 @@ def test_every_registered_method_declares_a_one_line_summary(name):
     assert summary and "\n" not in summary and len(summary) <= 100, name
 
 
-COMPUTING = ("train", "compare", "tune", "eval", "calibrate", "export", "bench", "report", "predict")
+COMPUTING = ("train", "compare", "tune", "prune", "eval", "calibrate", "export", "bench", "report", "predict")
 
 
 def test_every_command_that_computes_takes_threads():

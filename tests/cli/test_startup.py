@@ -97,7 +97,7 @@ def test_every_command_takes_quiet():
 
     commands = typer.main.get_command(app).commands
     assert set(commands) == {"train", "list", "compare", "eval", "report", "export", "bench", "calibrate", "predict",
-                             "tune"}
+                             "tune", "prune"}
     for name, command in commands.items():
         quiet = [p for p in command.params if p.name == "quiet"]
         assert quiet and set(quiet[0].opts) == {"--quiet", "-q"}, name
