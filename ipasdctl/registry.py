@@ -33,6 +33,10 @@ class Registry(Generic[T]):
         self._items[name] = obj
         return obj
 
+    def unregister(self, name: str) -> None:
+        """Remove a registered name (a test's stand-in, registered for the test only)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         if not isinstance(name, str):  # a recipe may hold anything there (a list, a mapping)
             raise UserError(f"the {self.kind} must be a name, got {type(name).__name__} {str(name)[:60]}; "

@@ -23,7 +23,7 @@ import torch
 
 from .. import runtime
 from ..data import build_data
-from ..deploy import onnx_test_data, ort_session, session_batches
+from ..deploy import model_session, onnx_test_data, session_batches
 from ..errors import UserError
 from ..runs import RunFolder, load_model, read_json
 from ..safe_io import atomic_write_json, atomic_write_text, csv_text
@@ -227,7 +227,7 @@ def eval_onnx_model(model_path: Path, data_root: Optional[Path] = None, batch_si
         raise UserError(f"{model_path} does not exist; export a run first (ipasdctl export RUN_FOLDER --onnx)")
     started = time.perf_counter()
     data, meta = onnx_test_data(model_path, data_root)
-    session = ort_session(model_path)
+    session = model_session(model_path)  # its format's session (onnxruntime's CPU provider)
     logits, labels = [], []
     for batch_logits, y in counted(session_batches(session, data, batch_size), math.ceil(data.num_test / batch_size),
                                    progress):

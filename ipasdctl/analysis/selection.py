@@ -3,16 +3,17 @@
 `selection_table` joins each comparison's `results.csv` (one row per trained run; a run folder given alone is
 one row too) with the exports of those runs (`<name>.json` written by `ipasdctl export`, matched to runs by the
 `run_dir` recorded in the json) and their latencies (`latency.csv` written by `ipasdctl bench`). One row per (dataset, method, arch, pruning,
-epochs, precision) (`pruning`: "none", or how `ipasdctl prune` made the run, "macs 50% magnitude", read from
-its config.yaml), and every row's `top1` has one definition: the test top-1 of the model that would ship, measured
+epochs, format) (`pruning`: "none", or how `ipasdctl prune` made the run, "macs 50% magnitude", read from its
+config.yaml; the export format being `onnx` (fp32), `onnx-int8` or `onnx-fp16` (deploy/formats/) with its
+`precision`), and every row's `top1` has one definition: the test top-1 of the model that would ship, measured
 by the runtime it ships in. For an exported precision that is the exported models' own onnxruntime top-1 on
 the whole test set, averaged over the seeds that were exported (`seeds` of `seeds_compared`; fp32 and int8 of
 the same exports stand on the same seeds; `missing_seeds` names the compared seeds a row lacks, `top1_by_seed`
 gives its figure per seed); a group without exports gets one fp32 row with the PyTorch top-1 of the same
 checkpoint kind (`accuracy_source` says which). PyTorch's best- and last-epoch top-1 over all compared
 seeds stand in their own columns. Latency is the `latency_stat` (p50 by default) of onnxruntime's CPU provider
-at `latency_batch_size` (1), averaged over the group's exported models of that precision. An INT8 row slower
-than its group's fp32 row is flagged (`slower_than_fp32`) and never recommended. Exports that match no
+at `latency_batch_size` (1), averaged over the group's exported models of that format. An INT8 or fp16 row
+slower than its group's fp32 row is flagged (`slower_than_fp32`) and never recommended. Exports that match no
 compared run are listed in `table.attrs["unmatched_exports"]`. `changes_images` marks a method that trains on
 images it changes (mixup pairs, extra distorted views; each run's summary records it): part of its accuracy is
 the data's.
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ..deploy.bench import read_latency_csv
+from ..deploy.formats import format_name
 from ..errors import UserError
 from ..runs import ComparisonFolder, RunFolder
 from ..safe_io import atomic_write_text, csv_text
@@ -48,7 +50,8 @@ from .tables import seed_key
 
 GROUP_KEYS = ["dataset", "method", "arch", "pruning", "epochs"]
 REQUIRED_RESULT_COLUMNS = {"method", "seed", "arch", "dataset", "best_top1", "run_dir"}
-COLUMNS = ["dataset", "method", "changes_images", "arch", "pruning", "epochs", "precision", "checkpoint", "seeds", "seeds_compared",
+COLUMNS = ["dataset", "method", "changes_images", "arch", "pruning", "epochs", "format", "precision", "checkpoint", "seeds",
+           "seeds_compared",
            "missing_seeds", "top1", "top1_std", "top1_by_seed", "top5", "accuracy_source", "pytorch_best_top1",
            "pytorch_last_top1", "params", "macs",
            "file_size_mb", "latency_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "latency_batch_size",
@@ -128,6 +131,7 @@ def load_exports(exports_dir: Path) -> pd.DataFrame:
         rows.append({
             "run_key": _key(Path(record["run_dir"])),
             "precision": record.get("precision") if _text(record.get("precision")) else "fp32",
+            "format": format_name(record),
             "export": record["onnx_file"],
             "model_key": _key(onnx_path),
             "file_size_bytes": size if not math.isnan(size) or not onnx_path.is_file() else onnx_path.stat().st_size,
@@ -178,8 +182,8 @@ def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str 
     return table[columns]
 
 
-EXPORT_COLUMNS = ["run_key", "precision", "export", "model_key", "file_size_bytes", "checkpoint", "export_top1",
-                  "export_top5"]
+EXPORT_COLUMNS = ["run_key", "format", "precision", "export", "model_key", "file_size_bytes", "checkpoint",
+                  "export_top1", "export_top5"]
 
 
 def pareto_mask(accuracy: Sequence[float], latency: Sequence[float]) -> np.ndarray:
@@ -207,7 +211,7 @@ def _join_unique(values) -> str:
 def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_latency_ms: float | None, *,
                     latency_batch_size: int = 1, backend: str = "onnxruntime", provider: str = "CPUExecutionProvider",
                     latency_stat: str = "p50_ms", run_dirs: Sequence[Path] = ()) -> pd.DataFrame:
-    """Accuracy vs params, MACs, file size and latency per (dataset, method, arch, epochs, precision), with
+    """Accuracy vs params, MACs, file size and latency per (dataset, method, arch, epochs, format), with
     `pareto_optimal` (per data set) and, when a budget is given, `within_budget` (latency <= max_latency_ms).
     `run_dirs`: run folders given alone (not through a comparison), one seed each."""
     if max_latency_ms is not None and not max_latency_ms > 0:
@@ -241,9 +245,9 @@ def selection_table(comparison_dirs: list[Path], exports_dir: Path | None, max_l
             per_seed = _seed_columns(group["seed"].map(_seed_text), row.pop("_top1"), compared)
             rows.append({**shared, **row, **per_seed})
             continue
-        for precision in sorted(set(matched["precision"]), key=lambda p: (p != "fp32", p)):
-            mine = matched[matched["precision"] == precision]
-            row = _exported_row(mine, precision, latency_batch_size)
+        for fmt in sorted(set(matched["format"]), key=lambda f: (f != "onnx", f)):  # fp32 first
+            mine = matched[matched["format"] == fmt]
+            row = _exported_row(mine, fmt, latency_batch_size)
             per_seed = _seed_columns(mine["seed"], row.pop("_top1"), compared)
             rows.append({**shared, **row, **per_seed})
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "pareto_optimal"])
@@ -278,18 +282,19 @@ def _pytorch_row(group: pd.DataFrame, checkpoint: str) -> dict:
     """A group without exports: fp32, the PyTorch top-1 of the checkpoint kind the exports use, every seed."""
     column = "best_top1" if checkpoint == "best" else "last_top1"
     top1 = pd.to_numeric(group[column], errors="coerce")
-    return {"precision": "fp32", "checkpoint": checkpoint, "_top1": top1,
+    return {"format": "", "precision": "fp32", "checkpoint": checkpoint, "_top1": top1,
             "top5": group["best_top5"].mean() if checkpoint == "best" and "best_top5" in group else np.nan,
             "accuracy_source": f"pytorch, {checkpoint} epoch, not exported", "slower_than_fp32": False,
             "file_size_mb": np.nan, "latency_ms": np.nan, "latency_p90_ms": np.nan, "latency_p99_ms": np.nan,
             "throughput_ips": np.nan, "latency_batch_size": np.nan, "threads": "", "cpu_model": "", "exports": ""}
 
 
-def _exported_row(mine: pd.DataFrame, precision: str, latency_batch_size: int) -> dict:
-    """One precision of a group: the exported models' own onnxruntime top-1 and latency, over their seeds."""
+def _exported_row(mine: pd.DataFrame, fmt: str, latency_batch_size: int) -> dict:
+    """One format of a group: the exported models' own onnxruntime top-1 and latency, over their seeds."""
+    precision = _common(mine["precision"], "mixed")
     checkpoint = _common(mine["checkpoint"], "mixed")
     latency = pd.to_numeric(mine["latency_ms"], errors="coerce")
-    return {"precision": precision, "checkpoint": checkpoint,
+    return {"format": fmt, "precision": precision, "checkpoint": checkpoint,
             "_top1": pd.to_numeric(mine["export_top1"], errors="coerce"),
             "top5": pd.to_numeric(mine["export_top5"], errors="coerce").mean(),
             "accuracy_source": f"onnxruntime {precision}, {checkpoint} checkpoint, test set",

@@ -1,7 +1,7 @@
-"""`ipasdctl list`: the registered methods, models, data sets and the recipes.
+"""`ipasdctl list`: the registered methods, models, data sets, export formats and the recipes.
 
-The registries fill by importing every method, model and data set module, which imports torch (seconds). Their
-names and the model table are therefore kept in a cache file (`IPASDCTL_CACHE_DIR`, default
+The registries fill by importing every method, model, data set and format module, which imports torch
+(seconds). Their names and the model table are therefore kept in a cache file (`IPASDCTL_CACHE_DIR`, default
 ~/.cache/ipasdctl/catalog.json) under a fingerprint of those modules' files and the torch/torchvision versions:
 a change to any of them recomputes it, and an unwritable cache only means computing every time.
 """
@@ -19,20 +19,21 @@ from .app import app
 from .options import QuietOpt
 
 CACHE_ENV = "IPASDCTL_CACHE_DIR"
-REGISTERED_PACKAGES = ("methods", "models", "data")  # the packages whose modules fill the registries
+REGISTERED_PACKAGES = ("methods", "models", "data", "deploy/formats")  # the packages whose modules fill the registries
 
 
 @app.command("list")
 def list_(
     what: Annotated[Optional[str], typer.Argument(
-        metavar="[methods|models|datasets|recipes]", help="What to list (default: all, by name); with --models, a "
+        metavar="[methods|models|datasets|formats|recipes]", help="What to list (default: all, by name); with --models, a "
              "timm pattern such as 'timm:*mobilenet*' lists timm's models.")] = None,
     models: Annotated[bool, typer.Option("--models", help="A table of every model: input size, parameters, MACs.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Print the registered methods, models, data sets and recipes.
+    """Print the registered methods, models, data sets, export formats and recipes.
 
-    `list methods`: each method with a one-line description; `list --models`: every model's size."""
+    `list methods`: each method with a one-line description; `list formats`: each export format, its file, what
+    it is made from and how it is validated; `list --models`: every model's size."""
     from ..config import RECIPES_DIR
     from ..errors import UserError
 
@@ -45,8 +46,8 @@ def list_(
     groups = {**cached("names", _registered_names), "recipes": sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))}
     if what is not None and what not in groups:
         raise UserError(f"list takes one of {', '.join(groups)}, got '{what}'")
-    if what == "methods":
-        summaries = cached("method_summaries", _method_summaries)
+    if what in ("methods", "formats"):
+        summaries = cached(f"{what[:-1]}_summaries", _method_summaries if what == "methods" else _format_summaries)
         width = max(len(name) for name in summaries)
         typer.echo("\n".join(f"{name.ljust(width)}  {summary}" for name, summary in summaries.items()))
         return
@@ -72,10 +73,12 @@ def format_table(rows: list[dict]) -> str:
 
 def _registered_names() -> dict:
     from ..data import DATASETS
+    from ..deploy.formats import FORMATS
     from ..methods import METHODS
     from ..models import MODELS
 
-    return {"methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names()}
+    return {"methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names(),
+            "formats": FORMATS.names()}
 
 
 def _method_summaries() -> dict:
@@ -86,6 +89,17 @@ def _method_summaries() -> dict:
         return method.summary or ((method.__doc__ or "").strip().splitlines() or ["(no description)"])[0]
 
     return {name: summary(METHODS.get(name)) for name in METHODS.names()}
+
+
+def _format_summaries() -> dict:
+    """Export format -> its file, precision, what it is made from, its summary and how it is validated."""
+    from ..deploy.formats import FORMATS, get_format
+
+    def summary(fmt) -> str:
+        source = f"from {fmt.made_from}" if fmt.made_from else "from PyTorch"
+        return f"{fmt.file_name('NAME')}, {fmt.precision}, {source}: {fmt.summary_line}; validated {fmt.tolerance}"
+
+    return {name: summary(get_format(name)) for name in FORMATS.names()}
 
 
 def _model_table(quiet: bool) -> list[dict]:

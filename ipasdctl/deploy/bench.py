@@ -1,4 +1,5 @@
-"""Inference latency of an exported model: onnxruntime (CPU provider; CUDA too when present) and PyTorch eager.
+"""Inference latency of an exported model: onnxruntime (CPU provider; CUDA too when present, or the one
+`provider` names) and PyTorch eager.
 
 For every backend and batch size: `warmup` untimed calls, then `runs` calls each timed on its own
 (`time.perf_counter_ns` around one call; CUDA synchronised inside the call), summarised as p50 / p90 / p99 /
@@ -7,12 +8,19 @@ the mean follows the few slow calls a busy machine makes; p99 above UNSTABLE_TAI
 unstable measurement by `unstable_rows`). A call goes from
 host memory to host memory on every backend (numpy in, numpy out for onnxruntime; a CPU tensor in and out
 for PyTorch, with the copies included on CUDA), so the backends are timed alike. The thread count (the same
-for both backends), the CPU model and the library versions go into every row of `latency.csv`.
+for both backends), the CPU model and the library versions go into every row of `latency.csv`. The model runs
+in its format's session (deploy/formats/: its execution providers and input dtype).
 
-An INT8 model is timed against its fp32 original too (the file its json names, when it is beside it): the
-fp32 model is timed with onnxruntime right after the INT8 one, at each batch size with the same settings, and
-the INT8 rows carry `fp32_p50_ms` (the fp32 model's p50 they were compared with), `int8_vs_fp32` (fp32 p50 /
-INT8 p50, above 1 when INT8 is faster) and `int8_pays`.
+`provider` (`bench --provider`): cpu, cuda or tensorrt alone, for onnxruntime and PyTorch alike (cuda and
+tensorrt: PyTorch on CUDA); cuda and tensorrt need the onnxruntime-gpu package, and without it are one line.
+
+A model made from an fp32 file (INT8, fp16) is timed against that original too (the file its json names, when
+it is beside it): the fp32 model is timed right after it on the same provider, at each batch size with the
+same settings, and its rows carry `fp32_p50_ms` (the fp32 model's p50 they were compared with),
+`speedup_vs_fp32` (fp32 p50 / its p50, above 1 when it is faster) and `faster_than_fp32`; INT8 rows also in
+the names they have always had, `int8_vs_fp32` and `int8_pays`. `slower_line` says in one line when such a
+model is slower than fp32 on the CPU and its format says why (fp16: onnxruntime's CPU provider runs few
+operators in float16).
 
 PyTorch eager rows time the run's checkpoint, whatever the exported model's precision: they are named after it
 (`model` = `<run>/checkpoints/<best|last>.pt`, precision fp32, `model_sha256` the checkpoint's), and one bench
@@ -33,16 +41,21 @@ from ..bounds import MAX_IMAGE_SIDE
 from ..errors import UserError
 from ..runs import RunFolder, load_model, read_json
 from ..safe_io import atomic_write_text, csv_text, sha256_of
-from .onnx_files import check_onnx_file, metadata_of, ort_session
+from .formats import format_of, model_session
+from .onnx_files import PROVIDERS, check_onnx_file, check_provider, metadata_of, read_metadata
+from .timing import LATENCY_CSV, forget_latencies, int8_verdict, read_latency_csv, speed_verdict, time_calls
 
-LATENCY_CSV = "latency.csv"
+__all__ = ["LATENCY_CSV", "bench", "check_bench_options", "forget_latencies", "format_table", "int8_verdict",
+           "read_latency_csv", "slower_line", "summarize", "unstable_rows"]
+
 PERCENTILES = (50, 90, 99)
 UNSTABLE_TAIL = 5.0  # p99 / p50 above this: other load disturbed the timing
 MAX_RUNS = 100_000  # timed calls per batch size: at 1 ms a call, about 2 minutes
 ACTIVATION_FACTOR = 32  # bytes a network holds while it runs, per byte of its input (a generous estimate)
 COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads", "runs", "warmup", "p50_ms",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
-           "torch", "created", "model_path", "model_sha256", "fp32_p50_ms", "int8_vs_fp32", "int8_pays"]
+           "torch", "created", "model_path", "model_sha256", "fp32_p50_ms", "int8_vs_fp32", "int8_pays",
+           "speedup_vs_fp32", "faster_than_fp32"]
 
 
 def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
@@ -60,8 +73,10 @@ def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def check_bench_options(batch_sizes, runs: int, threads: Optional[int], warmup: Optional[int]) -> list[int]:
+def check_bench_options(batch_sizes, runs: int, threads: Optional[int], warmup: Optional[int],
+                        provider: Optional[str] = None) -> list[int]:
     """The batch sizes, once every option is checked (before a chain trains anything)."""
+    check_provider(provider)
     sizes = parse_batch_sizes(batch_sizes)
     if not 0 < runs <= MAX_RUNS:
         raise UserError(f"--runs must be from 1 to {MAX_RUNS}, got {runs}")
@@ -85,57 +100,9 @@ def check_batch_memory(sizes: Sequence[int], shape: Sequence[int]) -> None:
                         "smaller batch sizes")
 
 
-def time_calls(call: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
-    """Latency of each of `runs` calls in milliseconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        call()
-    times = np.empty(runs, dtype=np.float64)
-    for i in range(runs):
-        start = time.perf_counter_ns()
-        call()
-        times[i] = (time.perf_counter_ns() - start) / 1e6
-    return times
-
-
-def paired_p50(calls: dict[str, Callable[[], object]], runs: int, warmup: int, rounds: int = 2) -> dict[str, float]:
-    """p50 (ms) of each call over `runs` timed calls, taken in `rounds` blocks that alternate between the calls
-    (each block after `warmup` untimed calls), so a drift of the machine hits every call alike."""
-    per_block = max(1, runs // rounds)
-    times: dict[str, list] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            times[name].append(time_calls(call, per_block, warmup))
-    return {name: float(np.percentile(np.concatenate(blocks), 50)) for name, blocks in times.items()}
-
-
-def int8_verdict(fp32_p50_ms: float, int8_p50_ms: float) -> dict:
-    """INT8 pays when its p50 is below fp32's; `int8_vs_fp32` is the speed-up (fp32 / INT8)."""
-    ratio = fp32_p50_ms / int8_p50_ms if int8_p50_ms > 0 else float("nan")
-    return {"fp32_p50_ms": fp32_p50_ms, "int8_p50_ms": int8_p50_ms, "int8_vs_fp32": ratio,
-            "int8_pays": bool(ratio > 1.0)}
-
-
-def int8_speed_check(fp32_path: Path, int8_path: Path, x: np.ndarray, threads: Optional[int] = None,
-                     runs: int = 40, warmup: int = 5) -> dict:
-    """A quick p50 of both models on `x` with onnxruntime's CPU provider (see paired_p50), and the verdict."""
-    import torch
-
-    threads = int(threads or torch.get_num_threads())
-    calls = {}
-    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-        session = ort_session(path, threads)
-        calls[name] = lambda session=session: session.run(None, {session.get_inputs()[0].name: x})
-    p50 = paired_p50(calls, runs, warmup)
-    return {**int8_verdict(p50["fp32"], p50["int8"]), "batch_size": int(x.shape[0]), "runs": runs,
-            "warmup": warmup, "threads": threads, "cpu_model": runtime.cpu_model(),
-            "measured": f"onnxruntime CPU provider on test images, p50 of {runs} calls per model in 2 blocks "
-                        f"alternating fp32/int8, each after {warmup} untimed calls, during export on this machine "
-                        "(other load on it shows in the figures); `ipasdctl bench` measures longer"}
-
-
 def fp32_original(model_path: Path, record: dict) -> Optional[Path]:
-    """The fp32 model an INT8 export was made from, when its json names it and it lies beside it."""
-    name = record.get("fp32_onnx_file") if record.get("precision") == "int8" else None
+    """The fp32 model an INT8 or fp16 export was made from, when its json names it and it lies beside it."""
+    name = record.get("fp32_onnx_file") if record.get("precision", "fp32") != "fp32" else None
     path = model_path.parent / name if name else None
     return path if path is not None and path.is_file() else None
 
@@ -176,13 +143,14 @@ def _input_shape(model_path: Path, meta: dict, proto) -> list[int]:
 def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Optional[int] = None,
           runs: int = 200, warmup: Optional[int] = None, torch_run: Optional[Path] = None,
           out: Optional[Path] = None, with_torch: bool = True, log: Optional[Callable[[str], None]] = None,
-          skip_measured: bool = False, torch_timed: Optional[set] = None):
+          skip_measured: bool = False, torch_timed: Optional[set] = None, provider: Optional[str] = None):
     """Time `model_path` (and its PyTorch source) at each batch size; merge the rows into latency.csv.
 
     `torch_run` is the run folder whose checkpoint PyTorch eager times; without it the run recorded in the
     export's json is used when it still exists (`with_torch=False` skips PyTorch). `torch_timed`: the
-    checkpoints timed in PyTorch already by this caller (not timed again; the one timed now is added). Rows
-    already in the csv for the same model are replaced. Returns (DataFrame of the new rows, path of latency.csv).
+    checkpoints timed in PyTorch already by this caller (not timed again; the one timed now is added).
+    `provider`: cpu, cuda or tensorrt only (None: the CPU, and CUDA where present). Rows already in the csv for
+    the same model are replaced. Returns (DataFrame of the new rows, path of latency.csv).
     """
     import pandas as pd
     import torch
@@ -190,7 +158,11 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     model_path = Path(model_path)
     proto = check_onnx_file(model_path)
     meta = metadata_of(proto, model_path)
-    sizes = check_bench_options(batch_sizes, runs, threads, warmup)
+    sizes = check_bench_options(batch_sizes, runs, threads, warmup, provider)
+    fmt = format_of(meta, model_path)
+    if provider is not None and provider not in fmt.providers:
+        raise UserError(f"{model_path.name} is a {fmt.name} model, which runs on --provider "
+                        f"{', '.join(fmt.providers)}, not {provider}")
     threads = int(threads) if threads is not None else torch.get_num_threads()
     warmup = max(5, runs // 10) if warmup is None else int(warmup)
     csv_path = _csv_path(model_path, out)
@@ -208,7 +180,8 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     if torch_checkpoint is not None and torch_timed is not None:
         torch_timed.add(str(torch_checkpoint))
     if skip_measured:
-        kept = _measured_before(csv_path, model_sha256, torch_sha256, sizes, threads, runs, warmup, log)
+        kept = _measured_before(csv_path, model_sha256, torch_sha256, sizes, threads, runs, warmup, log,
+                                PROVIDERS[provider][0] if provider else None)
         if kept is not None:
             return kept, csv_path
     shape = _input_shape(model_path, meta, proto)
@@ -219,28 +192,30 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
 
     import onnxruntime as ort
 
-    backends: list[tuple[str, str, Callable]] = []
-    available = ort.get_available_providers()
+    if provider is None:
+        names = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    else:
+        names = [provider]
     input_name = proto.graph.input[0].name
-    provider_sets = [["CPUExecutionProvider"]]
-    if "CUDAExecutionProvider" in available:
-        provider_sets.append(["CUDAExecutionProvider", "CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, *shape), dtype=np.float32) for b in sizes}
-
-    def ort_backend(providers):
-        session = ort_session(model_path, threads, providers)
-        used = session.get_providers()[0]
-        if used != providers[0]:
-            return None
-        return ("onnxruntime", used, lambda x: session.run(None, {input_name: x}))
-
-    for providers in provider_sets:
-        entry = ort_backend(providers)
-        if entry is not None:
-            backends.append(entry)
-    original = fp32_original(model_path, record)  # an INT8 model is timed against it
-    fp32_session = ort_session(original, threads) if original is not None else None
+    original = fp32_original(model_path, record)  # a model made from an fp32 file is timed against it
+    # (backend, provider, call, the fp32 original's call on the same provider or None)
+    backends: list[tuple[str, str, Callable, Optional[Callable]]] = []
+    for name in names:
+        session = fmt.session(model_path, threads, name)
+        used, wanted = session.get_providers()[0], PROVIDERS[name][0]
+        if used != wanted:
+            if provider is not None:  # asked for by name: falling back to the CPU would time the wrong thing
+                raise UserError(f"onnxruntime could not start {wanted} for {model_path.name} (it fell back to "
+                                f"{used}): check that the CUDA{' and TensorRT' if name == 'tensorrt' else ''} "
+                                "libraries onnxruntime-gpu needs are installed, or use --provider cpu")
+            continue
+        run_fp32 = None
+        if original is not None:
+            fp32 = model_session(original, threads, name)
+            run_fp32 = lambda x, fp32=fp32: fp32.run(None, {fp32.get_inputs()[0].name: x})  # noqa: E731
+        backends.append(("onnxruntime", used, lambda x, session=session: session.run(None, {input_name: x}), run_fp32))
     if torch_model is not None:
         def torch_call(model, device):
             def call(x):
@@ -249,12 +224,15 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
                     return out.cpu() if device.type == "cuda" else out
             return call
 
-        backends.append(("pytorch", "cpu", torch_call(torch_model, torch.device("cpu"))))
-        if torch.cuda.is_available():
+        if "cpu" in names:
+            backends.append(("pytorch", "cpu", torch_call(torch_model, torch.device("cpu")), None))
+        if torch.cuda.is_available() and (provider is None or provider != "cpu"):
             cuda = torch.device("cuda")
             import copy
 
-            backends.append(("pytorch", "cuda", torch_call(copy.deepcopy(torch_model).to(cuda), cuda)))
+            backends.append(("pytorch", "cuda", torch_call(copy.deepcopy(torch_model).to(cuda), cuda), None))
+        elif provider is not None and provider != "cpu" and log:
+            log(f"PyTorch has no CUDA device here: its eager rows are left out of --provider {provider}")
 
     accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     cpu = runtime.cpu_model()
@@ -262,28 +240,29 @@ def bench(model_path: Path, batch_sizes: Sequence[int] = (1, 8, 64), threads: Op
     torch.set_num_threads(threads)
     rows = []
     try:
-        for backend, provider, run_one in backends:
+        for backend, used, run_one, run_fp32 in backends:
             for b in sizes:
                 x = inputs[b]
                 if log:
-                    log(f"timing {backend} ({provider}) at batch {b}: {warmup} warm-up + {runs} timed calls")
+                    log(f"timing {backend} ({used}) at batch {b}: {warmup} warm-up + {runs} timed calls")
                 times = time_calls(lambda: run_one(x), runs, warmup)
                 row = {"model": model_path.name, "precision": meta.get("precision", record.get("precision", "")),
-                       "backend": backend, "provider": provider, "batch_size": b, "threads": threads,
+                       "backend": backend, "provider": used, "batch_size": b, "threads": threads,
                        "runs": runs, "warmup": warmup, **summarize(times, b), "cpu_model": cpu,
-                       "accelerator": accelerator if provider in ("cuda", "CUDAExecutionProvider") else "",
+                       "accelerator": accelerator if used not in ("cpu", "CPUExecutionProvider") else "",
                        "onnxruntime": ort.__version__, "torch": torch.__version__,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_path": str(model_path.resolve()),
                        "model_sha256": model_sha256}
                 if backend == "pytorch":  # the run's checkpoint, not the exported file
                     row.update(model=_checkpoint_name(torch_checkpoint), precision="fp32",
                                model_path=str(torch_checkpoint), model_sha256=torch_sha256)
-                if fp32_session is not None and provider == "CPUExecutionProvider":
-                    fp32_times = time_calls(lambda: fp32_session.run(None, {input_name: x}), runs, warmup)
-                    fp32_p50 = summarize(fp32_times, b)["p50_ms"]
-                    verdict = int8_verdict(fp32_p50, row["p50_ms"])
-                    row.update(fp32_p50_ms=fp32_p50, int8_vs_fp32=verdict["int8_vs_fp32"],
-                               int8_pays=verdict["int8_pays"])
+                if run_fp32 is not None:
+                    fp32_p50 = summarize(time_calls(lambda: run_fp32(x), runs, warmup), b)["p50_ms"]
+                    verdict = speed_verdict(fp32_p50, row["p50_ms"])
+                    row.update(fp32_p50_ms=fp32_p50, speedup_vs_fp32=verdict["speedup_vs_fp32"],
+                               faster_than_fp32=verdict["pays"])
+                    if row["precision"] == "int8":  # the columns INT8 rows have always had
+                        row.update(int8_vs_fp32=verdict["speedup_vs_fp32"], int8_pays=verdict["pays"])
                 rows.append(row)
     finally:
         torch.set_num_threads(previous_threads)
@@ -319,10 +298,12 @@ def _checkpoint_name(checkpoint: Path) -> str:
 
 
 def _measured_before(csv_path: Path, model_sha256: str, torch_sha256: Optional[str], sizes: Sequence[int],
-                     threads: int, runs: int, warmup: int, log: Optional[Callable[[str], None]] = None):
+                     threads: int, runs: int, warmup: int, log: Optional[Callable[[str], None]] = None,
+                     ort_provider: Optional[str] = None):
     """The rows of latency.csv that measured these model bytes (and, with `torch_sha256`, the checkpoint's in
-    PyTorch) on this CPU with these settings at every batch size asked for, or None: also when one of them was
-    flagged unstable, so that a rerun measures it again."""
+    PyTorch) on this CPU with these settings at every batch size asked for (`ort_provider`: on that provider,
+    PyTorch on its device), or None: also when one of them was flagged unstable, so that a rerun measures it
+    again."""
     import onnxruntime as ort
 
     if not csv_path.is_file():
@@ -333,6 +314,10 @@ def _measured_before(csv_path: Path, model_sha256: str, torch_sha256: Optional[s
     mine = table[table["model_sha256"].isin([model_sha256, torch_sha256]) & (table["cpu_model"] == runtime.cpu_model())
                  & (table["threads"] == threads) & (table["runs"] == runs) & (table["warmup"] == warmup)
                  & (table["onnxruntime"] == ort.__version__) & table["batch_size"].isin(list(sizes))]
+    if ort_provider is not None:
+        device = "cpu" if ort_provider == "CPUExecutionProvider" else "cuda"
+        mine = mine[((mine["backend"] == "onnxruntime") & (mine["provider"] == ort_provider))
+                    | ((mine["backend"] == "pytorch") & (mine["provider"] == device))]
     for backend, sha in (("onnxruntime", model_sha256), ("pytorch", torch_sha256)):
         measured = set(mine.loc[(mine["backend"] == backend) & (mine["model_sha256"] == sha), "batch_size"])
         if sha is not None and not set(sizes) <= measured:
@@ -346,23 +331,6 @@ def _measured_before(csv_path: Path, model_sha256: str, torch_sha256: Optional[s
         return None
     mine.attrs["skipped"] = True
     return mine
-
-
-def forget_latencies(csv_path: Path, models: Sequence[Path]) -> None:
-    """Drop the rows of `models` (files an export has replaced) from latency.csv: they timed other bytes."""
-    if not models or not Path(csv_path).is_file():
-        return
-    try:
-        table = read_latency_csv(csv_path)
-    except UserError:
-        return  # not a table of ours: left as it is
-    names = {Path(m).name for m in models}
-    paths = {str(Path(m).resolve()) for m in models}
-    replaced = table["model"].astype(str).isin(names)
-    if "model_path" in table.columns:
-        replaced |= table["model_path"].astype(str).isin(paths)
-    if replaced.any():
-        atomic_write_text(csv_path, csv_text(table[~replaced]))
 
 
 def _csv_path(model_path: Path, out: Optional[Path]) -> Path:
@@ -383,21 +351,6 @@ def _csv_path(model_path: Path, out: Optional[Path]) -> Path:
     return target
 
 
-def read_latency_csv(path: Path):
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(path)
-    except Exception as exc:  # pandas raises ParserError, EmptyDataError, UnicodeDecodeError...
-        raise UserError(f"{path} is not a latency table written by `ipasdctl bench` ({type(exc).__name__}); "
-                        "move it away or choose another --out") from None
-    missing = {"model", "backend", "provider", "batch_size", "p50_ms"} - set(table.columns)
-    if missing:
-        raise UserError(f"{path} lacks the columns {', '.join(sorted(missing))}; it was not written by "
-                        "`ipasdctl bench`: move it away or choose another --out")
-    return table
-
-
 def _merge(csv_path: Path, new):
     """The existing table without this model's rows, then the new rows."""
     import pandas as pd
@@ -412,15 +365,35 @@ def _merge(csv_path: Path, new):
 
 
 def format_table(rows) -> str:
-    """The printed table: one line per backend and batch size; INT8 rows timed against their fp32 original
-    show that model's p50, the speed-up and 'no' where INT8 is not faster."""
+    """The printed table: one line per backend and batch size; rows of a model timed against its fp32 original
+    show that model's p50, the speed-up and '<precision>_pays': 'no' where it is not faster."""
     import pandas as pd
 
     columns = ["backend", "provider", "precision", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms",
                "throughput_ips"]
     shown = rows[columns].copy()
-    if rows["int8_pays"].notna().any():
+    speedup = rows["speedup_vs_fp32"].fillna(rows["int8_vs_fp32"])  # rows measured before the column existed
+    faster = rows["faster_than_fp32"].fillna(rows["int8_pays"])
+    if faster.notna().any():
+        precision = next(p for p, f in zip(rows["precision"], faster) if pd.notna(f))
         shown["fp32_p50_ms"] = [f"{v:.3f}" if pd.notna(v) else "" for v in rows["fp32_p50_ms"]]
-        shown["vs_fp32"] = [f"{r:.2f}x" if r == r else "" for r in rows["int8_vs_fp32"]]
-        shown["int8_pays"] = [("yes" if bool(p) else "no") if pd.notna(p) else "" for p in rows["int8_pays"]]
+        shown["vs_fp32"] = [f"{r:.2f}x" if r == r else "" for r in speedup]
+        shown[f"{precision}_pays"] = [("yes" if bool(p) else "no") if pd.notna(p) else "" for p in faster]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}" if v < 1e4 else f"{v:.0f}")
+
+
+def slower_line(rows, model_path: Path) -> Optional[str]:
+    """One line when a model timed against its fp32 original is slower than it on the CPU at any batch size and
+    its format says why (fp16), else None."""
+    import pandas as pd
+
+    note = format_of(read_metadata(model_path), model_path).slower_note
+    cpu = rows[(rows["backend"] == "onnxruntime") & (rows["provider"] == "CPUExecutionProvider")]
+    faster = cpu["faster_than_fp32"].fillna(cpu["int8_pays"])
+    slower = cpu[[pd.notna(f) and not bool(f) for f in faster]]
+    if not note or slower.empty:
+        return None
+    first = slower.iloc[0]
+    sizes = ", ".join(str(int(b)) for b in slower["batch_size"])
+    return (f"{first['precision']} is slower than fp32 on this CPU at batch {sizes} (p50 {first['p50_ms']:.3f} ms "
+            f"against {first['fp32_p50_ms']:.3f} ms at batch {int(first['batch_size'])}): {note}")

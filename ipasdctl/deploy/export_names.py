@@ -3,11 +3,11 @@
 - Name: `<dataset>-<arch>-<method>-s<seed>` from the run's own recipe (runs.default_run_name, as a plain
   `train` run is named), `-last` added for the last checkpoint; `--name` overrides it. The folder name is not
   used: runs of a comparison are called `<method>-s<seed>`, which says nothing of the data set or the model.
-- The files of the model NAME in an export folder: `NAME.*` and `NAME-int8.*` (the models, their external
-  data, their jsons, and what `eval` wrote beside them: `.eval.json`, `.per_class.csv`, `.reliability.png`).
-  They are replaced together, never one of them alone: a fresh fp32 model beside an older INT8 model or eval
-  json would be read as one model.
-- Owner: the run folder recorded in `NAME.json` (or `NAME-int8.json`). Exporting another run under a name
+- The files of the model NAME in an export folder: `NAME.*` and `NAME<suffix>.*` for each export format's
+  suffix (`NAME-int8.*`, `NAME-fp16.*`: the models, their external data, their jsons, and what `eval` wrote
+  beside them: `.eval.json`, `.per_class.csv`, `.reliability.png`). They are replaced together, never one of
+  them alone: a fresh fp32 model beside an older INT8 model or eval json would be read as one model.
+- Owner: the run folder recorded in `NAME.json` (or another format's `NAME<suffix>.json`). Exporting another run under a name
   that is taken is refused (one line, exit 2) unless `overwrite`; files of the name that no json claims are
   refused the same way, since nothing says whose they are.
 """
@@ -20,8 +20,12 @@ from typing import Optional, Sequence
 from ..config import Recipe, recipe_from_dict
 from ..errors import UserError
 from ..runs import RunFolder, default_run_name, read_json
+from .formats import FORMATS, get_format
 
-INT8_SUFFIX = "-int8"
+
+def format_stems(name: str) -> list[str]:
+    """The file stems of the model `name` in every registered format: NAME, NAME-int8, NAME-fp16, ..."""
+    return list(dict.fromkeys([name] + [f"{name}{get_format(f).suffix}" for f in FORMATS.names()]))
 
 
 def export_name(recipe: Recipe, checkpoint: str = "best", name: Optional[str] = None) -> str:
@@ -52,17 +56,17 @@ def planned_name(run_dir: Path, checkpoint: str = "best", name: Optional[str] = 
 
 
 def model_files(out_dir: Path, name: str) -> list[Path]:
-    """Every file of the exported model `name` in `out_dir` (fp32 and INT8, with what eval wrote beside them)."""
+    """Every file of the exported model `name` in `out_dir` (in every format, with what eval wrote beside them)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    prefixes = (f"{name}.", f"{name}{INT8_SUFFIX}.")
+    prefixes = tuple(f"{stem}." for stem in format_stems(name))
     return sorted(p for p in out_dir.iterdir() if p.name.startswith(prefixes) and not p.is_dir())
 
 
 def recorded_source(out_dir: Path, name: str) -> Optional[str]:
     """The run folder the model `name` in `out_dir` was exported from (its json's run_dir), or None."""
-    for stem in (name, f"{name}{INT8_SUFFIX}"):
+    for stem in format_stems(name):
         run_dir = (read_json(Path(out_dir) / f"{stem}.json") or {}).get("run_dir")
         if isinstance(run_dir, str) and run_dir:
             return run_dir

@@ -33,7 +33,7 @@ from .. import runtime
 from ..data import RandomBatches
 from ..errors import UserError, one_line
 from . import onnx_files
-from .onnx_files import INPUT_NAME, file_size, quiet_exporters
+from .onnx_files import INPUT_NAME, count_ops, file_size, quiet_exporters
 
 TARGETS = ("auto", "avx2", "avx512-vnni", "arm64")
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -132,12 +132,6 @@ def calibration_batches(data, samples: int, batch_size: int = 64, seed: int = 0)
         yield np.ascontiguousarray(x.float().numpy())
         if given >= samples:
             return
-
-
-def count_ops(path: Path, op_type: str) -> int:
-    import onnx
-
-    return sum(node.op_type == op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterator[np.ndarray], work_dir: Path,

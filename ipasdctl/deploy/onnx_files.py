@@ -1,5 +1,6 @@
-"""Exported model files: reading and checking them, their deployment metadata, onnxruntime sessions, and the
-test accuracy of a model as onnxruntime computes it (the deployed runtime's own figure)."""
+"""Exported model files: reading and checking them, their deployment metadata, onnxruntime sessions (on the
+execution provider asked for), and the test accuracy of a model as onnxruntime computes it (the deployed
+runtime's own figure)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..accuracy import topk_hits
 from ..bounds import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, whole
 from ..config import DataConfig, shown
 from ..data import build_data
-from ..errors import UserError, one_line
+from ..errors import UserError, did_you_mean, one_line
 
 EXPORT_FORMAT = "ipasdctl-export-1"
 INPUT_NAME = "images"
@@ -33,13 +34,21 @@ VALIDATION_BATCH_SIZES = (1, 7, 64)  # batch 1, an odd batch, 64
 SINGLE_FILE_LIMIT_BYTES = 1_800_000_000
 # metadata values that are JSON (lists, numbers); the rest are plain strings
 _JSON_KEYS = ("class_names", "input_size", "mean", "std", "test_top1", "num_classes", "epoch", "opset",
-              "calibration_samples", "fp32_test_top1", "temperature", "quantization_settings", "int8_speed_check")
+              "calibration_samples", "fp32_test_top1", "temperature", "quantization_settings", "int8_speed_check",
+              "fp16_conversion")
+# `bench --provider`: onnxruntime's execution providers in order of preference, the CPU last (what runs the
+# operators the others lack); cuda and tensorrt come with the onnxruntime-gpu package only
+PROVIDERS = {"cpu": ("CPUExecutionProvider",),
+             "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+             "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")}
 
 
-def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    """An onnxruntime session on the given providers (in order of preference), all graph optimisations, one
-    operator at a time with `threads` threads each. Any error onnxruntime raises on the file, loading it or
-    running it, is one UserError line (see ModelSession)."""
+def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequence = ("CPUExecutionProvider",),
+                input_dtype=np.float32):
+    """An onnxruntime session on the given providers (in order of preference; a name, or (name, options)), all
+    graph optimisations, one operator at a time with `threads` threads each, fed `input_dtype` (float32 images
+    are cast to it). Any error onnxruntime raises on the file, loading it or running it, is one UserError line
+    (see ModelSession)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -52,7 +61,27 @@ def ort_session(model_path: Path, threads: Optional[int] = None, providers: Sequ
         session = ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         raise onnxruntime_error(model_path, "load", exc) from None
-    return ModelSession(session, Path(model_path))
+    return ModelSession(session, Path(model_path), input_dtype)
+
+
+def check_provider(provider: Optional[str]) -> Optional[str]:
+    """`provider` (a key of PROVIDERS, or None: the CPU, and CUDA where present) when this onnxruntime has it;
+    else one line saying what to install."""
+    if provider is None:
+        return None
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown --provider '{provider}'{did_you_mean(provider, PROVIDERS)}; known: "
+                        f"{', '.join(PROVIDERS)}")
+    import onnxruntime as ort
+
+    wanted = PROVIDERS[provider][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        offered = ", ".join(p.removesuffix("ExecutionProvider") for p in available)
+        raise UserError(f"--provider {provider} needs onnxruntime's {wanted}, which this onnxruntime "
+                        f"{ort.__version__} lacks (it offers {offered}): install onnxruntime-gpu in place of "
+                        "onnxruntime (pip uninstall onnxruntime; pip install onnxruntime-gpu), or use --provider cpu")
+    return provider
 
 
 def onnxruntime_error(model_path: Path, doing: str, exc: BaseException) -> UserError:
@@ -68,13 +97,17 @@ def onnxruntime_error(model_path: Path, doing: str, exc: BaseException) -> UserE
 
 class ModelSession:
     """An onnxruntime InferenceSession whose run() answers any error in one UserError line; every other
-    attribute (get_inputs, get_providers, ...) is the session's own."""
+    attribute (get_inputs, get_providers, ...) is the session's own. Inputs of another dtype than the model's
+    `input_dtype` are cast to it first (a no-op for float32 models, which all of ipasdctl's formats are)."""
 
-    def __init__(self, session, model_path: Path):
+    def __init__(self, session, model_path: Path, input_dtype=np.float32):
         self.session = session
         self.model_path = model_path
+        self.input_dtype = np.dtype(input_dtype)
 
     def run(self, output_names, feeds, run_options=None):
+        feeds = {k: v.astype(self.input_dtype) if getattr(v, "dtype", self.input_dtype) != self.input_dtype else v
+                 for k, v in feeds.items()}
         try:
             return self.session.run(output_names, feeds, run_options)
         except Exception as exc:  # onnxruntime's Fail, InvalidArgument, RuntimeException, ...; MemoryError
@@ -138,7 +171,7 @@ def _metadata_problems(meta: dict):
         if key in meta and not (isinstance(meta[key], list) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta[key])):
             yield key, "a list of numbers"
-    for key in ("dataset", "checkpoint", "source_run", "precision"):
+    for key in ("dataset", "checkpoint", "source_run", "precision", "export_format"):
         if key in meta and not isinstance(meta[key], str):
             yield key, "a string"
 
@@ -202,6 +235,12 @@ def file_size(path: Path) -> int:
     return size + (data.stat().st_size if data.exists() else 0)
 
 
+def count_ops(path: Path, op_type: str) -> int:
+    import onnx
+
+    return sum(node.op_type == op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def opset_of(path: Path) -> int:
     import onnx
 
@@ -263,10 +302,3 @@ def onnx_test_data(model_path: Path, data_root: str | None):
         raise UserError(f"{model_path} takes {expected} images but data set '{meta['dataset']}' has "
                         f"{list(data.image_shape)}; give the data set it was trained on")
     return data, meta
-
-
-def onnx_test_accuracy(model_path: Path, data_root: str | None, batch_size: int = 256) -> dict:
-    """Top-1 / top-5 (%) and n of an exported model, with onnxruntime (CPU), on the test set of the data set
-    named in its metadata."""
-    data, _ = onnx_test_data(model_path, data_root)
-    return session_accuracy(ort_session(model_path), data, batch_size)

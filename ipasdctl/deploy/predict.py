@@ -22,7 +22,8 @@ from ..data.decode import open_image
 from ..data.transforms import transforms_for
 from ..errors import UserError
 from ..runs import RunFolder, load_model
-from .onnx_files import ort_session, read_metadata
+from .formats import model_session
+from .onnx_files import read_metadata
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # PIL modes that hold ordinary 8-bit pictures (converted to RGB); others (16-bit, float) are refused
@@ -138,7 +139,7 @@ def predict_onnx(model_path: Path, images: Sequence[Path], top_k: int = 5, batch
     """Top-k classes and probabilities (softmax of the logits) of each image, through onnxruntime."""
     model_path = Path(model_path)
     prep = onnx_preprocessing(model_path)
-    session = ort_session(model_path)
+    session = model_session(model_path)  # its format's session: float32 images in, float32 logits out
     input_name = session.get_inputs()[0].name
     return _predict(lambda x: session.run(None, {input_name: x})[0], prep, images, top_k, batch_size)
 

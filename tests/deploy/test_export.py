@@ -191,7 +191,7 @@ def test_falls_back_to_torchscript_exporter_and_records_it(run_dir, tmp_path, mo
 
 
 def test_failed_validation_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
-    import ipasdctl.deploy.export as export_module
+    import ipasdctl.deploy.formats.onnx_fp32 as export_module
 
     _failing_dynamo(monkeypatch)  # the TorchScript exporter is the quicker one
     real_export_model = export_module.export_model

@@ -244,7 +244,7 @@ def test_bench_marks_int8_rows_against_the_fp32_original(resnet8, tmp_path, caps
 
 @pytest.mark.slow
 def test_export_says_in_one_line_when_int8_does_not_pay(resnet8, tmp_path, capsys, monkeypatch):
-    import ipasdctl.deploy.export as export_module
+    import ipasdctl.deploy.formats.onnx_int8 as export_module
 
     def slower(fp32_path, int8_path, x, threads=None, runs=40, warmup=5):
         return {**int8_verdict(1.0, 1.5), "batch_size": int(x.shape[0]), "runs": runs, "warmup": warmup,
