@@ -25,6 +25,31 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return exit_info.value.code, captured.out, captured.err
 
 
+def run_cli_here(args: list[str], env: dict | None = None) -> tuple[int, str, str]:
+    """`ipasdctl ARGS` in this process with one torch thread and the variables `env` set for the call:
+    (exit code, stdout, stderr). For module fixtures, which have no capsys: what a `python -m ipasdctl`
+    subprocess with OMP_NUM_THREADS=1 computes, without the ~3 s of CPU a new process spends importing torch."""
+    import contextlib
+    import io
+
+    import torch
+
+    from ipasdctl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            with pytest.raises(SystemExit) as exit_info:
+                main(args)
+    finally:
+        torch.set_num_threads(threads)
+    return exit_info.value.code, out.getvalue(), err.getvalue()
+
+
 def only_line(err: str) -> str:
     """The one line of `err` (what the CLI printed on stderr), asserting there is one and no traceback."""
     lines = err.strip().splitlines()
