@@ -100,9 +100,23 @@ def demo_run(tmp_path_factory) -> Path:
     return train(recipe, tmp_path_factory.mktemp("demo_run"), progress=Progress(enabled=False))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_process():
+    """One intra-op thread for the whole session, here and in the processes the tests start (OMP_NUM_THREADS,
+    unless a test sets its own): the tensors are tiny, and on a loaded 2-core machine OpenMP threads spinning
+    at each operator's barrier made an in-process training up to 5x slower (a 3-run resume test: 13 s with
+    torch's default 2 threads, 1.7 s with one). Tests of the thread options set and restore their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and spinning OpenMP threads waste a shared machine's cores."""
+    """One intra-op thread for this test even if an earlier one changed the count (see one_thread_per_process)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
