@@ -7,6 +7,9 @@
                     needs its own copy (to corrupt or change it).
 - `demo_run`      : a finished 1-epoch run of the demo recipe (ipasd, resnet8, 64 digits), trained once for
                     the session and shared by the export, run-folder and hostile-input tests.
+- `background_runs`: the command lines of the multi-process tests, started when the session begins (see
+                    helpers.BackgroundRuns). A test module declares `background_commands(out)` returning
+                    {key: (args, environment variables)} and reads `background_runs.outcome(__name__, key)`.
 
 The folder fixtures are shared by the whole session: treat them as read-only (helpers.copy_run makes a
 private copy to change or resume). The images are seeded
@@ -100,10 +103,46 @@ def demo_run(tmp_path_factory) -> Path:
     return train(recipe, tmp_path_factory.mktemp("demo_run"), progress=Progress(enabled=False))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_process():
+    """One intra-op thread for the whole session, here and in the processes the tests start (OMP_NUM_THREADS,
+    unless a test sets its own): the tensors are tiny, and on a loaded 2-core machine OpenMP threads spinning
+    at each operator's barrier made an in-process training up to 5x slower (a 3-run resume test: 13 s with
+    torch's default 2 threads, 1.7 s with one). Tests of the thread options set and restore their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and spinning OpenMP threads waste a shared machine's cores."""
+    """One intra-op thread for this test even if an earlier one changed the count (see one_thread_per_process)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def background_runs(request, tmp_path_factory):
+    """The background commands of every collected module whose tests use this fixture, started now."""
+    from tests.helpers import BackgroundRuns
+
+    runs = BackgroundRuns()
+    modules = {item.module: None for item in request.session.items if "background_runs" in item.fixturenames}
+    for module in modules:
+        out = tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1])
+        runs.start(module.__name__, out, module.background_commands(out))
+    yield runs
+    runs.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_background_runs_first(request):
+    """Start the background runs before the first test when any selected test needs them, so that they run
+    while the other tests do (a module fixture would start them only when its module's turn comes)."""
+    if any("background_runs" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("background_runs")

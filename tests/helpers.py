@@ -25,6 +25,31 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return exit_info.value.code, captured.out, captured.err
 
 
+def run_cli_here(args: list[str], env: dict | None = None) -> tuple[int, str, str]:
+    """`ipasdctl ARGS` in this process with one torch thread and the variables `env` set for the call:
+    (exit code, stdout, stderr). For module fixtures, which have no capsys: what a `python -m ipasdctl`
+    subprocess with OMP_NUM_THREADS=1 computes, without the ~3 s of CPU a new process spends importing torch."""
+    import contextlib
+    import io
+
+    import torch
+
+    from ipasdctl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            with pytest.raises(SystemExit) as exit_info:
+                main(args)
+    finally:
+        torch.set_num_threads(threads)
+    return exit_info.value.code, out.getvalue(), err.getvalue()
+
+
 def only_line(err: str) -> str:
     """The one line of `err` (what the CLI printed on stderr), asserting there is one and no traceback."""
     lines = err.strip().splitlines()
@@ -136,3 +161,71 @@ class SystemPayload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
+
+
+# ------------------------------------------------------------------------------------------------ background runs
+
+
+class BackgroundRuns:
+    """`python -m ipasdctl ARGS` command lines started when the session begins and carried out at a low CPU
+    priority while the tests in this process go on (conftest.background_runs). A multi-process run (a
+    launcher, torchrun and its workers: ~14 s of CPU, most of it importing torch four times) then uses the
+    core that the in-process tests, one thread each, leave idle, instead of making the session wait for it.
+    A test waits for the outcome of the runs it checks (`outcome`); a deadlock ends at TIMEOUT_SECONDS."""
+
+    TIMEOUT_SECONDS = 600  # niced, behind the in-process tests: several times a run's own time
+    CONCURRENT = 3  # runs at a time (each 2-4 processes): enough to fill a core, few enough for memory
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(self.CONCURRENT, thread_name_prefix="background-run")
+        self._futures: dict[tuple[str, str], object] = {}
+        self._processes: list = []
+        self._folders: dict[str, Path] = {}
+        self._closing = False
+
+    def start(self, module: str, out: Path, commands: dict[str, tuple[list[str], dict]]) -> None:
+        """Queue a module's commands {key: (args, environment variables)}; `out` is its folder."""
+        self._folders[module] = out
+        for key, (args, env) in commands.items():
+            self._futures[module, key] = self._pool.submit(self._run, args, env)
+
+    def folder(self, module: str) -> Path:
+        return self._folders[module]
+
+    def outcome(self, module: str, key: str) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of one command, once it has ended."""
+        return self._futures[module, key].result()
+
+    def _run(self, args: list[str], variables: dict) -> tuple[int, str, str]:
+        import subprocess
+        import sys
+
+        if self._closing:
+            return -1, "", "not started: the session ended first"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        for key in ("IPASDCTL_DEBUG", "IPASDCTL_TEST_SIGNAL_AT_STEP"):
+            env.pop(key, None)
+        env.update(variables)
+        # `nice` execs python: the same process, whose children (torchrun, the workers) inherit the priority
+        process = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "ipasdctl", *args], env=env, cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._processes.append(process)
+        try:
+            stdout, stderr = process.communicate(timeout=self.TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # the launcher forwards SIGTERM to torchrun, which stops the workers
+            stdout, stderr = process.communicate()
+            stderr += f"\n(test harness: still running after {self.TIMEOUT_SECONDS} s, a deadlock?)"
+        return process.returncode, stdout, stderr
+
+    def close(self) -> None:
+        """Stop what still runs (a session cut short) and wait for the threads."""
+        import signal
+
+        self._closing = True
+        for process in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        self._pool.shutdown(wait=True, cancel_futures=True)

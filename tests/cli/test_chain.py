@@ -87,13 +87,13 @@ def test_train_export_bench_chain_writes_what_the_separate_commands_write_and_re
 def test_compare_export_bench_report_chain_on_cifar_gives_the_selection(tiny_cifar, tmp_path, capsys):
     cmp, exports = tmp_path / "cmp", tmp_path / "exports"
     code, out, err = run_cli([
-        "compare", "--dataset", "cifar10", "--data", str(tiny_cifar), "--baselines", "ls", "--seeds", "0,1",
+        "compare", "--dataset", "cifar10", "--data", str(tiny_cifar), "--seeds", "0,1",
         "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--set", "data.train_subset=64", "--out", str(cmp),
         "-q", "export", "--onnx", "--int8", "--calib-samples", "32", "--out", str(exports),
         "bench", *BENCH, "report", "--max-latency-ms", "1000", "--tsne-points", "20"], capsys)
     assert code == 0, err
-    # every seed of every compared method exported, fp32 and int8
-    assert len(list(exports.glob("*-int8.onnx"))) == 6 and len(list(exports.glob("*.onnx"))) == 12
+    # every seed of every compared method (ce and ipasd) exported, fp32 and int8
+    assert len(list(exports.glob("*-int8.onnx"))) == 4 and len(list(exports.glob("*.onnx"))) == 8
     selection = pd.read_csv(cmp / "selection.csv")
     assert set(selection["precision"]) == {"fp32", "int8"} and (selection["seeds"] == 2).all()
     assert selection["accuracy_source"].str.startswith("onnxruntime").all()

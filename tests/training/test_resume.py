@@ -1,12 +1,15 @@
 """Exact resume: a run SIGKILLed mid-epoch (or stopped by SIGTERM/SIGINT) and resumed ends with the same
 metrics.csv and bitwise the same weights, optimizer and method state as the uninterrupted run (on CPU).
 
-The runs are real `python -m ipasdctl train` processes on a tiny CIFAR-10 folder. The kill is made
-deterministic with the engine's test hook IPASDCTL_TEST_SIGNAL_AT_STEP="N[:SIGNAL]": after global step N's
-update the process sends itself the signal (SIGKILL: no handler, no cleanup, a stale .lock left behind).
+The killed runs are real `python -m ipasdctl train` processes on a tiny CIFAR-10 folder; the references
+(trained in this process while the kills run) and the resumes run through the CLI in this process, one
+thread each like the subprocesses: a resume reads only the run folder, and the references agreeing bitwise
+with runs begun in another process shows that nothing of a process's own state enters the numbers. The kill
+is made deterministic with the engine's test hook IPASDCTL_TEST_SIGNAL_AT_STEP="N[:SIGNAL]": after global step
+N's update the process sends itself the signal (SIGKILL: no handler, no cleanup, a stale .lock left behind;
+SIGTERM in this process: the trainer's handler, as in a subprocess).
 Settings: 48 images, batch 16 -> 3 steps per epoch, 2 epochs, checkpoint.every_steps=2 (checkpoints after
-global steps 2 (mid-epoch 1), 3 (end of epoch 1), 4 (mid-epoch 2) and 6). Independent processes run in
-parallel, in phases, one thread each, to keep the wall time down.
+global steps 2 (mid-epoch 1), 3 (end of epoch 1), 4 (mid-epoch 2) and 6).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from ipasdctl.cli import main
 from ipasdctl.runs import RunLock
 from ipasdctl.safe_io import load_checkpoint, save_checkpoint
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli_here
 
 pytestmark = pytest.mark.slow  # real processes (torchrun, kills and resumes): tens of seconds
 
@@ -94,20 +97,21 @@ def runs(tiny_cifar, tmp_path_factory):
         return base_args(tiny_cifar, out, name, method)
 
     def resume(name, signal_at=None):
-        return start(["train", "--resume", str(out / name), "--quiet"], signal_at)
+        return run_cli_here(["train", "--resume", str(out / name), "--quiet"],
+                            {"IPASDCTL_TEST_SIGNAL_AT_STEP": signal_at} if signal_at else None)
 
-    log.update(finish({
-        "ipasd-ref": start(args("ipasd-ref", "ipasd")),
-        "ce-ref": start(args("ce-ref", "ce")),
-        "ipasd-kill": start(args("ipasd", "ipasd"), "5"),
-        "ce-kill": start(args("ce", "ce"), "3"),
-    }))
+    # only a SIGKILL needs a process of its own; the references train here while the kills run
+    killed = {"ipasd-kill": start(args("ipasd", "ipasd"), "5"), "ce-kill": start(args("ce", "ce"), "3")}
+    log["ipasd-ref"] = run_cli_here(args("ipasd-ref", "ipasd"))
+    log["ce-ref"] = run_cli_here(args("ce-ref", "ce"))
+    log.update(finish(killed))
     for name in ("ipasd", "ce"):
         stale_locks[name] = (out / name / ".lock").exists()
         checkpoints[f"{name}-kill"] = load_checkpoint(out / name / "checkpoints" / "last.pt")
-    log.update(finish({"ipasd-resume": resume("ipasd"), "ce-term": resume("ce", "5:TERM")}))
+    log["ipasd-resume"] = resume("ipasd")
+    log["ce-term"] = resume("ce", "5:TERM")
     checkpoints["ce-term"] = load_checkpoint(out / "ce" / "checkpoints" / "last.pt")
-    log.update(finish({"ce-resume": resume("ce")}))
+    log["ce-resume"] = resume("ce")
     return {"out": out, "log": log, "stale_locks": stale_locks, "checkpoints": checkpoints}
 
 
