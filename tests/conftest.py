@@ -7,9 +7,6 @@
                     needs its own copy (to corrupt or change it).
 - `demo_run`      : a finished 1-epoch run of the demo recipe (ipasd, resnet8, 64 digits), trained once for
                     the session and shared by the export, run-folder and hostile-input tests.
-- `background_runs`: the command lines of the multi-process tests, started when the session begins (see
-                    helpers.BackgroundRuns). A test module declares `background_commands(out)` returning
-                    {key: (args, environment variables)} and reads `background_runs.outcome(__name__, key)`.
 
 The folder fixtures are shared by the whole session: treat them as read-only (helpers.copy_run makes a
 private copy to change or resume). The images are seeded
@@ -124,25 +121,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def background_runs(request, tmp_path_factory):
-    """The background commands of every collected module whose tests use this fixture, started now."""
-    from tests.helpers import BackgroundRuns
-
-    runs = BackgroundRuns()
-    modules = {item.module: None for item in request.session.items if "background_runs" in item.fixturenames}
-    for module in modules:
-        out = tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1])
-        runs.start(module.__name__, out, module.background_commands(out))
-    yield runs
-    runs.close()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def start_background_runs_first(request):
-    """Start the background runs before the first test when any selected test needs them, so that they run
-    while the other tests do (a module fixture would start them only when its module's turn comes)."""
-    if any("background_runs" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("background_runs")

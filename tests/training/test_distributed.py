@@ -21,14 +21,16 @@ are not compared: each rank's BatchNorm running statistics come from its own sha
 
 The other runs are stopped by SIGTERM to rank 1 alone (test hook IPASDCTL_TEST_SIGNAL_AT_STEP="2:TERM@1"):
 both ranks agree on the step, rank 0 checkpoints mid-epoch with every rank's state, and 1 process resumes.
-One thread per process (OMP_NUM_THREADS=1); the five 2-process runs start when the session begins and run
-beside the other tests (conftest.background_runs).
+One thread per process (OMP_NUM_THREADS=1); the five 2-process runs start together.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,7 @@ from ipasdctl.methods import Collectives
 from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.training.distributed import DistContext, shard_batches
 from ipasdctl.methods.ipasd import Prototypes
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # real processes (torchrun, kills and resumes): tens of seconds
 
@@ -52,6 +55,16 @@ FROZEN = ["--method", "ipasd", "--lr", "1e-12", "--set", "optim.momentum=0", "--
           "--set", "method.memory_dtype=float32"]
 TRAIN_TERMS = ("train_loss", "loss_soft", "loss_con", "w_s", "alpha", "train_top1")
 TEST_SIGNAL = "IPASDCTL_TEST_SIGNAL_AT_STEP"
+
+
+def start(args: list[str], signal_at: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("IPASDCTL_DEBUG", None)
+    env.pop(TEST_SIGNAL, None)
+    if signal_at:
+        env[TEST_SIGNAL] = signal_at
+    return subprocess.Popen([sys.executable, "-m", "ipasdctl", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:
@@ -71,30 +84,30 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def background_commands(out: Path) -> dict[str, tuple[list[str], dict]]:
-    """The five `--nproc 2` runs, started when the session begins (conftest.background_runs): the frozen
-    comparison run, ipasd and dlb stopped by a SIGTERM to rank 1 after global step 2 of 4 (batch 16 over 64
-    images), one whose workers find no data and one whose rank 1 is killed."""
-    return {
-        "frozen": (["train", "--nproc", "2", *TINY, *FROZEN, "--batch-size", "16", "--out", str(out / "frozen")], {}),
-        "ipasd": (["train", "--nproc", "2", *TINY, "--method", "ipasd", "--batch-size", "16",
-                   "--out", str(out), "--name", "ipasd-stopped"], {TEST_SIGNAL: "2:TERM@1"}),
-        "dlb": (["train", "--nproc", "2", *TINY, "--method", "dlb", "--batch-size", "16",
-                 "--out", str(out), "--name", "dlb-stopped"], {TEST_SIGNAL: "2:TERM@1"}),
-        # an error only the workers meet (the launcher does not read data)
-        "no-data": (["train", "--nproc", "2", "--dataset", "cifar10", "--data", str(out / "missing"),
-                     "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out / "no-data")], {}),
-        # rank 1 dies (SIGKILL, as the out-of-memory killer does); rank 0's broken collective is not reported
-        "killed": (["train", "--nproc", "2", *TINY, "--batch-size", "16", "--out", str(out / "killed")],
-                   {TEST_SIGNAL: "2:KILL@1"}),
-    }
-
-
 @pytest.fixture(scope="module")
-def two_process_runs(background_runs):
-    """(their folder, {key: (exit status, stdout, stderr)}) of the background commands, once all have ended."""
-    out = background_runs.folder(__name__)
-    return out, {key: background_runs.outcome(__name__, key) for key in background_commands(out)}
+def two_process_runs(tmp_path_factory):
+    """The five `--nproc 2` runs, side by side: the frozen comparison run, ipasd and dlb stopped by a
+    SIGTERM to rank 1 after global step 2 of 4 (batch 16 over 64 images), one whose workers find no data and
+    one whose rank 1 is killed."""
+    out = tmp_path_factory.mktemp("distributed")
+    processes = {
+        "frozen": start(["train", "--nproc", "2", *TINY, *FROZEN, "--batch-size", "16", "--out", str(out / "frozen")]),
+        "ipasd": start(["train", "--nproc", "2", *TINY, "--method", "ipasd", "--batch-size", "16",
+                        "--out", str(out), "--name", "ipasd-stopped"], "2:TERM@1"),
+        "dlb": start(["train", "--nproc", "2", *TINY, "--method", "dlb", "--batch-size", "16",
+                      "--out", str(out), "--name", "dlb-stopped"], "2:TERM@1"),
+        # an error only the workers meet (the launcher does not read data)
+        "no-data": start(["train", "--nproc", "2", "--dataset", "cifar10", "--data", str(out / "missing"),
+                          "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out / "no-data")]),
+        # rank 1 dies (SIGKILL, as the out-of-memory killer does); rank 0's broken collective is not reported
+        "killed": start(["train", "--nproc", "2", *TINY, "--batch-size", "16", "--out", str(out / "killed")],
+                        "2:KILL@1"),
+    }
+    log = {}
+    for key, process in processes.items():
+        stdout, stderr = process.communicate(timeout=240)  # a deadlock would end here
+        log[key] = (process.returncode, stdout, stderr)
+    return out, log
 
 
 def test_two_processes_hold_what_one_process_holds(two_process_runs, tmp_path, capsys):
