@@ -33,13 +33,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sized
 
 import torch
 
 import ipasdctl
 
 from .. import runtime, training
+from ..analysis.tables import count_noun
 from ..config import Recipe
 from ..errors import UserError, one_line
 from ..runs import read_json
@@ -91,6 +92,25 @@ class Executor:
 
     def wait(self) -> list[Outcome]:
         raise NotImplementedError
+
+    def drive(self, start: Callable[[], None], settle: Callable[[Outcome], None], running: Sized, noun: str,
+              say: Callable[[str], None], folder: Path) -> None:
+        """The loop both schedulers share: `start` fills the free slots while no stop is asked, each outcome is
+        `settle`d as it comes, the stop is announced once; once nothing runs, a stop raises Interrupted (exit
+        130 after SIGINT, 143 after SIGTERM) naming `folder`, the one to rerun."""
+        stop_said = False
+        while True:
+            if self.stopping is None:
+                start()
+            elif not stop_said and running:
+                stop_said = True
+                say(f"stopping: each of the {count_noun(len(running), noun)} writes its checkpoint")
+            if not running:
+                break
+            for outcome in self.wait():
+                settle(outcome)
+        if self.stopping is not None:
+            raise training.Interrupted(130 if self.stopping == signal.SIGINT else 143, folder)
 
 
 class Sequential(Executor):

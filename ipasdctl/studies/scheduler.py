@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 from typing import Callable, Optional
 
-from .. import training
 from ..analysis.tables import count_noun
 from ..errors import UserError
 from ..runs import RunFolder, RunSummary
@@ -99,7 +97,6 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
     running: set[str] = set()
     eta = Eta(total, executor.slots)
     test_signals = _test_signals()
-    stop_said = False
 
     def head(name: str) -> str:
         return f"[{numbers[name]}/{total}] {name}:"
@@ -176,17 +173,8 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
         else:
             fail(name, f"{message} (attempt {outcome.job.attempt} of {ATTEMPTS})")
 
-    while True:
-        if executor.stopping is None:
-            launch()
-        elif not stop_said and running:
-            stop_said = True
-            say(f"stopping: each of the {count_noun(len(running), 'running job')} writes its checkpoint")
-        if not running:
-            break
-        for outcome in executor.wait():
-            settle(outcome)
-    changed()
-    if executor.stopping is not None:
-        raise training.Interrupted(130 if executor.stopping == signal.SIGINT else 143, runs[0].run_dir.parent)
+    try:
+        executor.drive(launch, settle, running, "running job", say, runs[0].run_dir.parent)
+    finally:
+        changed()
     return failed

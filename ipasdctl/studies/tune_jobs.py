@@ -21,12 +21,9 @@ guarantees hold here too:
 
 from __future__ import annotations
 
-import signal
 import time
 from typing import Callable, Optional
 
-from .. import training
-from ..analysis.tables import count_noun
 from ..errors import UserError
 from ..runs import trial_run_name
 from .executors import Executor, Job, Outcome
@@ -49,7 +46,6 @@ def carry_out(study, executor: Executor, begin: Callable, finished: Callable, sa
     settings = study.settings
     running: dict[str, object] = {}  # job name -> the trial it trains
     problem: Optional[UserError] = None  # no new trial starts; raised once the running ones have ended
-    stop_said = False
 
     def counted_now() -> int:
         return sum(counted(t) for t in study.study.get_trials(deepcopy=False))
@@ -107,17 +103,10 @@ def carry_out(study, executor: Executor, begin: Callable, finished: Callable, sa
         study.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "run": run})
         say(f"trial {trial.number}: {message}; it is re-run in {run}")
 
-    while True:
-        if executor.stopping is None and problem is None:
+    def start() -> None:
+        if problem is None:
             start_trials()
-        elif executor.stopping is not None and not stop_said and running:
-            stop_said = True
-            say(f"stopping: each of the {count_noun(len(running), 'running trial')} writes its checkpoint")
-        if not running:
-            break
-        for outcome in executor.wait():
-            settle(outcome)
-    if executor.stopping is not None:
-        raise training.Interrupted(130 if executor.stopping == signal.SIGINT else 143, study.folder.path)
+
+    executor.drive(start, settle, running, "running trial", say, study.folder.path)
     if problem is not None:
         raise problem
