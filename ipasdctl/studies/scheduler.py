@@ -23,6 +23,7 @@ import shutil
 import time
 from typing import Callable, Optional
 
+from .. import training
 from ..analysis.tables import count_noun
 from ..errors import UserError
 from ..runs import RunFolder, RunSummary
@@ -175,6 +176,8 @@ def carry_out(runs: list, executor: Executor, say: Callable[[str], None], needs:
 
     try:
         executor.drive(launch, settle, running, "running job", say, runs[0].run_dir.parent)
-    finally:
-        changed()
+    except training.Interrupted:
+        changed()  # the tables of a stopped comparison, as of a finished one (not after an error)
+        raise
+    changed()
     return failed
