@@ -254,3 +254,44 @@ def plot_eval_tsne(per_method: dict, class_names: Sequence[str], path: Path, tit
         figure.colorbar(points, ax=list(axes[:len(methods)]), label="class index", shrink=0.8)
     figure.suptitle(f"t-SNE of test embeddings, coloured by class — {title}", fontsize=11)
     return save_figure(figure, path)
+
+
+PRECISION_MARKERS = {"fp32": "o", "int8": "s", "fp16": "^"}
+
+
+def plot_pareto(panels: dict, path: Path, title: str) -> Path:
+    """panels: batch size -> selection rows measured at that batch size (columns label, precision, top1,
+    latency_ms, pareto_optimal). Top-1 against latency (log scale), one panel per batch size: a colour per model,
+    a marker per precision, the Pareto-optimal points ringed and joined by the front (the best top-1 within each
+    latency). Rows without a measured latency are left out."""
+    from matplotlib.lines import Line2D
+
+    figure = new_figure(5.2 * len(panels) + 3.2, 4.8)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    labels = sorted({str(label) for table in panels.values() for label in table["label"]})
+    colours = method_colours(labels)
+    for ax, (batch_size, table) in zip(axes, panels.items()):
+        latency = np.asarray(table["latency_ms"], dtype=np.float64)
+        top1 = np.asarray(table["top1"], dtype=np.float64)
+        shown = table[np.isfinite(latency) & np.isfinite(top1)]
+        for row in shown.itertuples(index=False):
+            ax.scatter(row.latency_ms, row.top1, s=70 if row.pareto_optimal else 42, zorder=3,
+                       marker=PRECISION_MARKERS.get(str(row.precision), "D"), color=colours[str(row.label)],
+                       edgecolors="black" if row.pareto_optimal else "none", linewidths=1.2)
+        front = shown[shown["pareto_optimal"].astype(bool)].sort_values("latency_ms")
+        if len(front):
+            ax.step(front["latency_ms"], front["top1"], where="post", color="black", linewidth=1, alpha=0.6, zorder=2)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"latency (ms per batch of {batch_size}, onnxruntime CPU, p50; log scale)")
+        ax.set_ylabel("test top-1 (%) in onnxruntime")
+        ax.set_title(f"batch {batch_size}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles = [Line2D([], [], linestyle="none", marker="o", color=colours[label], label=label) for label in labels]
+    handles += [Line2D([], [], linestyle="none", marker=marker, color="grey", label=precision)
+                for precision, marker in PRECISION_MARKERS.items()
+                if any((t["precision"] == precision).any() for t in panels.values())]
+    handles.append(Line2D([], [], color="black", alpha=0.6, marker="o", markerfacecolor="none",
+                          label="Pareto front (ringed)"))
+    figure.legend(handles=handles, loc="outside right upper", fontsize=8)
+    figure.suptitle(f"Test top-1 against latency — {title}", fontsize=11)
+    return save_figure(figure, path)

@@ -20,7 +20,7 @@ from ..safe_io import atomic_write_text, csv_text
 from . import evaluation, plots
 from .collect import collect_runs, group_runs, is_stale
 from .metrics import pool_reliability_bins
-from .selection import incomplete_rows, recommend, selection_table, write_selection
+from .selection import incomplete_rows, latency_batch_sizes, recommend, selection_table, write_selection
 from .statistics import ACCURACY_CI_NOTE, MIN_SEEDS, NEEDS_MORE_SEEDS, accuracy_interval
 from .tables import format_cell, human_count, markdown_table, mean_std, seed_key, slug
 
@@ -102,6 +102,7 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
               "(top-1, latency). Every column, with PyTorch's best- and last-epoch top-1: selection.csv.", "",
               markdown_table(shown, [[human_count(v) if c in ("params", "macs") else format_cell(v) for c, v in zip(shown, row)]
                                      for row in table[shown].itertuples(index=False)]), ""]
+    lines += _pareto_plots(table, comparisons, exports, out, run_dirs)
     picks = recommend(table, max_latency_ms) if max_latency_ms is not None else []
     withheld = {(r["dataset"], _row_name(r)) for pick in picks for r in pick.incomplete}  # said there, not twice
     for row in incomplete_rows(table).to_dict("records"):
@@ -120,6 +121,32 @@ def selection_section(comparisons: list[Path], exports: Path, max_latency_ms: Op
     if unmatched:
         lines += [f"- {len(unmatched)} export(s) match no compared run and are left out: {', '.join(unmatched)}.", ""]
     return lines
+
+
+def _pareto_plots(table, comparisons: list[Path], exports: Path, out: Path, run_dirs: Sequence[Path]) -> list[str]:
+    """pareto-<dataset>.png per data set: top-1 against latency at the smallest and the largest batch size that
+    bench measured (the selection table's own batch size, 1, when it was measured), the Pareto front marked."""
+    sizes = latency_batch_sizes(exports)
+    if not sizes:
+        return []
+    panels = {size: table if size == 1 else selection_table(comparisons, exports, None, latency_batch_size=size,
+                                                            run_dirs=run_dirs)
+              for size in sorted({sizes[0], sizes[-1]})}
+    lines = []
+    for dataset in sorted({str(d) for d in table["dataset"]}):
+        mine = {size: _plot_labels(t[t["dataset"].astype(str) == dataset]) for size, t in panels.items()}
+        png = plots.plot_pareto(mine, out / f"pareto-{slug(dataset)}.png", dataset)
+        lines += [f"![Test top-1 against latency, {dataset}, Pareto front ringed]({png.name})", ""]
+    return lines
+
+
+def _plot_labels(rows):
+    """A model's legend label: arch, method and epochs, and how it was pruned (its precision is the marker)."""
+    def label(row) -> str:
+        pruned = f", {row['pruning']}" if row.get("pruning", "none") != "none" else ""
+        return f"{row['arch']} {row['method']} {row['epochs']}ep{pruned}"
+
+    return rows.assign(label=[label(r) for r in rows.to_dict("records")])
 
 
 def _row_name(row: dict) -> str:

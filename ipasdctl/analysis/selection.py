@@ -182,6 +182,17 @@ def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str 
     return table[columns]
 
 
+def latency_batch_sizes(exports_dir: Path, backend: str = "onnxruntime",
+                        provider: str = "CPUExecutionProvider") -> list[int]:
+    """The batch sizes `ipasdctl bench` measured in exports_dir for this backend and provider, ascending."""
+    sizes: set[int] = set()
+    for csv_path in _visible(Path(exports_dir).rglob("latency.csv"), Path(exports_dir)):
+        table = read_latency_csv(csv_path)
+        table = table[(table["backend"] == backend) & (table["provider"] == provider)]
+        sizes.update(int(b) for b in pd.to_numeric(table["batch_size"], errors="coerce").dropna())
+    return sorted(sizes)
+
+
 EXPORT_COLUMNS = ["run_key", "format", "precision", "export", "model_key", "file_size_bytes", "checkpoint",
                   "export_top1", "export_top5"]
 

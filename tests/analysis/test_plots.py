@@ -67,3 +67,34 @@ def test_training_curves_join_the_evaluated_epochs_of_a_run_with_eval_every(tmp_
     (figure,) = figures
     (line,) = figure.axes[0].get_lines()
     assert line.get_xdata().tolist() == [2, 4, 5] and line.get_ydata().tolist() == [40.0, 60.0, 62.0]
+
+
+def test_the_pareto_plot_has_a_panel_per_batch_size_rings_the_front_and_leaves_out_unmeasured_rows(tmp_path, figures):
+    from ipasdctl.analysis.selection import pareto_mask
+
+    def rows(latency):
+        table = pd.DataFrame({"label": ["a", "a", "b", "c"], "precision": ["fp32", "int8", "fp32", "fp32"],
+                              "top1": [90.0, 89.0, 80.0, 85.0], "latency_ms": latency})
+        return table.assign(pareto_optimal=pareto_mask(table["top1"], table["latency_ms"]))
+
+    panels = {1: rows([2.0, 1.0, 0.5, np.nan]), 64: rows([40.0, 50.0, 10.0, 30.0])}
+    plots.plot_pareto(panels, tmp_path / "pareto.png", "cifar10")
+    (figure,) = figures
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["batch 1", "batch 64"]
+    for ax, table in zip(axes, panels.values()):
+        measured = table[table["latency_ms"].notna()]
+        points = np.array([c.get_offsets()[0] for c in ax.collections])
+        assert sorted(map(tuple, points)) == sorted(zip(measured["latency_ms"], measured["top1"]))
+        ringed = {tuple(c.get_offsets()[0]) for c in ax.collections if c.get_linewidths()[0] > 0
+                  and c.get_edgecolors().size and c.get_edgecolors()[0][3] > 0}
+        assert ringed == set(zip(*[measured.loc[measured["pareto_optimal"], k] for k in ("latency_ms", "top1")]))
+        (front,) = ax.get_lines()  # the step line through the front, fastest first
+        assert list(front.get_xdata()) == sorted(measured.loc[measured["pareto_optimal"], "latency_ms"])
+        assert ax.get_xscale() == "log"
+    # batch 1: b (0.5 ms) < a int8 (1 ms) < a fp32 (2 ms), each more accurate: all three on the front, c unmeasured
+    assert panels[1]["pareto_optimal"].tolist() == [True, True, True, False]
+    # batch 64: a int8 (50 ms, 89 %) is beaten by a fp32 (40 ms, 90 %)
+    assert panels[64]["pareto_optimal"].tolist() == [True, False, True, True]
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[:3] == ["a", "b", "c"] and {"fp32", "int8"} <= set(legend) and "fp16" not in legend

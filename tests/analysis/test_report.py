@@ -232,13 +232,14 @@ def test_report_of_one_exported_and_benchmarked_run_gives_its_selection_table(tr
     exports = tmp_path / "exports"
     record = export_onnx(run, exports, int8=True, calib_samples=16, validation_batch_sizes=(1, 2))
     for model in (record["onnx_path"], record["int8"]["onnx_path"]):
-        bench(model, [1], threads=1, runs=3, warmup=0, with_torch=False)
+        bench(model, [1, 2], threads=1, runs=3, warmup=0, with_torch=False)
     out_dir = tmp_path / "report"
     code, _, err = run_cli(["report", str(run), "--exports", str(exports), "--out", str(out_dir), "--no-tsne",
                             "--max-latency-ms", "1000"], capsys)
     assert code == 0, err
     selection = pd.read_csv(out_dir / "selection.csv").set_index("precision")
-    latency = pd.read_csv(exports / "latency.csv").set_index("model")
+    latency = pd.read_csv(exports / "latency.csv")
+    latency = latency[latency["batch_size"] == 1].set_index("model")  # the table's latency: batch 1
     assert sorted(selection.index) == ["fp32", "int8"]
     for precision, stem in (("fp32", record["name"]), ("int8", f"{record['name']}-int8")):
         saved = json.loads((exports / f"{stem}.json").read_text())
@@ -249,6 +250,7 @@ def test_report_of_one_exported_and_benchmarked_run_gives_its_selection_table(tr
     text = (out_dir / "report.md").read_text()
     assert "## Selection (exported models)" in text and "No selection table" not in text
     assert "**Best under 1000 ms on digits:**" in text
+    assert "](pareto-digits.png)" in text and (out_dir / "pareto-digits.png").stat().st_size > 0
     # --no-tsne: no t-SNE panel, and the run evaluated on the way computed none
     assert not list(out_dir.glob("eval_tsne-*")) and "t-SNE of test embeddings" not in text
     assert (run / "eval.json").is_file() and not (run / "embedding_tsne.png").exists()
