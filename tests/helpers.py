@@ -4,15 +4,21 @@ and copies of a shared run folder. Fixtures live in tests/conftest.py; this modu
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: PYTHONPATH and cwd of the tests' subprocesses
+
+
+TIMING_COLUMNS = frozenset({"epoch_seconds", "images_per_second"})  # metrics.csv's wall-clock columns
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -161,3 +167,26 @@ class SystemPayload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
+
+
+def start_cli(args: list[str], signal_at: str | None = None) -> subprocess.Popen:
+    """`python -m ipasdctl ARGS` in a process of its own, one torch thread (tests run several at once on a small
+    machine), output piped; `signal_at` sets the engine's test hook IPASDCTL_TEST_SIGNAL_AT_STEP ("N[:SIGNAL]":
+    after global step N the process sends itself the signal, SIGKILL by default)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("IPASDCTL_DEBUG", None)
+    if signal_at:
+        env["IPASDCTL_TEST_SIGNAL_AT_STEP"] = signal_at
+    return subprocess.Popen([sys.executable, "-m", "ipasdctl", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows as strings, as written."""
+    with open(Path(run_dir) / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def metrics_without_timings(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows without the wall-clock columns: what two runs of the same work must agree on."""
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in metrics_rows(run_dir)]

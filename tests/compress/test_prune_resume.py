@@ -4,24 +4,19 @@ real processes, the engine's IPASDCTL_TEST_SIGNAL_AT_STEP hook, one thread each)
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ipasdctl.runs import RunFolder
-from tests.helpers import REPO
+from tests.helpers import metrics_without_timings as metrics
+from tests.helpers import start_cli as start
 
 pytestmark = pytest.mark.slow  # real processes, killed and resumed: tens of seconds
-
-TIMINGS = {"epoch_seconds", "images_per_second"}
-
 
 def command(source: Path, out: Path, name: str) -> list[str]:
     """2 recovery epochs of 4 steps (64 digits, batch 16), a checkpoint every 2 steps."""
@@ -29,23 +24,11 @@ def command(source: Path, out: Path, name: str) -> list[str]:
             "--set", "train.batch_size=16", "--set", "checkpoint.every_steps=2", "--device", "cpu"]
 
 
-def start(args: list[str], signal_at: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("IPASDCTL_DEBUG", None)
-    if signal_at:
-        env["IPASDCTL_TEST_SIGNAL_AT_STEP"] = signal_at
-    return subprocess.Popen([sys.executable, "-m", "ipasdctl", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
 
 def outcome(process: subprocess.Popen) -> tuple[int, str, str]:
     stdout, stderr = process.communicate(timeout=300)
     return process.returncode, stdout, stderr
 
-
-def metrics(run: Path) -> list[dict]:
-    with open(RunFolder(run).metrics, newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(handle)]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ chooses the best epoch (best.pt), is recorded in splits.json and is the same in 
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pandas as pd
@@ -20,6 +19,7 @@ from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.studies import compare
 from ipasdctl.studies import plan as planning
 from ipasdctl.studies.summary import SUMMARY_COLUMNS, write_tables
+from tests.helpers import metrics_without_timings
 
 
 def pixel_keys(images: torch.Tensor) -> set[bytes]:
@@ -78,18 +78,13 @@ def tiny_args(out, name, *extra):
             "--set", "optim.warmup_epochs=0", "--set", "checkpoint.every_steps=2", *extra]
 
 
-def metrics_rows(run_dir):
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
-                for row in csv.DictReader(handle)]
-
 
 def test_the_best_epoch_is_chosen_on_the_split_and_test_accuracy_is_reported(tmp_path, one_thread, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(tiny_args(tmp_path, "run"))
     assert exit_info.value.code == 0
     run_dir = tmp_path / "run"
-    rows = metrics_rows(run_dir)
+    rows = metrics_without_timings(run_dir)
     val = [float(r["val_top1"]) for r in rows]
     best = val.index(max(val))  # the first epoch with the best validation top-1
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -118,7 +113,7 @@ def test_the_split_is_stable_across_resume(tmp_path, one_thread, monkeypatch, ca
         main(["train", "--resume", str(tmp_path / "cut"), "--quiet"])
     assert exit_info.value.code == 0
     reference, resumed = tmp_path / "ref", tmp_path / "cut"
-    assert metrics_rows(resumed) == metrics_rows(reference) and "val_top1" in metrics_rows(reference)[0]
+    assert metrics_without_timings(resumed) == metrics_without_timings(reference) and "val_top1" in metrics_without_timings(reference)[0]
     assert (resumed / "splits.json").read_text() == (reference / "splits.json").read_text()
     a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
     for key in ("best_epoch", "best_top1", "best_val_top1", "last_top1", "label_noise_applied"):

@@ -4,7 +4,6 @@ other epochs' test cells empty, the best epoch chosen among the evaluated ones, 
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 
@@ -20,11 +19,10 @@ from ipasdctl.data import DATASETS, build_data, dataset_params
 from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.training import stopping
 from ipasdctl.training import trainer as trainer_module
-from tests.helpers import tiny_recipe
+from tests.helpers import TIMING_COLUMNS, metrics_rows, metrics_without_timings, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
-TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}
 
 
 def evaluated_every(epochs: int, eval_every: int, method: str = "ce", **data):
@@ -35,10 +33,6 @@ def evaluated_every(epochs: int, eval_every: int, method: str = "ce", **data):
 def quiet() -> training.Progress:
     return training.Progress(enabled=False)
 
-
-def metrics_rows(run_dir) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def counting_evaluations(monkeypatch) -> list[str]:
@@ -103,10 +97,7 @@ def test_a_run_stopped_mid_epoch_with_eval_every_resumes_exactly_and_says_where(
     said = stream.getvalue().splitlines()
     assert said[0] == f"resuming {stopped.value.run_dir} at epoch 2/3, step 2/4 (6 steps done)"
 
-    def without_timings(run_dir):
-        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in metrics_rows(run_dir)]
-
-    assert without_timings(stopped.value.run_dir) == without_timings(reference)
+    assert metrics_without_timings(stopped.value.run_dir) == metrics_without_timings(reference)
     for name in ("last.pt", "best.pt"):
         a = load_checkpoint(reference / "checkpoints" / name)
         b = load_checkpoint(stopped.value.run_dir / "checkpoints" / name)

@@ -14,7 +14,6 @@ global steps 2 (mid-epoch 1), 3 (end of epoch 1), 4 (mid-epoch 2) and 6).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -28,27 +27,16 @@ import torch
 from ipasdctl.cli import main
 from ipasdctl.runs import RunLock
 from ipasdctl.safe_io import load_checkpoint, save_checkpoint
-from tests.helpers import REPO, run_cli_here
+from tests.helpers import metrics_without_timings, run_cli_here
+from tests.helpers import start_cli as start
 
 pytestmark = pytest.mark.slow  # real processes (torchrun, kills and resumes): tens of seconds
-
-TIMING_COLUMNS = {"epoch_seconds", "images_per_second"}
-
 
 def base_args(data_root: Path, out: Path, name: str, method: str) -> list[str]:
     return ["train", "--dataset", "cifar10", "--data", str(data_root), "--arch", "resnet8", "--method", method,
             "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--quiet", "--out", str(out), "--name", name,
             "--set", "data.train_subset=48", "--set", "checkpoint.every_steps=2", "--set", "optim.warmup_epochs=1"]
 
-
-def start(args: list[str], signal_at: str | None = None) -> subprocess.Popen:
-    # one thread each: the phases run several processes at once on a small machine (all runs alike)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("IPASDCTL_DEBUG", None)
-    if signal_at:
-        env["IPASDCTL_TEST_SIGNAL_AT_STEP"] = signal_at
-    return subprocess.Popen([sys.executable, "-m", "ipasdctl", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(processes: dict[str, subprocess.Popen]) -> dict[str, tuple[int, str, str]]:
@@ -58,10 +46,6 @@ def finish(processes: dict[str, subprocess.Popen]) -> dict[str, tuple[int, str, 
         done[key] = (process.returncode, stdout, stderr)
     return done
 
-
-def metrics_without_timings(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
 
 
 def assert_same_tensors(a, b, where: str) -> None:
