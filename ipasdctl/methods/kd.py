@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..models import build_model, count_macs, count_params
 from ..params import param
-from ..runs import RunFolder, load_model
-from ..runs.weights import load_weights, split_run_spec
+from ..runs import load_model
+from ..runs.weights import load_weights, require_finished, split_run_spec
 from .base import METHODS, Method, MethodContext, StepResult
 from .losses import distill_kl
 
@@ -55,10 +55,7 @@ def load_kd_teacher(params: KDParams, ctx: MethodContext) -> tuple[torch.nn.Modu
     run = split_run_spec(spec)
     if run is not None:
         folder, which = run
-        summary = RunFolder(folder).read_summary()
-        if summary is None or not summary.finished:
-            raise UserError(f"method.teacher={spec}: {folder} is not a finished run (no finished summary.json); "
-                            "let its training finish (ipasdctl train --resume), or give another run folder")
+        require_finished(folder, f"method.teacher={spec}")
         model, state, recipe = load_model(folder, which, str(ctx.device))
         arch, classes = state.get("arch", recipe.model.arch), int(state["num_classes"])
         if classes != ctx.num_classes:

@@ -50,6 +50,14 @@ def split_run_spec(spec: str) -> Optional[tuple[Path, str]]:
     return (Path(path), which) if Path(path).is_dir() else None
 
 
+def require_finished(folder: Path, said: str) -> None:
+    """A UserError unless `folder` holds a finished run; `said` is where it was named (method.teacher=RUN)."""
+    summary = RunFolder(folder).read_summary()
+    if summary is None or not summary.finished:
+        raise UserError(f"{said}: {folder} is not a finished run (no finished summary.json); let its training "
+                        "finish (ipasdctl train --resume), or give another run folder")
+
+
 def read_source(spec: str, arch: str) -> WeightsSource:
     """The tensors `spec` names for a model of `arch` (see the module docstring); a UserError otherwise."""
     if not isinstance(spec, str) or not spec.strip():

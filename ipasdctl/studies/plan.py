@@ -15,6 +15,7 @@ from ..config import Recipe, ResolvedRecipe, deep_merge, parse_set, recipe_from_
 from ..errors import UserError, did_you_mean
 from ..methods import METHODS, method_class
 from ..runs import ComparisonFolder
+from ..runs.weights import require_finished, split_run_spec
 
 REFERENCE = "ce"
 ALL = "all"
@@ -162,10 +163,21 @@ def plan(recipe: Recipe, baselines: Union[str, Iterable[str], None], seeds: Unio
             reference_key = method_class(method).reference_run_param
             if reference_key and not values["method"].get(reference_key):
                 values["method"][reference_key] = reference_run(out, seed)
+            elif reference_key:
+                _check_given_reference(method, reference_key, str(values["method"][reference_key]), out)
             values["train"]["seed"] = seed
             run_recipe = training.resolve_recipe(recipe_from_dict(values))
             runs.append(PlannedRun(method, seed, ComparisonFolder(out).run(method, seed).path, run_recipe))
     return ComparisonPlan(out, shared, main, methods, seeds, runs, {m: study for m, (study, _) in tuned.items()})
+
+
+def _check_given_reference(method: str, key: str, spec: str, out: Path) -> None:
+    """A run folder given as a method's reference (kd.teacher=RUN) outside the comparison is finished now: found
+    before anything trains, not when that method's first run starts. One inside the comparison folder is one
+    of its own runs, which the comparison trains first."""
+    run = split_run_spec(spec)
+    if run is not None and not run[0].resolve().is_relative_to(Path(out).resolve()):
+        require_finished(run[0], f"{method}.{key}={spec}")
 
 
 def reference_run(out: Path, seed: int) -> str:

@@ -93,4 +93,8 @@ def test_bad_teachers_are_one_line(teacher_run, tmp_path, capsys):
     line = one_error_line(["compare", *TINY, "--baselines", "kd", "--seeds", "0", "--out", str(tmp_path / "c"),
                            "--baseline-set", "kdd.teacher=x"], capsys)
     assert "did you mean 'kd'" in line
+    # compare finds an unfinished teacher before its first run (ce) trains, not when kd's run starts
+    line = one_error_line(["compare", *TINY, "--baselines", "kd", "--seeds", "0", "--out", str(tmp_path / "c"),
+                           "--baseline-set", f"kd.teacher={unfinished}"], capsys)
+    assert f"kd.teacher={unfinished}: {unfinished} is not a finished run" in line and not (tmp_path / "c").exists()
     assert not out.exists() or not any(out.iterdir())
