@@ -26,7 +26,7 @@ def tune(
              "(default: study.db, SQLite, in the study folder).")] = None,
     pruner: Annotated[str, typer.Option(
         help="median (stop a trial whose val top-1 falls below the median of earlier trials at the same epoch), "
-             "halving (successive halving) or none.")] = "median",
+             "halving (successive halving) or none; both from a third of a trial's epochs on.")] = "median",
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
     data: DataOpt = None,

@@ -61,7 +61,7 @@ def carry_out(study, executor: Executor, begin: Callable, finished: Callable, sa
                 problem = exc
                 return
             spec = trial_spec(study.storage_url, study.name, trial.number, settings.pruner,
-                              settings.startup_trials, settings.warmup_epochs)
+                              settings.startup_trials, settings.warmup_for(study.recipe))
             job = Job(trial_run_name(trial.number), folder.path, folder.state() == "resumable", recipe,
                       started=time.monotonic(), trial=spec)
             running[job.name] = trial

@@ -117,6 +117,27 @@ def test_the_pruner_stops_a_trial_a_stubbed_objective_makes_hopeless(tmp_path, m
     assert "pruned" in StudyFolder(out).summary_markdown.read_text()
 
 
+@pytest.mark.parametrize("epochs, lr_warmup, pruned_at", [(9, 1, 3), (6, 4, 5), (3, 0, 1)])
+def test_by_default_the_pruner_judges_a_trial_from_a_third_of_its_epochs_and_past_the_lr_warm_up(
+        epochs, lr_warmup, pruned_at, tmp_path, monkeypatch):
+    def stubbed(recipe, folder, progress):
+        value = 1.0 if folder.name == "trial-0002" else 90.0  # hopeless from its first epoch
+        for epoch in range(1, recipe.train.epochs + 1):
+            progress.epoch_finished({"epoch": epoch, "val_top1": value})
+        return value
+
+    monkeypatch.setattr(trials, "train_trial", stubbed)
+    out = tmp_path / "s"
+    settings = tuning.TuneSettings(trials=3, out=out, startup_trials=2)
+    recipe = tiny_recipe(epochs, "ce", f"optim.warmup_epochs={lr_warmup}")
+    assert settings.warmup_for(recipe) == pruned_at
+    tuning.run(recipe, settings, progress_enabled=False)
+    rows = read_trials(out)
+    assert [r["state"] for r in rows] == ["complete", "complete", "pruned"]
+    assert rows[2]["note"] == f"pruned at epoch {pruned_at}"
+    assert tuning.TuneSettings(trials=3, warmup_epochs=0).warmup_for(recipe) == 0  # an explicit value wins
+
+
 def test_compare_tuned_trains_with_the_study_parameters(study, tmp_path):
     best = yaml.safe_load(StudyFolder(study).best.read_text())
     comparison = planning.plan(tiny_recipe(), "", [0], tmp_path / "c", tuned_runs.read_tuned([study]))
