@@ -83,7 +83,7 @@ def prune(run: Union[str, Path], target_macs: Optional[float] = None, target_lat
           progress: bool = False, **settings) -> Path:
     """Prune a finished run to a share of its MACs or a batch-1 latency and recover it by training; returns the
     pruned run folder (beside the run unless `out`). `settings`: the other fields of compress.PruneSettings
-    (lr_scale, teacher_original, checkpoint, data, device); `overrides`: recipe keys of the recovery."""
+    (round_to, lr_scale, teacher_original, checkpoint, data, device); `overrides`: recipe keys of the recovery."""
     from .compress import DEFAULT_EPOCHS, PruneSettings, prune_run
 
     chosen = PruneSettings(target_macs=target_macs, target_latency_ms=target_latency_ms, importance=importance,

@@ -80,6 +80,7 @@ class PruningRecord:
     importance: str = "magnitude"  # magnitude | taylor | bn-scale
     steps: int = 1  # prune a share, recover, repeat: this many times
     step: int = 1  # which of them this run is
+    round_to: int = 1  # every pruned layer kept a multiple of this many channels
 
 
 @dataclass

@@ -14,8 +14,10 @@ from .options import QuietOpt, ThreadsOpt, use_threads
 @app.command("bench")
 def bench(
     ctx: typer.Context,
-    model: Annotated[Optional[Path], typer.Argument(
-        help="An exported .onnx model (in a chain: default, every model exported before).")] = None,
+    models: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[MODEL|FOLDER]...", show_default=False,
+        help="Exported .onnx models, or folders of them (every .onnx inside; in a chain: default, every model "
+             "exported before).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,64",
     threads: ThreadsOpt = None,
     runs: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 200,
@@ -26,14 +28,14 @@ def bench(
     provider: Annotated[Optional[str], typer.Option(help="Time on this onnxruntime execution provider only: cpu, cuda or tensorrt (the last two need onnxruntime-gpu; PyTorch then runs on CUDA). Default: the CPU, and CUDA where present.")] = None,
     quiet: QuietOpt = False,
 ) -> "chain.Outputs":
-    """Latency of an exported model (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput (at the median
+    """Latency of exported models (onnxruntime, and PyTorch eager): p50/p90/p99 and throughput (at the median
     latency) per batch size. The table goes to stdout, with one line when an fp16 model is slower than its fp32
     original on the CPU; progress and warnings (p99 > 5x p50) to stderr. In a chain, a model already measured on
     this CPU with the same settings is not measured again."""
     import sys
 
     from ..deploy.bench import bench as run_bench
-    from ..deploy.bench import format_table, slower_line, unstable_rows
+    from ..deploy.bench import expand_models, format_table, slower_line, unstable_rows
     from ..runtime import cpu_model
 
     def say(line: str) -> None:
@@ -42,10 +44,10 @@ def bench(
     _check_bench(locals())  # before the first model
     use_threads(threads)
     given = chain.link(ctx)
-    models = given.inputs(model, "an exported .onnx model", "bench", "models")
+    models = expand_models(given.inputs(models, "an exported .onnx model", "bench", "models"))
     made = chain.Outputs()
     torch_timed: set = set()  # a run's checkpoint is timed in PyTorch once, not once per exported precision
-    for path in models:
+    for path in models:  # one after another: a model is never timed while another runs
         rows, csv_path = run_bench(path, batch_sizes, threads, runs, warmup, torch_run, out, with_torch=not no_torch,
                                    log=None if quiet else say, skip_measured=given.skip_measured,
                                    torch_timed=torch_timed, provider=provider)

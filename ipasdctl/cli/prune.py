@@ -13,6 +13,7 @@ from .options import QuietOpt, ThreadsOpt, use_threads
 # compress.recovery's defaults, spelled here so that --help imports no torch (tests/compress checks they agree)
 DEFAULT_EPOCHS = 5
 LR_SCALE = 0.1
+ROUND_TO = 8
 
 
 @app.command("prune")
@@ -30,6 +31,11 @@ def prune(
         metavar="magnitude|taylor|bn-scale",
         help="Which channels go: the L2 norm of their weights, |weight x gradient| on a few training batches, or "
              "the BatchNorm scale.")] = "magnitude",
+    round_to: Annotated[int, typer.Option(
+        "--round-to", metavar="N",
+        help="Keep every pruned layer's channels a multiple of N (1: exact counts). onnxruntime's CPU kernels "
+             "work on blocks of 8 (AVX2) or 16 (AVX-512) channels, GPUs' tensor cores on multiples of 8: uneven "
+             "counts made the pruned network slower than the original (docs/performance.md).")] = ROUND_TO,
     steps: Annotated[int, typer.Option(
         metavar="K", help="Prune a share, recover, repeat K times (1: one shot).")] = 1,
     method: Annotated[Optional[str], typer.Option(
@@ -102,7 +108,8 @@ def _check_prune(params: dict):
     from ..config import parse_set
 
     return PruneSettings(target_macs=params["target_macs"], target_latency_ms=params["target_latency_ms"],
-                         importance=params["importance"], steps=params["steps"], method=params["method"],
+                         importance=params["importance"], round_to=params["round_to"], steps=params["steps"],
+                         method=params["method"],
                          epochs=params["epochs"], lr_scale=params["lr_scale"],
                          teacher_original=params["teacher_original"], checkpoint=params["checkpoint"],
                          overrides=parse_set(params.get("set_") or []),

@@ -13,6 +13,6 @@ so every other command reads a pruned run folder as any other.
 """
 
 from .prune import prune_run
-from .recovery import DEFAULT_EPOCHS, LR_SCALE, PruneSettings
+from .recovery import DEFAULT_EPOCHS, LR_SCALE, ROUND_TO, PruneSettings
 
-__all__ = ["DEFAULT_EPOCHS", "LR_SCALE", "PruneSettings", "prune_run"]
+__all__ = ["DEFAULT_EPOCHS", "LR_SCALE", "ROUND_TO", "PruneSettings", "prune_run"]

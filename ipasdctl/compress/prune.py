@@ -34,8 +34,7 @@ from ..models.weights import write_safetensors
 from ..runs import RunFolder, check_out_folder, check_run_name, create_run_dir, load_model, pruned_suffix, read_json
 from ..safe_io import atomic_write_json, sha256_of
 from .latency import batch1_latency_ms
-from .pruning import (TAYLOR_BATCHES, accumulate_taylor_gradients, check_prunable, pruned_copy, MAX_RATIO,
-                      prune_to_latency, prune_to_macs)
+from .pruning import TAYLOR_BATCHES, accumulate_taylor_gradients, check_prunable, prune_to_latency, prune_to_macs
 from .recovery import PruneSettings, recovery_recipe
 
 PRUNING_FORMAT = "ipasdctl-pruning-1"
@@ -120,6 +119,8 @@ def prune_run(run_dir: Path, settings: PruneSettings, out: Optional[Path] = None
 def _same_prune(folder: RunFolder, record: dict) -> Optional[dict]:
     """The folder's pruning.json when it records these settings of this source (and its checkpoint), else None."""
     written = read_json(folder.pruning)
+    if isinstance(written, dict) and isinstance(written.get("settings"), dict):  # settings added since: defaults
+        written = {**written, "settings": {"round_to": 1, **written["settings"]}}
     if written is None or any(written.get(key) != value for key, value in record.items()):
         return None
     return written
@@ -140,14 +141,11 @@ def _plan(source: Source, settings: PruneSettings, progress) -> tuple[dict, Opti
         fractions = [1 - (1 - settings.target_macs) * step / k for step in range(1, k + 1)]
         if k == 1:
             model, ratio = prune_to_macs(source.model, int(fractions[0] * source.macs), settings.importance,
-                                         source.image_shape, source.arch)
+                                         source.image_shape, source.arch, settings.round_to)
             return {"source_macs": source.macs, "source_latency_ms": None, "macs_fractions": fractions}, (model, ratio, None)
-        least = count_macs(pruned_copy(source.model, MAX_RATIO, settings.importance, source.image_shape, source.arch),
-                           source.image_shape, "cpu")
-        if least > settings.target_macs * source.macs:
-            raise UserError(f"the MACs target is unreachable: removing {MAX_RATIO:.0%} of the channels "
-                            f"leaves {least / source.macs:.1%} of the MACs, above --target-macs "
-                            f"{settings.target_macs:g}; give a larger target")
+        # the last step's target must be reachable from the source (a UserError here, before anything is written)
+        prune_to_macs(source.model, int(settings.target_macs * source.macs), settings.importance, source.image_shape,
+                      source.arch, settings.round_to)
         return {"source_macs": source.macs, "source_latency_ms": None, "macs_fractions": fractions}, None
     target = settings.target_latency_ms
     measured = source.measure(source.model)
@@ -155,7 +153,7 @@ def _plan(source: Source, settings: PruneSettings, progress) -> tuple[dict, Opti
         raise UserError(f"{source.path} already runs in {measured:.3f} ms at batch 1 on this CPU, within "
                         f"--target-latency-ms {target:g}: nothing to prune; give a lower target")
     model, ratio, latency = prune_to_latency(source.model, target, settings.importance, source.image_shape,
-                                             source.arch, source.measure, progress.note)
+                                             source.arch, source.measure, progress.note, settings.round_to)
     reached = count_macs(model, source.image_shape, "cpu") / source.macs
     fractions = [1 - (1 - reached) * step / k for step in range(1, k)] + [None]
     plan = {"source_macs": source.macs, "source_latency_ms": measured, "macs_fractions": fractions}
@@ -225,10 +223,11 @@ def _prune_step(source: Source, settings: PruneSettings, model: torch.nn.Module,
         gradients(model, source, settings)
         if fraction is None:
             pruned, ratio, latency = prune_to_latency(model, settings.target_latency_ms, settings.importance,
-                                                      source.image_shape, source.arch, source.measure, progress.note)
+                                                      source.image_shape, source.arch, source.measure, progress.note,
+                                                      settings.round_to)
         else:
             pruned, ratio = prune_to_macs(model, int(fraction * source.macs), settings.importance, source.image_shape,
-                                          source.arch)
+                                          source.arch, settings.round_to)
             latency = None
     pruned.zero_grad(set_to_none=True)
     macs = count_macs(pruned, source.image_shape, "cpu")

@@ -32,6 +32,7 @@ from .pruning import IMPORTANCES
 
 DEFAULT_EPOCHS = 5
 LR_SCALE = 0.1
+ROUND_TO = 8  # channels per SIMD block of onnxruntime's AVX2 kernels (16 with AVX-512), and of GPU tensor cores
 MAX_STEPS = 20
 TEACHER_METHOD = "kd"  # --teacher-original without --method: knowledge distillation from the unpruned run
 
@@ -44,6 +45,7 @@ class PruneSettings:
     target_latency_ms: Optional[float] = None  # reach this batch-1 p50 on this CPU (onnxruntime, fp32)
     importance: str = "magnitude"  # magnitude | taylor | bn-scale
     steps: int = 1  # prune a share, recover, repeat
+    round_to: int = ROUND_TO  # keep every pruned layer's channels a multiple of this (the runtime's SIMD block)
     method: Optional[str] = None  # the recovery's method (None: the source run's own)
     epochs: int = DEFAULT_EPOCHS  # recovery epochs of each step
     lr_scale: float = LR_SCALE  # the recovery's lr: the source's x this
@@ -72,6 +74,9 @@ class PruneSettings:
             raise UserError(f"--target-latency-ms must be a positive number of milliseconds, got {latency:g}")
         if self.importance not in IMPORTANCES:
             raise UserError(f"--importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or not 1 <= self.round_to <= 256:
+            raise UserError(f"--round-to must be a whole number of channels from 1 (no rounding) to 256, got "
+                            f"{self.round_to}; e.g. --round-to 8")
         if not 1 <= self.steps <= MAX_STEPS:
             raise UserError(f"--steps must be from 1 (one shot) to {MAX_STEPS}, got {self.steps}")
         if self.epochs < 1:
@@ -92,7 +97,7 @@ class PruneSettings:
         """model.pruning of step `step` (config.PruningRecord's fields)."""
         return {"source": str(source), "checkpoint": self.checkpoint, "target_macs": self.target_macs,
                 "target_latency_ms": self.target_latency_ms, "importance": self.importance, "steps": self.steps,
-                "step": step}
+                "step": step, "round_to": self.round_to}
 
 
 def teacher_spec(source: Path, checkpoint: str) -> str:

@@ -45,7 +45,7 @@ from .formats import format_of, model_session
 from .onnx_files import PROVIDERS, check_onnx_file, check_provider, metadata_of, read_metadata
 from .timing import LATENCY_CSV, forget_latencies, int8_verdict, read_latency_csv, speed_verdict, time_calls
 
-__all__ = ["LATENCY_CSV", "bench", "check_bench_options", "forget_latencies", "format_table", "int8_verdict",
+__all__ = ["LATENCY_CSV", "bench", "check_bench_options", "expand_models", "forget_latencies", "format_table", "int8_verdict",
            "read_latency_csv", "slower_line", "summarize", "unstable_rows"]
 
 PERCENTILES = (50, 90, 99)
@@ -56,6 +56,21 @@ COLUMNS = ["model", "precision", "backend", "provider", "batch_size", "threads",
            "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput_ips", "cpu_model", "accelerator", "onnxruntime",
            "torch", "created", "model_path", "model_sha256", "fp32_p50_ms", "int8_vs_fp32", "int8_pays",
            "speedup_vs_fp32", "faster_than_fp32"]
+
+
+def expand_models(paths: Sequence[Path]) -> list[Path]:
+    """The models that `bench PATH...` times: each .onnx file as given, and every .onnx file in a folder (not
+    its subfolders), by name. A folder without one is a UserError; a file is checked when it is timed."""
+    models: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            models.append(path)
+            continue
+        found = sorted(p for p in path.glob("*.onnx") if p.is_file() and not p.name.startswith("."))
+        if not found:
+            raise UserError(f"{path} holds no .onnx model; export one first (ipasdctl export RUN --out {path})")
+        models += found
+    return list(dict.fromkeys(models))  # a model named twice (a folder and one of its files) is timed once
 
 
 def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:

@@ -167,7 +167,8 @@ def _pruning_fields(record) -> Optional[dict]:
 
 def pruning_label(record) -> str:
     """What the selection table and the reports call a run's pruning: 'none', 'macs 50% magnitude',
-    'latency 2.5ms taylor', with '3 steps' added when it was pruned in several."""
+    'latency 2.5ms taylor', with '3 steps' added when it was pruned in several and 'round 8' when its channel
+    counts were kept multiples of 8."""
     fields = _pruning_fields(record)
     if fields is None:
         return "none"
@@ -176,7 +177,9 @@ def pruning_label(record) -> str:
         f"latency {latency:g}ms" if isinstance(latency, (int, float)) else "pruned"
     steps = fields.get("steps")
     several = f" {steps} steps" if isinstance(steps, int) and steps > 1 else ""
-    return f"{target} {fields.get('importance') or 'magnitude'}{several}"
+    round_to = fields.get("round_to")
+    rounded = f" round {round_to}" if isinstance(round_to, int) and round_to > 1 else ""
+    return f"{target} {fields.get('importance') or 'magnitude'}{several}{rounded}"
 
 
 def pruned_suffix(record) -> str:

@@ -39,7 +39,8 @@ def test_the_pruned_run_folder_records_its_source_and_holds_weights_only(demo_ru
     folder = RunFolder(pruned_demo)
     config = folder.read_config()
     assert config["model"]["pruning"] == {"source": str(demo_run.resolve()), "checkpoint": "best", "target_macs": 0.5,
-                                          "target_latency_ms": None, "importance": "magnitude", "steps": 1, "step": 1}
+                                          "target_latency_ms": None, "importance": "magnitude", "steps": 1, "step": 1,
+                                          "round_to": 8}
     assert config["model"]["weights"] == str(folder.pruned_weights.resolve())
     # the recovery's optimiser: the source's lr x 0.1, no warm-up, cosine
     source_optim = RunFolder(demo_run).read_config()["optim"]
@@ -83,15 +84,40 @@ def test_the_selection_table_tells_pruned_from_unpruned_rows(demo_run, pruned_de
 
     table = selection_table([], None, None, run_dirs=[demo_run, pruned_demo])
     rows = {row["pruning"]: row for row in table.to_dict("records")}
-    assert set(rows) == {"none", "macs 50% magnitude"}
-    assert rows["macs 50% magnitude"]["macs"] == macs_of(pruned_demo) and rows["none"]["macs"] == macs_of(demo_run)
+    assert set(rows) == {"none", "macs 50% magnitude round 8"}
+    assert rows["macs 50% magnitude round 8"]["macs"] == macs_of(pruned_demo) and rows["none"]["macs"] == macs_of(demo_run)
+
+
+def test_the_pruning_label_names_the_target_importance_steps_and_rounding():
+    from ipasdctl.runs.schemas import pruning_label
+
+    assert pruning_label(None) == "none"
+    assert pruning_label({"target_macs": 0.5, "importance": "magnitude", "steps": 1}) == "macs 50% magnitude"
+    assert pruning_label({"target_macs": 0.25, "importance": "taylor", "steps": 3, "round_to": 8}) == \
+        "macs 25% taylor 3 steps round 8"
+    assert pruning_label({"target_latency_ms": 0.8, "importance": "bn-scale", "round_to": 1}) == "latency 0.8ms bn-scale"
+
+
+def test_a_prune_recorded_before_round_to_existed_is_still_the_same_prune(demo_run, pruned_demo, tmp_path):
+    from ipasdctl.compress import PruneSettings
+    from ipasdctl.compress.prune import _same_prune
+    from tests.compress.conftest import PRUNE
+
+    folder = RunFolder(copy_run(pruned_demo, tmp_path / pruned_demo.name))
+    written = json.loads(folder.pruning.read_text())
+    record = json.loads(json.dumps({key: written[key] for key in ("format", "source", "source_sha256", "settings")}))
+    assert record["settings"] == PruneSettings(**PRUNE).to_dict()
+    del written["settings"]["round_to"]  # as a version without the option wrote it: it pruned exact counts
+    folder.pruning.write_text(json.dumps(written))
+    assert _same_prune(folder, {**record, "settings": {**record["settings"], "round_to": 1}}) is not None
+    assert _same_prune(folder, record) is None  # today's default, 8, is another prune
 
 
 def test_iterative_taylor_pruning_recovers_each_step_with_kd_from_the_unpruned_run(demo_run, tmp_path):
     from ipasdctl import prune as prune_api  # the Python API
 
     pruned = prune_api(demo_run, target_macs=0.4, steps=2, importance="taylor", method="kd", epochs=1, out=tmp_path,
-                       overrides={"train": {"batch_size": 32, "device": "cpu"}})
+                       overrides={"train": {"batch_size": 32, "device": "cpu"}}, round_to=1)  # exact: within 5 %
     record = json.loads(RunFolder(pruned).pruning.read_text())
     assert record["macs_fractions"] == pytest.approx([0.7, 0.4])  # linear in MACs: 1 - 0.6 k / 2
     first, second = record["steps"]

@@ -22,12 +22,17 @@ TARGET = ["--target-macs", "0.5"]
     ([*TARGET, "--importance", "l1"], "--importance must be one of magnitude, taylor, bn-scale, got 'l1'"),
     ([*TARGET, "--method", "ipsad"], "unknown method 'ipsad' (did you mean 'ipasd'?)"),
     ([*TARGET, "--steps", "0"], "--steps must be from 1 (one shot) to 20"),
+    ([*TARGET, "--round-to", "0"], "--round-to must be a whole number of channels from 1 (no rounding) to 256"),
+    (["--target-macs", "0.05", "--round-to", "16"], "(kept in multiples of 16 channels) leaves"),
     ([*TARGET, "--epochs", "0"], "--epochs must be at least 1"),
     ([*TARGET, "--checkpoint", "middle"], "--checkpoint must be best or last"),
     ([*TARGET, "--teacher-original", "--method", "ce"], "--teacher-original needs a method that distils"),
     ([*TARGET, "--set", "optim.lrr=1"], "unknown recipe key 'optim.lrr' (did you mean 'lr'?)"),
     ([*TARGET, "--name", "../elsewhere"], "--name '../elsewhere' must be a plain folder name"),
-    (["--target-macs", "0.001"], "the MACs target is unreachable: removing 90% of the channels leaves"),
+    (["--target-macs", "0.001"], "the MACs target is unreachable: removing 90% of the channels (kept in multiples of 8 "
+                                 "channels) leaves"),
+    (["--target-macs", "0.001", "--round-to", "1"], "the MACs target is unreachable: removing 90% of the channels "
+                                                    "leaves"),
     (["--target-latency-ms", "100000"], "already runs in"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(demo_run, tmp_path, capsys, args, says):
@@ -75,11 +80,13 @@ def test_train_prune_export_chains_and_a_rerun_reuses_the_pruned_run(tmp_path, c
 
 def test_the_defaults_in_help_are_the_librarys(capsys):
     from ipasdctl.cli import prune as command
-    from ipasdctl.compress import DEFAULT_EPOCHS, LR_SCALE, PruneSettings
+    from ipasdctl.compress import DEFAULT_EPOCHS, LR_SCALE, ROUND_TO, PruneSettings
 
-    assert (command.DEFAULT_EPOCHS, command.LR_SCALE) == (DEFAULT_EPOCHS, LR_SCALE)
-    assert (PruneSettings().epochs, PruneSettings().lr_scale) == (DEFAULT_EPOCHS, LR_SCALE)
+    assert (command.DEFAULT_EPOCHS, command.LR_SCALE, command.ROUND_TO) == (DEFAULT_EPOCHS, LR_SCALE, ROUND_TO)
+    assert (PruneSettings().epochs, PruneSettings().lr_scale, PruneSettings().round_to) == \
+        (DEFAULT_EPOCHS, LR_SCALE, ROUND_TO)
     code, out, _ = run_cli(["prune", "--help"], capsys)
     text = " ".join(out.split())
     assert code == 0 and f"Recovery epochs of each step. [default: {DEFAULT_EPOCHS}]" in text
+    assert f"slower than the original (docs/performance.md). [default: {ROUND_TO}]" in text
     assert f"[default: {LR_SCALE}]" in text and "without warm-up on a cosine schedule" in text

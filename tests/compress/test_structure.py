@@ -58,6 +58,23 @@ def test_the_bisection_reaches_the_macs_target_from_below(one_thread):
     assert count_macs(model, SHAPE, "cpu") == full  # the network given is left as it was
 
 
+@pytest.mark.parametrize("arch, round_to", [("resnet8", 8), ("wrn16_2", 16)])  # stages of 16/32/64, 32/64/128
+def test_round_to_keeps_every_pruned_layer_a_multiple_of_its_channels_and_meets_the_target(arch, round_to, one_thread):
+    torch.manual_seed(0)
+    model = build_model(arch, 10).eval()
+    full = count_macs(model, SHAPE, "cpu")
+    pruned, ratio = prune_to_macs(model, int(0.5 * full), "magnitude", SHAPE, arch, round_to)
+    reached = count_macs(pruned, SHAPE, "cpu") / full
+    assert reached <= 0.5 and 0 < ratio < 0.9
+    before, after = channels(model), channels(pruned)
+    changed = {name for name in after if after[name] != before[name]}
+    assert changed and all(after[name] % round_to == 0 for name in changed), after
+    exact, _ = prune_to_macs(model, int(0.5 * full), "magnitude", SHAPE, arch)
+    assert any(count % 8 for count in channels(exact).values())  # without it the counts are uneven
+    rebuilt = build_model(arch, 10, describe_structure(pruned, model))
+    rebuilt.load_state_dict(pruned.state_dict())  # a rounded network is recorded and rebuilt as any other
+
+
 def test_an_unreachable_macs_target_is_one_line():
     model = build_model("resnet8", 10).eval()
     with pytest.raises(UserError, match="unreachable: removing 90% of the channels leaves"):
