@@ -284,6 +284,30 @@ def test_bench_cli_prints_table_and_writes_csv_beside_the_model(exported, capsys
     assert set(table["backend"]) == {"onnxruntime"}  # --no-torch
 
 
+def test_bench_of_a_folder_times_every_model_in_it_once_and_an_empty_folder_is_one_line(exported, capsys, tmp_path):
+    import shutil
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for key in ("fp32", "int8"):
+        shutil.copy(exported[key], folder / exported[key].name)
+        shutil.copy(exported[key].with_suffix(".json"), folder / exported[key].with_suffix(".json").name)
+    args = ["--runs", "2", "--batch-sizes", "1", "--no-torch", "--threads", "1", "-q"]
+    with pytest.raises(SystemExit) as exit_info:  # the folder, and one of its models again: timed once
+        cli.main(["bench", str(folder), str(folder / exported["fp32"].name), *args])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.endswith("runs per size")] == \
+        sorted([exported["fp32"].name, exported["int8"].name])
+    table = pd.read_csv(folder / "latency.csv")
+    assert sorted(table["model"]) == sorted([exported["fp32"].name, exported["int8"].name])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", str(tmp_path / "empty"), *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "holds no .onnx model" in err
+
+
 def test_bench_of_int8_names_pytorch_rows_after_the_run_shows_the_fp32_latency_and_times_eager_once(
         exported, run_dir, tmp_path, capsys, monkeypatch):
     _failing_dynamo(monkeypatch)
