@@ -265,6 +265,7 @@ def plot_pareto(panels: dict, path: Path, title: str) -> Path:
     a marker per precision, the Pareto-optimal points ringed and joined by the front (the best top-1 within each
     latency). Rows without a measured latency are left out."""
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = new_figure(5.2 * len(panels) + 3.2, 4.8)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
@@ -282,12 +283,15 @@ def plot_pareto(panels: dict, path: Path, title: str) -> Path:
         if len(front):
             ax.step(front["latency_ms"], front["top1"], where="post", color="black", linewidth=1, alpha=0.6, zorder=2)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.2, 0.5, 1, 2, ...: plain numbers
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"latency (ms per batch of {batch_size}, onnxruntime CPU, p50; log scale)")
         ax.set_ylabel("test top-1 (%) in onnxruntime")
         ax.set_title(f"batch {batch_size}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     handles = [Line2D([], [], linestyle="none", marker="o", color=colours[label], label=label) for label in labels]
-    handles += [Line2D([], [], linestyle="none", marker=marker, color="grey", label=precision)
+    handles += [Line2D([], [], linestyle="none", marker=marker, color="black", fillstyle="none", label=precision)
                 for precision, marker in PRECISION_MARKERS.items()
                 if any((t["precision"] == precision).any() for t in panels.values())]
     handles.append(Line2D([], [], color="black", alpha=0.6, marker="o", markerfacecolor="none",
