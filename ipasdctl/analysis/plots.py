@@ -257,28 +257,35 @@ def plot_eval_tsne(per_method: dict, class_names: Sequence[str], path: Path, tit
 
 
 PRECISION_MARKERS = {"fp32": "o", "int8": "s", "fp16": "^"}
+PARETO_COLOURS = 10  # up to this many models get a colour each; beyond, a colour per `group` (tab10 stays legible)
 
 
 def plot_pareto(panels: dict, path: Path, title: str) -> Path:
     """panels: batch size -> selection rows measured at that batch size (columns label, precision, top1,
-    latency_ms, pareto_optimal). Top-1 against latency (log scale), one panel per batch size: a colour per model,
-    a marker per precision, the Pareto-optimal points ringed and joined by the front (the best top-1 within each
-    latency). Rows without a measured latency are left out."""
+    latency_ms, pareto_optimal; optional group). Top-1 against latency (log scale), one panel per batch size: a
+    colour per model (per group beyond PARETO_COLOURS models), a marker per precision, the Pareto-optimal points
+    ringed, named and joined by the front (the best top-1 within each latency). Rows without a measured latency
+    are left out."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = new_figure(5.2 * len(panels) + 3.2, 4.8)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     labels = sorted({str(label) for table in panels.values() for label in table["label"]})
-    colours = method_colours(labels)
+    key = "group" if len(labels) > PARETO_COLOURS and all("group" in t for t in panels.values()) else "label"
+    keys = sorted({str(value) for table in panels.values() for value in table[key]})
+    colours = method_colours(keys)
     for ax, (batch_size, table) in zip(axes, panels.items()):
         latency = np.asarray(table["latency_ms"], dtype=np.float64)
         top1 = np.asarray(table["top1"], dtype=np.float64)
         shown = table[np.isfinite(latency) & np.isfinite(top1)]
         for row in shown.itertuples(index=False):
             ax.scatter(row.latency_ms, row.top1, s=70 if row.pareto_optimal else 42, zorder=3,
-                       marker=PRECISION_MARKERS.get(str(row.precision), "D"), color=colours[str(row.label)],
+                       marker=PRECISION_MARKERS.get(str(row.precision), "D"), color=colours[str(getattr(row, key))],
                        edgecolors="black" if row.pareto_optimal else "none", linewidths=1.2)
+            if row.pareto_optimal:
+                ax.annotate(f"{row.label} ({row.precision})", (row.latency_ms, row.top1), textcoords="offset points",
+                            xytext=(6, -3), fontsize=7, zorder=4)
         front = shown[shown["pareto_optimal"].astype(bool)].sort_values("latency_ms")
         if len(front):
             ax.step(front["latency_ms"], front["top1"], where="post", color="black", linewidth=1, alpha=0.6, zorder=2)
@@ -290,7 +297,7 @@ def plot_pareto(panels: dict, path: Path, title: str) -> Path:
         ax.set_ylabel("test top-1 (%) in onnxruntime")
         ax.set_title(f"batch {batch_size}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    handles = [Line2D([], [], linestyle="none", marker="o", color=colours[label], label=label) for label in labels]
+    handles = [Line2D([], [], linestyle="none", marker="o", color=colours[k], label=k) for k in keys]
     handles += [Line2D([], [], linestyle="none", marker=marker, color="black", fillstyle="none", label=precision)
                 for precision, marker in PRECISION_MARKERS.items()
                 if any((t["precision"] == precision).any() for t in panels.values())]

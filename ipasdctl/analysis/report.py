@@ -141,12 +141,17 @@ def _pareto_plots(table, comparisons: list[Path], exports: Path, out: Path, run_
 
 
 def _plot_labels(rows):
-    """A model's legend label: arch, method and epochs, and how it was pruned (its precision is the marker)."""
+    """A model's legend label: arch, method and epochs, and how it was pruned (its precision is the marker); its
+    group, the colour when there are many models: the arch, pruned or not."""
     def label(row) -> str:
         pruned = f", {row['pruning']}" if row.get("pruning", "none") != "none" else ""
         return f"{row['arch']} {row['method']} {row['epochs']}ep{pruned}"
 
-    return rows.assign(label=[label(r) for r in rows.to_dict("records")])
+    def group(row) -> str:
+        return f"{row['arch']}" + (", pruned" if row.get("pruning", "none") != "none" else "")
+
+    records = rows.to_dict("records")
+    return rows.assign(label=[label(r) for r in records], group=[group(r) for r in records])
 
 
 def _row_name(row: dict) -> str:

@@ -98,3 +98,19 @@ def test_the_pareto_plot_has_a_panel_per_batch_size_rings_the_front_and_leaves_o
     assert panels[64]["pareto_optimal"].tolist() == [True, False, True, True]
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
     assert legend[:3] == ["a", "b", "c"] and {"fp32", "int8"} <= set(legend) and "fp16" not in legend
+    assert sorted(t.get_text() for t in axes[1].texts) == ["a (fp32)", "b (fp32)", "c (fp32)"]  # the front, named
+
+
+def test_many_models_are_coloured_by_group_and_only_the_front_is_named(tmp_path, figures):
+    from ipasdctl.analysis.selection import pareto_mask
+
+    n = plots.PARETO_COLOURS + 2
+    table = pd.DataFrame({"label": [f"m{i}" for i in range(n)], "group": ["big" if i % 2 else "small" for i in range(n)],
+                          "precision": "fp32", "top1": np.arange(n, dtype=float), "latency_ms": 1.0 + np.arange(n) % 3})
+    table["pareto_optimal"] = pareto_mask(table["top1"], table["latency_ms"])
+    plots.plot_pareto({1: table}, tmp_path / "pareto.png", "many")
+    (figure,) = figures
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[:2] == ["big", "small"] and not any(t.startswith("m") for t in legend)
+    named = sorted(t.get_text() for t in figure.axes[0].texts)
+    assert named == sorted(f"{label} (fp32)" for label in table.loc[table["pareto_optimal"], "label"])
