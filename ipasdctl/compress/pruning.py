@@ -213,13 +213,3 @@ def prune_to_latency(model: nn.Module, target_ms: float, importance: str, image_
                         f"{_rounded(round_to)} still takes {least:.3f} ms at batch 1 on this CPU, above "
                         f"--target-latency-ms {target_ms:g}; give a larger target")
     return found
-    low, high = previous, found[1]
-    for _ in range(LATENCY_REFINEMENTS):
-        middle = (low + high) / 2
-        candidate = pruned_copy(model, middle, importance, image_shape, arch)
-        latency = measure(candidate)
-        if latency <= target_ms:
-            high, found = middle, (candidate, middle, latency)
-        else:
-            low = middle
-    return found
