@@ -153,16 +153,21 @@ def _number(value) -> float:
     return float("nan")
 
 
+def _latency_tables(exports_dir: Path, backend: str, provider: str):
+    """(path, rows of this backend and provider) of every latency.csv `ipasdctl bench` wrote under exports_dir."""
+    for csv_path in _visible(Path(exports_dir).rglob("latency.csv"), Path(exports_dir)):
+        table = read_latency_csv(csv_path)
+        yield csv_path, table[(table["backend"] == backend) & (table["provider"] == provider)]
+
+
 def load_latencies(exports_dir: Path, latency_batch_size: int = 1, backend: str = "onnxruntime",
                    provider: str = "CPUExecutionProvider", latency_stat: str = "p50_ms") -> pd.DataFrame:
     """The latency of each benchmarked model (model_key) at one batch size, backend and provider."""
     frames = []
-    for csv_path in _visible(Path(exports_dir).rglob("latency.csv"), Path(exports_dir)):
-        table = read_latency_csv(csv_path)
+    for csv_path, table in _latency_tables(exports_dir, backend, provider):
         if latency_stat not in table.columns:
             raise UserError(f"{csv_path} has no column '{latency_stat}'")
-        table = table[(table["backend"] == backend) & (table["provider"] == provider)
-                      & (table["batch_size"] == latency_batch_size)].copy()
+        table = table[table["batch_size"] == latency_batch_size].copy()
         beside = [csv_path.parent / str(m) for m in table["model"]]
         recorded = table["model_path"] if "model_path" in table.columns else [None] * len(table)
         table["model_key"] = [_key(b) if b.exists() or r is None or (isinstance(r, float) and math.isnan(r))
@@ -186,9 +191,7 @@ def latency_batch_sizes(exports_dir: Path, backend: str = "onnxruntime",
                         provider: str = "CPUExecutionProvider") -> list[int]:
     """The batch sizes `ipasdctl bench` measured in exports_dir for this backend and provider, ascending."""
     sizes: set[int] = set()
-    for csv_path in _visible(Path(exports_dir).rglob("latency.csv"), Path(exports_dir)):
-        table = read_latency_csv(csv_path)
-        table = table[(table["backend"] == backend) & (table["provider"] == provider)]
+    for _, table in _latency_tables(exports_dir, backend, provider):
         sizes.update(int(b) for b in pd.to_numeric(table["batch_size"], errors="coerce").dropna())
     return sorted(sizes)
 
