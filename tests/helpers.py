@@ -175,6 +175,7 @@ def start_cli(args: list[str], signal_at: str | None = None) -> subprocess.Popen
     after global step N the process sends itself the signal, SIGKILL by default)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("IPASDCTL_DEBUG", None)
+    env.pop("IPASDCTL_TEST_SIGNAL_AT_STEP", None)  # never inherited from the test process
     if signal_at:
         env["IPASDCTL_TEST_SIGNAL_AT_STEP"] = signal_at
     return subprocess.Popen([sys.executable, "-m", "ipasdctl", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +41,7 @@ from ipasdctl.methods import Collectives
 from ipasdctl.safe_io import load_checkpoint
 from ipasdctl.training.distributed import DistContext, shard_batches
 from ipasdctl.methods.ipasd import Prototypes
-from tests.helpers import REPO
+from tests.helpers import start_cli as start
 
 pytestmark = pytest.mark.slow  # real processes (torchrun, kills and resumes): tens of seconds
 
@@ -54,17 +51,6 @@ FROZEN = ["--method", "ipasd", "--lr", "1e-12", "--set", "optim.momentum=0", "--
           "--set", "optim.warmup_epochs=0", "--set", "optim.schedule=constant", "--set", "data.augment=false",
           "--set", "method.memory_dtype=float32"]
 TRAIN_TERMS = ("train_loss", "loss_soft", "loss_con", "w_s", "alpha", "train_top1")
-TEST_SIGNAL = "IPASDCTL_TEST_SIGNAL_AT_STEP"
-
-
-def start(args: list[str], signal_at: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("IPASDCTL_DEBUG", None)
-    env.pop(TEST_SIGNAL, None)
-    if signal_at:
-        env[TEST_SIGNAL] = signal_at
-    return subprocess.Popen([sys.executable, "-m", "ipasdctl", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:

@@ -24,7 +24,6 @@ from tests.helpers import TIMING_COLUMNS, metrics_rows, metrics_without_timings,
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
-
 def evaluated_every(epochs: int, eval_every: int, method: str = "ce", **data):
     """64 digits, batch 16: 4 steps an epoch; test (and validation) passes every `eval_every` epochs."""
     return tiny_recipe(method, epochs=epochs, batch_size=16, train={"eval_every": eval_every}, data=data)
